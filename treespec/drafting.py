@@ -1,0 +1,109 @@
+"""Drafting: the draft model expands the token tree level by level.
+
+One batched draft forward per level: first the accepted tokens the draft has not seen yet
+(the root, and the previous step's leaf when a whole path was accepted), then the nodes of
+each level 1..D-1 together, each seeing the committed prefix plus its own ancestors. Leaves at
+depth D are never run through the draft: their children are not needed this step.
+
+q is the draft's distribution. Dimension letters: docs/dimensions.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from .attention import SdpaBackend
+from .kv_cache import TreeKVCache
+from .tree import TreeTopology
+
+
+@dataclass
+class DraftTree:
+    """The tree one step proposes.
+
+    tokens: LongTensor (N,) token at each node; tokens[0] is the root (already accepted).
+    valid: BoolTensor (N,) False for padding nodes that carry no real proposal.
+    q_logits: FloatTensor (N, V) draft logits at each node with children (rows of leaves are 0).
+    """
+
+    tokens: torch.Tensor
+    valid: torch.Tensor
+    q_logits: torch.Tensor
+
+
+class ChildProposer:
+    """Greedy: the top-k tokens of q are a node's children, best first."""
+
+    def propose(self, q_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """q_logits: (F, V) -> (tokens LongTensor (F, k), valid BoolTensor (F, k))."""
+        tokens = q_logits.topk(k, dim=-1).indices  # (F, k)
+        return tokens, torch.ones_like(tokens, dtype=torch.bool)
+
+
+class TreeDrafter:
+    """Expands a fixed `TreeTopology` with a draft model."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        topo: TreeTopology,
+        backend: SdpaBackend,
+        cache: TreeKVCache,
+        proposer: ChildProposer,
+    ):
+        self.model, self.topo, self.backend, self.cache, self.proposer = model, topo, backend, cache, proposer
+        device = model.device
+        self._children = [tuple(t.to(device) for t in topo.level_children(d)) for d in range(topo.max_depth)]
+        self._widths = [topo.level_width(d) for d in range(topo.max_depth)]
+        # block mask of level d: its nodes see their ancestors among nodes 1..end of level d
+        anc = topo.ancestors.to(device)
+        self._level_masks = [
+            anc[topo.level(d), 1 : topo.level_starts[d + 1]] for d in range(1, topo.max_depth)
+        ]  # each (F_d, end_d - 1)
+        self._depth = topo.depth.to(device)
+
+    def draft(self, pending: torch.Tensor, root_pos: int) -> DraftTree:
+        """Expand the tree below the last pending token (the root).
+
+        pending: LongTensor (1, m) accepted tokens not yet in the draft cache, ending with the
+            root; m is 1, or 2 after a step that accepted a whole path down to a leaf.
+        root_pos: position of the root in the sequence.
+        """
+        topo, n = self.topo, self.topo.num_nodes
+        m = pending.shape[1]
+        device = pending.device
+        pos = torch.arange(root_pos - m + 1, root_pos + 1, device=device)[None]  # (1, m)
+        causal = torch.ones(m, m, dtype=torch.bool, device=device).tril()
+        logits = self.backend.forward(self.model, self.cache, pending, pos, causal, last_only=True)  # (1, V)
+        self.cache.commit_all()  # pending tokens are accepted already
+
+        tokens = torch.zeros(n, dtype=torch.long, device=device)  # (N,)
+        valid = torch.ones(n, dtype=torch.bool, device=device)  # (N,)
+        q_logits = logits.new_zeros(n, logits.shape[-1])  # (N, V)
+        tokens[0] = pending[0, -1]
+        q_logits[0] = logits[0]
+        for d in range(topo.max_depth):
+            level, kids = topo.level(d), topo.level(d + 1)
+            par, rank = self._children[d]  # (F_{d+1},) each
+            child_tokens, child_valid = self.proposer.propose(q_logits[level], self._widths[d])  # (F_d, k)
+            tokens[kids] = child_tokens[par, rank]
+            valid[kids] = child_valid[par, rank] & valid[level][par]
+            if d + 1 == topo.max_depth:
+                break
+            ids = tokens[kids][None]  # (1, F_{d+1})
+            pos = (root_pos + d + 1) + torch.zeros_like(ids)  # (1, F_{d+1})
+            q_logits[kids] = self.backend.forward(self.model, self.cache, ids, pos, self._level_masks[d])
+        return DraftTree(tokens=tokens, valid=valid, q_logits=q_logits)
+
+    @property
+    def forwards_per_step(self) -> int:
+        return self.topo.max_depth
+
+    def commit(self, path: torch.Tensor, num_accepted: int) -> None:
+        """Keep the draft entries of the accepted nodes at depth 1..D-1 (the scratch region
+        holds nodes 1..end of level D-1 at offsets node-1)."""
+        kept = min(num_accepted, self.topo.max_depth - 1)
+        self.cache.commit(path[1:] - 1, kept)

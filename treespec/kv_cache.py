@@ -1,0 +1,107 @@
+"""A preallocated KV cache that holds the accepted sequence plus a scratch region for a tree.
+
+Layout of every layer's buffer (1, H_kv, S_max, Dh):
+
+    [ committed tokens (accepted, in order) | scratch (tree nodes of this step) | free ]
+      0 ............................ committed ................... seen ....... S_max
+
+A forward writes its keys/values at `seen` and advances it (the model calls `update` once per
+layer). After verification, `commit(keep)` moves the accepted nodes of the scratch region
+next to the committed tokens and drops the rest, so the prefix is never recomputed. RoPE was
+applied with each node's true position (prefix length + depth), so a moved entry stays valid.
+
+Dimension letters: docs/dimensions.md (H_kv key/value heads, S cache slots, Dh head size).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class TreeKVLayer(CacheLayerMixin):
+    """One attention layer's preallocated keys and values."""
+
+    is_compileable = False
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.committed = 0  # slots holding accepted tokens
+        self.seen = 0  # committed + scratch slots written this step
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.keys = key_states.new_zeros(b, h, self.capacity, d)  # (1, H_kv, S_max, Dh)
+        self.values = value_states.new_zeros(b, h, self.capacity, value_states.shape[-1])
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write (1, H_kv, n, Dh) new entries at `seen`; return all entries written so far."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        end = self.seen + n
+        if end > self.capacity:
+            raise RuntimeError(
+                f"KV cache full ({self.capacity} slots): prompt + max_new_tokens + tree exceed the budget"
+            )
+        self.keys[:, :, self.seen : end] = key_states
+        self.values[:, :, self.seen : end] = value_states
+        self.seen = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def commit(self, keep: torch.Tensor, count: int) -> None:
+        """Keep scratch entries `keep[:count]` (offsets into the scratch region, ascending) and
+        drop the rest. keep: LongTensor (M,), padded past `count`."""
+        src = self.committed + keep[:count]  # (count,)
+        dst = slice(self.committed, self.committed + count)
+        if count:
+            self.keys[:, :, dst] = self.keys.index_select(2, src)
+            self.values[:, :, dst] = self.values.index_select(2, src)
+        self.committed += count
+        self.seen = self.committed
+
+    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+
+class TreeKVCache(Cache):
+    """KV cache of one model for one generation (batch size 1)."""
+
+    def __init__(self, num_layers: int, capacity: int):
+        super().__init__(layers=[TreeKVLayer(capacity) for _ in range(num_layers)])
+        self.capacity = capacity
+
+    @classmethod
+    def for_model(cls, model: PreTrainedModel, capacity: int) -> "TreeKVCache":
+        config = model.config.get_text_config()
+        return cls(config.num_hidden_layers, capacity)
+
+    @property
+    def committed(self) -> int:
+        """Tokens accepted into the cache (the prefix every new node attends to)."""
+        return self.layers[0].committed
+
+    @property
+    def scratch(self) -> int:
+        """Entries written since the last commit (tree nodes of this step)."""
+        return self.layers[0].seen - self.layers[0].committed
+
+    def commit(self, keep: torch.Tensor, count: int) -> None:
+        """Move scratch entries keep[:count] into place after the committed tokens."""
+        for layer in self.layers:
+            layer.commit(keep, count)
+
+    def commit_all(self) -> None:
+        """Accept every scratch entry (prefill, or tokens known to be accepted)."""
+        for layer in self.layers:
+            layer.committed = layer.seen

@@ -1,0 +1,84 @@
+"""Statistics of one generation."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass
+class GenerationStats:
+    """What a generation cost and how much the speculation saved.
+
+    target_forwards: target forwards in the decode loop (one per step; the prompt's prefill
+        forwards are counted separately in prefill_forwards).
+    accepted_lengths: per step, how many draft tokens the target accepted (0..D).
+    tau: new_tokens / target_forwards, the mean tokens emitted per target forward, bonus token
+        included (1.0 for the target alone).
+    """
+
+    method: str = "tree"
+    tree: str = ""
+    backend: str = "sdpa"
+    new_tokens: int = 0
+    target_forwards: int = 0
+    draft_forwards: int = 0
+    prefill_forwards: int = 0
+    draft_tokens_proposed: int = 0
+    accepted_lengths: list[int] = field(default_factory=list)
+    time_prefill: float = 0.0
+    time_draft: float = 0.0
+    time_verify: float = 0.0
+    time_other: float = 0.0
+    time_total: float = 0.0
+
+    @property
+    def tau(self) -> float:
+        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted draft tokens / draft tokens proposed (Spec-Bench's definition)."""
+        return sum(self.accepted_lengths) / self.draft_tokens_proposed if self.draft_tokens_proposed else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.time_total if self.time_total else 0.0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(tau=self.tau, acceptance_rate=self.acceptance_rate, tokens_per_second=self.tokens_per_second)
+        return d
+
+    def summary(self) -> str:
+        return (
+            f"{self.new_tokens} tokens in {self.target_forwards} target forwards: tau {self.tau:.2f}, "
+            f"{self.tokens_per_second:.2f} tokens/s ({self.time_total:.2f} s: prefill {self.time_prefill:.2f}, "
+            f"draft {self.time_draft:.2f}, verify {self.time_verify:.2f}, other {self.time_other:.2f}); "
+            f"method {self.method}, tree {self.tree}, backend {self.backend}"
+        )
+
+
+class Stopwatch:
+    """Adds wall time to a stats field. With `sync_cuda` it synchronises the GPU around each
+    phase so that the split is honest; that costs extra host syncs, so it is off unless asked
+    for (the total time is always exact: the loop syncs once per step anyway)."""
+
+    def __init__(self, stats: GenerationStats, sync_cuda: bool = False):
+        self.stats = stats
+        self.cuda = sync_cuda
+
+    @contextmanager
+    def __call__(self, name: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            setattr(self.stats, name, getattr(self.stats, name) + time.perf_counter() - t0)

