@@ -83,6 +83,7 @@ class SpeculativeEngine:
         self.pending: torch.Tensor | None = None  # (1, m) accepted tokens the draft has not seen
         self._depth = topo.depth.to(device)  # (N,)
         self._anc = topo.ancestors.to(device)  # (N, N)
+        self._ranks = torch.tensor(topo.ranks, device=device)  # (N,)
         self._steps = torch.arange(topo.max_depth + 1, device=device)  # (D+1,)
 
     # ------------------------------------------------------------------ prefill
@@ -138,8 +139,10 @@ class SpeculativeEngine:
         emitted = torch.where(self._steps == acc.num_accepted, acc.next_token, emitted)  # (D+1,)
         proposed = tree.valid[1:].sum()
         # The one host synchronisation of the step: everything below is bookkeeping on ints.
-        info = torch.cat([acc.num_accepted[None], proposed[None], emitted]).tolist()
+        ranks = self._ranks[acc.path[1:]]  # (D,)
+        info = torch.cat([acc.num_accepted[None], proposed[None], emitted, ranks]).tolist()
         a, proposed, tokens = info[0], info[1], info[2 : info[0] + 3]
+        self.stats.accepted_ranks.append(info[d + 3 : d + 3 + a])
 
         self.target_cache.commit(acc.path, a + 1)
         if self.drafter is not None:

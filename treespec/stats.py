@@ -16,6 +16,8 @@ class GenerationStats:
     target_forwards: target forwards in the decode loop (one per step; the prompt's prefill
         forwards are counted separately in prefill_forwards).
     accepted_lengths: per step, how many draft tokens the target accepted (0..D).
+    accepted_ranks: per step, the sibling rank (0 = the draft's best child) of each accepted
+        node from depth 1 down; the tree optimizer estimates acceptance profiles from these.
     tau: new_tokens / target_forwards, the mean tokens emitted per target forward, bonus token
         included (1.0 for the target alone).
     """
@@ -29,6 +31,7 @@ class GenerationStats:
     prefill_forwards: int = 0
     draft_tokens_proposed: int = 0
     accepted_lengths: list[int] = field(default_factory=list)
+    accepted_ranks: list[list[int]] = field(default_factory=list)
     time_prefill: float = 0.0
     time_draft: float = 0.0
     time_verify: float = 0.0

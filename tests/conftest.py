@@ -1,0 +1,23 @@
+import pytest
+import torch
+
+from treespec.testing import tiny_model
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def target():
+    return tiny_model(0)
+
+
+@pytest.fixture(scope="session")
+def unrelated_draft():
+    return tiny_model(1, hidden_size=16, num_layers=1)
