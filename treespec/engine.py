@@ -23,6 +23,8 @@ from transformers import PreTrainedModel
 from .attention import SdpaBackend
 from .drafting import ChildProposer, DraftTree, TreeDrafter
 from .kv_cache import TreeKVCache
+from .rejection import rejection_accept
+from .sampling import SamplingConfig, logits_to_probs
 from .stats import GenerationStats, Stopwatch
 from .tree import TreeTopology
 from .verify import Acceptance, greedy_accept
@@ -31,13 +33,33 @@ PREFILL_CHUNK = 512  # bounds the prefill mask at (chunk, prompt) instead of (pr
 
 
 @dataclass
-class Acceptor:
-    """Greedy acceptance; the sampling variant replaces `accept`."""
+class GreedyAcceptor:
+    """Temperature 0: the longest path that matches the target's argmax."""
 
     topo: TreeTopology
 
     def accept(self, tree: DraftTree, p_logits: torch.Tensor) -> Acceptance:
         return greedy_accept(self.topo, tree.tokens, p_logits)
+
+
+@dataclass
+class SampledAcceptor:
+    """Temperature > 0: multi-path rejection sampling, lossless for the processed p."""
+
+    topo: TreeTopology
+    config: SamplingConfig
+    generator: torch.Generator
+
+    def accept(self, tree: DraftTree, p_logits: torch.Tensor) -> Acceptance:
+        p = logits_to_probs(p_logits, self.config)  # (N, V)
+        q = p if tree.q_logits is None else logits_to_probs(tree.q_logits, self.config)  # (N, V); unused without drafts
+        return rejection_accept(
+            self.topo, tree.tokens, tree.valid, p, q,
+            without_replacement=self.config.without_replacement, generator=self.generator,
+        )
+
+
+Acceptor = GreedyAcceptor | SampledAcceptor
 
 
 @dataclass
@@ -72,10 +94,12 @@ class SpeculativeEngine:
         self.max_new_tokens, self.eos_token_ids = max_new_tokens, eos_token_ids
         device = target.device
         capacity = prompt_len + max_new_tokens + topo.num_nodes + 2
-        self.target_cache = TreeKVCache.for_model(target, capacity)
+        # a backend may own its caches (GraphedBackend: static buffers its CUDA graphs point to)
+        make_cache = getattr(backend, "make_cache", lambda model, size, role: TreeKVCache.for_model(model, size))
+        self.target_cache = make_cache(target, capacity, "target")
         self.drafter = None
         if topo.num_drafts:
-            draft_cache = TreeKVCache.for_model(draft, capacity)
+            draft_cache = make_cache(draft, capacity, "draft")
             self.drafter = TreeDrafter(draft, topo, backend, draft_cache, proposer)
         self.out = torch.zeros(prompt_len + max_new_tokens + topo.max_depth + 1, dtype=torch.long, device=device)
         self.length = 0  # tokens in self.out

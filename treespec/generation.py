@@ -14,8 +14,9 @@ import torch
 from transformers import PreTrainedModel
 
 from .attention import make_backend
-from .drafting import ChildProposer
-from .engine import Acceptor, SpeculativeEngine
+from .drafting import GreedyProposer, SampledProposer
+from .engine import GreedyAcceptor, SampledAcceptor, SpeculativeEngine
+from .sampling import SamplingConfig
 from .stats import GenerationStats
 from .tree import TreeTopology, resolve_tree
 
@@ -79,11 +80,14 @@ def stream(
     streamer=None,
 ) -> TokenStream:
     """Like `generate`, but returns an iterator over the tokens of each step."""
-    if temperature != 0.0 or top_k != 0 or top_p != 1.0:
-        _check_sampling_args(temperature, top_k, top_p)
-        raise NotImplementedError("sampling (temperature > 0) is not implemented yet; use temperature=0.0")
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     topo = _check_and_resolve(target, draft, input_ids, max_new_tokens, method, tree)
-    backend = make_backend(attention, target.device)
+    if sampling.greedy:
+        proposer, acceptor = GreedyProposer(), GreedyAcceptor(topo)
+    else:
+        generator = _generator_for(target.device, generator)
+        proposer, acceptor = SampledProposer(sampling, generator), SampledAcceptor(topo, sampling, generator)
+    backend = make_backend(attention, target.device, target.dtype)
     for model in (target, draft) if topo.num_drafts else (target,):
         backend.check_model(model)
     stats = GenerationStats(method=method, tree=topo.describe(), backend=backend.name)
@@ -92,8 +96,8 @@ def stream(
         draft,
         topo,
         backend,
-        Acceptor(topo),
-        ChildProposer(),
+        acceptor,
+        proposer,
         stats,
         prompt_len=input_ids.shape[1],
         max_new_tokens=max_new_tokens,
@@ -128,11 +132,14 @@ def generate(
             (the target alone, through the same engine).
         tree: a preset name (see `treespec.PRESETS`), a widths list such as [4, 2, 2, 1], or a
             TreeTopology; for 'linear', a chain (e.g. 'chain-4' or [1, 1, 1, 1]).
-        temperature, top_k, top_p: sampling settings (temperature 0 = greedy).
+        temperature, top_k, top_p: sampling settings, applied to p and q alike as transformers'
+            warpers do (temperature 0 = greedy, top_k/top_p then ignored; top_k 0 = off).
         eos_token_id: stop after this token (or any of these); default: the target's
             generation_config.eos_token_id, as transformers does.
-        generator: the torch.Generator for every random draw when sampling.
-        attention: attention backend ('auto' or 'sdpa').
+        generator: the torch.Generator (on the models' device) for every random draw when
+            sampling; None seeds a fresh one from torch's global RNG.
+        attention: attention backend ('auto', 'sdpa' or 'flash'), or a backend object from
+            `treespec.attention.make_backend` reused across calls (keeps its CUDA graphs).
         streamer: a transformers streamer (e.g. TextStreamer) fed as tokens are accepted.
     Returns:
         GenerationResult with sequences (1, T + new) and stats.
@@ -158,13 +165,18 @@ def generate(
 
 
 # ---------------------------------------------------------------------- validation
-def _check_sampling_args(temperature, top_k, top_p) -> None:
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-    if not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+def _generator_for(device: torch.device, generator: torch.Generator | None) -> torch.Generator:
+    if generator is None:
+        seed = int(torch.randint(0, 2**62, (1,)))  # from the global RNG, like transformers' sampling
+        return torch.Generator(device=device).manual_seed(seed)
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if torch.device(generator.device).type != device.type:
+        raise ValueError(
+            f"the generator is on {generator.device} but the models are on {device}; "
+            f"use torch.Generator(device='{device.type}').manual_seed(...)"
+        )
+    return generator
 
 
 def _check_and_resolve(target, draft, input_ids, max_new_tokens, method, tree) -> TreeTopology:

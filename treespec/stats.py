@@ -48,12 +48,28 @@ class GenerationStats:
         return sum(self.accepted_lengths) / self.draft_tokens_proposed if self.draft_tokens_proposed else 0.0
 
     @property
+    def acceptance_by_depth(self) -> list[float]:
+        """acceptance_by_depth[d-1] = P(a depth-d draft is accepted | depth d-1 was reached)."""
+        depth = max((len(r) for r in self.accepted_ranks), default=0)
+        depth = max(depth, max(self.accepted_lengths, default=0))
+        rates = []
+        for d in range(1, depth + 1):
+            reached = sum(1 for a in self.accepted_lengths if a >= d - 1)
+            rates.append(sum(1 for a in self.accepted_lengths if a >= d) / reached if reached else 0.0)
+        return rates
+
+    @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.time_total if self.time_total else 0.0
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        d.update(tau=self.tau, acceptance_rate=self.acceptance_rate, tokens_per_second=self.tokens_per_second)
+        d.update(
+            tau=self.tau,
+            acceptance_rate=self.acceptance_rate,
+            acceptance_by_depth=self.acceptance_by_depth,
+            tokens_per_second=self.tokens_per_second,
+        )
         return d
 
     def summary(self) -> str:

