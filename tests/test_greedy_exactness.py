@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import treespec
+from treespec.dynamic import DynamicTreeConfig
 from treespec.testing import tiny_model
 
 PROMPT = torch.tensor([[3, 17, 42, 8, 25, 11]])
@@ -60,6 +61,9 @@ CASES = [
     ("tree", [2, 2, 1]),
     ("tree", [4, 2, 2, 1]),
     ("tree", treespec.TreeTopology.from_parents([-1, 0, 0, 0, 1, 1, 2, 4])),
+    ("tree", "dynamic"),
+    ("tree", DynamicTreeConfig(width=2, children=3, depth=4, budget=9)),
+    ("tree", "adaptive"),
 ]
 
 
@@ -75,13 +79,16 @@ def test_matches_target_greedy(target, drafts, method, tree, draft_kind):
     assert stats.target_forwards == len(stats.accepted_lengths)
     if method == "autoregressive":
         assert stats.tau == 1.0 and stats.draft_forwards == 0
-    elif draft_kind == "self":
+    elif draft_kind == "self" and isinstance(tree, (str, list)) and tree not in ("dynamic", "adaptive"):
         depth = len(stats.accepted_ranks[0])
         assert all(a == depth for a in stats.accepted_lengths[:-1])  # everything accepted
         assert stats.tau > 1.5
-    elif draft_kind == "partial":  # some drafts accepted, but never a whole path every step
-        depth = max(len(r) for r in stats.accepted_ranks)
-        assert max(stats.accepted_lengths) > 0 and min(stats.accepted_lengths) < depth
+    elif draft_kind == "self":
+        assert stats.tau > 1.5
+    elif draft_kind == "partial":  # some drafts accepted; a chain never gets past a wrong top-1
+        assert max(stats.accepted_lengths) > 0
+        if method == "linear":
+            assert max(stats.accepted_lengths) <= 2
 
 
 def test_partial_draft_gives_partial_acceptance(target, drafts):

@@ -84,8 +84,9 @@ def test_compacted_caches_equal_token_by_token_caches(steps):
     with torch.no_grad():  # make the draft slightly wrong so that paths are partly accepted
         draft.lm_head.weight.add_(0.02 * torch.randn(draft.lm_head.weight.shape, generator=torch.Generator().manual_seed(1)))
     topo = TreeTopology.from_widths([3, 2, 2, 1])
+    drafter = TreeDrafter(draft, topo, SdpaBackend(), TreeKVCache.for_model(draft, 256), GreedyProposer())
     engine = SpeculativeEngine(
-        target, draft, topo, SdpaBackend(), GreedyAcceptor(topo), GreedyProposer(), GenerationStats(),
+        target, TreeKVCache.for_model(target, 256), drafter, SdpaBackend(), GreedyAcceptor(), GenerationStats(),
         prompt_len=PROMPT.shape[1], max_new_tokens=64, eos_token_ids=set(),
     )
     with torch.no_grad():

@@ -11,6 +11,7 @@ q is the draft's distribution. Dimension letters: docs/dimensions.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from transformers import PreTrainedModel
@@ -19,19 +20,22 @@ from .attention import SdpaBackend
 from .kv_cache import TreeKVCache
 from .rejection import sample_children
 from .sampling import SamplingConfig, logits_to_probs
-from .tree import TreeTopology
+from .tree import TreeTensors, TreeTopology
 
 
 @dataclass
 class DraftTree:
     """The tree one step proposes.
 
+    structure: the tree's shape on the device (static topologies reuse one; dynamic drafters
+        build one per step with the same shapes).
     tokens: LongTensor (N,) token at each node; tokens[0] is the root (already accepted).
     valid: BoolTensor (N,) False for padding nodes that carry no real proposal.
     q_logits: FloatTensor (N, V) raw draft logits at each node with children (rows of leaves
         are 0); None when there is no draft (the target alone).
     """
 
+    structure: TreeTensors
     tokens: torch.Tensor
     valid: torch.Tensor
     q_logits: torch.Tensor | None
@@ -64,6 +68,34 @@ class SampledProposer:
 ChildProposer = GreedyProposer | SampledProposer
 
 
+class Drafter(Protocol):
+    """Expands one step's tree below the root. Implementations: `TreeDrafter` (a static
+    topology), `treespec.dynamic.DynamicDrafter`, `treespec.dynamic.AdaptiveDrafter`."""
+
+    model: PreTrainedModel
+    cache: TreeKVCache
+    max_nodes: int  # most nodes (root included) a step's tree can have
+    max_depth: int  # deepest a step's tree can be
+    forwards_per_step: int
+
+    def draft(self, pending: torch.Tensor, root_pos: int) -> DraftTree: ...
+
+    def observe(self, num_accepted: int) -> None: ...
+
+    def describe(self) -> str: ...
+
+
+def feed_pending(backend, model, cache: TreeKVCache, pending: torch.Tensor, root_pos: int) -> torch.Tensor:
+    """Run the accepted tokens the draft has not seen (pending: LongTensor (1, m), ending with
+    the root) and commit them; returns the draft logits at the root: FloatTensor (1, V)."""
+    m = pending.shape[1]
+    pos = torch.arange(root_pos - m + 1, root_pos + 1, device=pending.device)[None]  # (1, m)
+    causal = torch.ones(m, m, dtype=torch.bool, device=pending.device).tril()
+    logits = backend.forward(model, cache, pending, pos, causal, last_only=True)  # (1, V)
+    cache.commit_all()  # pending tokens are accepted already
+    return logits
+
+
 class TreeDrafter:
     """Expands a fixed `TreeTopology` with a draft model."""
 
@@ -84,7 +116,8 @@ class TreeDrafter:
         self._level_masks = [
             anc[topo.level(d), 1 : topo.level_starts[d + 1]] for d in range(1, topo.max_depth)
         ]  # each (F_d, end_d - 1)
-        self._depth = topo.depth.to(device)
+        self.structure = topo.tensors(device)
+        self.max_nodes, self.max_depth = topo.num_nodes, topo.max_depth
 
     def draft(self, pending: torch.Tensor, root_pos: int) -> DraftTree:
         """Expand the tree below the last pending token (the root).
@@ -94,12 +127,8 @@ class TreeDrafter:
         root_pos: position of the root in the sequence.
         """
         topo, n = self.topo, self.topo.num_nodes
-        m = pending.shape[1]
         device = pending.device
-        pos = torch.arange(root_pos - m + 1, root_pos + 1, device=device)[None]  # (1, m)
-        causal = torch.ones(m, m, dtype=torch.bool, device=device).tril()
-        logits = self.backend.forward(self.model, self.cache, pending, pos, causal, last_only=True)  # (1, V)
-        self.cache.commit_all()  # pending tokens are accepted already
+        logits = feed_pending(self.backend, self.model, self.cache, pending, root_pos)  # (1, V)
 
         tokens = torch.zeros(n, dtype=torch.long, device=device)  # (N,)
         valid = torch.ones(n, dtype=torch.bool, device=device)  # (N,)
@@ -117,14 +146,14 @@ class TreeDrafter:
             ids = tokens[kids][None]  # (1, F_{d+1})
             pos = (root_pos + d + 1) + torch.zeros_like(ids)  # (1, F_{d+1})
             q_logits[kids] = self.backend.forward(self.model, self.cache, ids, pos, self._level_masks[d])
-        return DraftTree(tokens=tokens, valid=valid, q_logits=q_logits)
+        return DraftTree(structure=self.structure, tokens=tokens, valid=valid, q_logits=q_logits)
 
     @property
     def forwards_per_step(self) -> int:
         return self.topo.max_depth
 
-    def commit(self, path: torch.Tensor, num_accepted: int) -> None:
-        """Keep the draft entries of the accepted nodes at depth 1..D-1 (the scratch region
-        holds nodes 1..end of level D-1 at offsets node-1)."""
-        kept = min(num_accepted, self.topo.max_depth - 1)
-        self.cache.commit(path[1:] - 1, kept)
+    def describe(self) -> str:
+        return self.topo.describe()
+
+    def observe(self, num_accepted: int) -> None:
+        """Feedback after each step (a static tree ignores it)."""

@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedModel
 
 from .attention import SdpaBackend
-from .drafting import ChildProposer, DraftTree, TreeDrafter
+from .drafting import DraftTree, Drafter
 from .kv_cache import TreeKVCache
 from .rejection import rejection_accept
 from .sampling import SamplingConfig, logits_to_probs
@@ -36,17 +36,14 @@ PREFILL_CHUNK = 512  # bounds the prefill mask at (chunk, prompt) instead of (pr
 class GreedyAcceptor:
     """Temperature 0: the longest path that matches the target's argmax."""
 
-    topo: TreeTopology
-
     def accept(self, tree: DraftTree, p_logits: torch.Tensor) -> Acceptance:
-        return greedy_accept(self.topo, tree.tokens, p_logits)
+        return greedy_accept(tree.structure, tree.tokens, tree.valid, p_logits)
 
 
 @dataclass
 class SampledAcceptor:
     """Temperature > 0: multi-path rejection sampling, lossless for the processed p."""
 
-    topo: TreeTopology
     config: SamplingConfig
     generator: torch.Generator
 
@@ -54,7 +51,7 @@ class SampledAcceptor:
         p = logits_to_probs(p_logits, self.config)  # (N, V)
         q = p if tree.q_logits is None else logits_to_probs(tree.q_logits, self.config)  # (N, V); unused without drafts
         return rejection_accept(
-            self.topo, tree.tokens, tree.valid, p, q,
+            tree.structure, tree.tokens, tree.valid, p, q,
             without_replacement=self.config.without_replacement, generator=self.generator,
         )
 
@@ -77,11 +74,10 @@ class SpeculativeEngine:
     def __init__(
         self,
         target: PreTrainedModel,
-        draft: PreTrainedModel | None,
-        topo: TreeTopology,
+        target_cache: TreeKVCache,
+        drafter: Drafter | None,
         backend: SdpaBackend,
         acceptor: Acceptor,
-        proposer: ChildProposer,
         stats: GenerationStats,
         *,
         prompt_len: int,
@@ -89,26 +85,20 @@ class SpeculativeEngine:
         eos_token_ids: set[int],
         sync_cuda_timing: bool = False,
     ):
-        self.target, self.topo, self.backend, self.acceptor = target, topo, backend, acceptor
+        """drafter: expands each step's tree (None: the target alone, the tree is the root).
+        target_cache must hold prompt_len + max_new_tokens + the drafter's max_nodes entries."""
+        self.target, self.target_cache, self.drafter = target, target_cache, drafter
+        self.backend, self.acceptor = backend, acceptor
         self.stats, self.stopwatch = stats, Stopwatch(stats, sync_cuda_timing)
         self.max_new_tokens, self.eos_token_ids = max_new_tokens, eos_token_ids
         device = target.device
-        capacity = prompt_len + max_new_tokens + topo.num_nodes + 2
-        # a backend may own its caches (GraphedBackend: static buffers its CUDA graphs point to)
-        make_cache = getattr(backend, "make_cache", lambda model, size, role: TreeKVCache.for_model(model, size))
-        self.target_cache = make_cache(target, capacity, "target")
-        self.drafter = None
-        if topo.num_drafts:
-            draft_cache = make_cache(draft, capacity, "draft")
-            self.drafter = TreeDrafter(draft, topo, backend, draft_cache, proposer)
-        self.out = torch.zeros(prompt_len + max_new_tokens + topo.max_depth + 1, dtype=torch.long, device=device)
+        max_depth = drafter.max_depth if drafter is not None else 0
+        self.out = torch.zeros(prompt_len + max_new_tokens + max_depth + 1, dtype=torch.long, device=device)
         self.length = 0  # tokens in self.out
         self.new_tokens = 0
         self.pending: torch.Tensor | None = None  # (1, m) accepted tokens the draft has not seen
-        self._depth = topo.depth.to(device)  # (N,)
-        self._anc = topo.ancestors.to(device)  # (N, N)
-        self._ranks = torch.tensor(topo.ranks, device=device)  # (N,)
-        self._steps = torch.arange(topo.max_depth + 1, device=device)  # (D+1,)
+        self._root_only = TreeTopology((-1,), (0,)).tensors(device)
+        self._steps = torch.arange(max_depth + 1, device=device)  # (D+1,)
 
     # ------------------------------------------------------------------ prefill
     def prefill(self, input_ids: torch.Tensor) -> None:
@@ -146,33 +136,39 @@ class SpeculativeEngine:
 
     def draft(self, root_pos: int) -> DraftTree:
         if self.drafter is None:  # target alone: the tree is just the root
-            return DraftTree(self.pending[0, -1:], torch.ones(1, dtype=torch.bool, device=self.out.device), None)
+            valid = torch.ones(1, dtype=torch.bool, device=self.out.device)
+            return DraftTree(self._root_only, self.pending[0, -1:], valid, None)
+        tree = self.drafter.draft(self.pending, root_pos)
         self.stats.draft_forwards += self.drafter.forwards_per_step
-        return self.drafter.draft(self.pending, root_pos)
+        return tree
 
     def verify(self, tree: DraftTree, root_pos: int) -> torch.Tensor:
         """Target logits at every node, in one forward: FloatTensor (N, V)."""
         self.stats.target_forwards += 1
-        pos = (root_pos + self._depth)[None]  # (1, N)
-        return self.backend.forward(self.target, self.target_cache, tree.tokens[None], pos, self._anc)
+        pos = (root_pos + tree.structure.depth)[None]  # (1, N)
+        return self.backend.forward(self.target, self.target_cache, tree.tokens[None], pos, tree.structure.ancestors)
 
     def commit(self, tree: DraftTree, acc: Acceptance) -> StepResult:
-        d = self.topo.max_depth
+        s, d = tree.structure, tree.structure.max_depth
         drafted = tree.tokens[acc.path[1:]]  # (D,) accepted drafts first, then padding
         emitted = torch.cat([drafted, acc.next_token[None]])  # (D+1,)
-        emitted = torch.where(self._steps == acc.num_accepted, acc.next_token, emitted)  # (D+1,)
+        emitted = torch.where(self._steps[: d + 1] == acc.num_accepted, acc.next_token, emitted)  # (D+1,)
         proposed = tree.valid[1:].sum()
+        ranks = s.ranks[acc.path[1:]]  # (D,)
+        last_ran = s.draft_slot[acc.path[acc.num_accepted]] >= 0  # did the draft run the last accepted node?
         # The one host synchronisation of the step: everything below is bookkeeping on ints.
-        ranks = self._ranks[acc.path[1:]]  # (D,)
-        info = torch.cat([acc.num_accepted[None], proposed[None], emitted, ranks]).tolist()
-        a, proposed, tokens = info[0], info[1], info[2 : info[0] + 3]
-        self.stats.accepted_ranks.append(info[d + 3 : d + 3 + a])
+        info = torch.cat([acc.num_accepted[None], proposed[None], last_ran[None], emitted, ranks]).tolist()
+        a, proposed, last_ran, tokens = info[0], info[1], info[2], info[3 : info[0] + 4]
+        self.stats.accepted_ranks.append(info[d + 4 : d + 4 + a])
 
         self.target_cache.commit(acc.path, a + 1)
         if self.drafter is not None:
-            self.drafter.commit(acc.path, a)
-            # a fully accepted path ends in a leaf the draft never ran: feed it next step
-            self.pending = emitted[None, a - 1 : a + 1] if a == d else emitted[None, a : a + 1]
+            # the draft keeps the accepted nodes it ran; an accepted node it never ran (a leaf)
+            # is the last one on the path, and is fed to it next step with the new root
+            kept = a if last_ran or a == 0 else a - 1
+            self.drafter.cache.commit(s.draft_slot[acc.path[1:]], kept)
+            self.drafter.observe(a)
+            self.pending = emitted[None, a - 1 : a + 1] if kept < a else emitted[None, a : a + 1]
         else:
             self.pending = emitted[None, :1]
 

@@ -14,8 +14,10 @@ import torch
 from transformers import PreTrainedModel
 
 from .attention import make_backend
-from .drafting import GreedyProposer, SampledProposer
+from .drafting import GreedyProposer, SampledProposer, TreeDrafter
+from .dynamic import AdaptiveDrafter, AdaptiveTreeConfig, DynamicDrafter, DynamicTreeConfig
 from .engine import GreedyAcceptor, SampledAcceptor, SpeculativeEngine
+from .kv_cache import TreeKVCache
 from .sampling import SamplingConfig
 from .stats import GenerationStats
 from .tree import TreeTopology, resolve_tree
@@ -81,23 +83,36 @@ def stream(
 ) -> TokenStream:
     """Like `generate`, but returns an iterator over the tokens of each step."""
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
-    topo = _check_and_resolve(target, draft, input_ids, max_new_tokens, method, tree)
+    spec = _check_and_resolve(target, draft, input_ids, max_new_tokens, method, tree)
     if sampling.greedy:
-        proposer, acceptor = GreedyProposer(), GreedyAcceptor(topo)
+        proposer, acceptor = GreedyProposer(), GreedyAcceptor()
     else:
         generator = _generator_for(target.device, generator)
-        proposer, acceptor = SampledProposer(sampling, generator), SampledAcceptor(topo, sampling, generator)
+        proposer, acceptor = SampledProposer(sampling, generator), SampledAcceptor(sampling, generator)
     backend = make_backend(attention, target.device, target.dtype)
-    for model in (target, draft) if topo.num_drafts else (target,):
+    drafting = _has_drafts(spec)
+    for model in (target, draft) if drafting else (target,):
         backend.check_model(model)
-    stats = GenerationStats(method=method, tree=topo.describe(), backend=backend.name)
+    stats = GenerationStats(method=method, backend=backend.name)
+    capacity = input_ids.shape[1] + max_new_tokens + _max_nodes(spec, sampling) + 2
+    # a backend may own its caches (GraphedBackend: static buffers its CUDA graphs point to)
+    make_cache = getattr(backend, "make_cache", lambda model, size, role: TreeKVCache.for_model(model, size))
+    drafter = None
+    if drafting:
+        draft_cache = make_cache(draft, capacity, "draft")
+        if isinstance(spec, DynamicTreeConfig):
+            drafter = DynamicDrafter(draft, spec, backend, draft_cache, proposer)
+        elif isinstance(spec, AdaptiveTreeConfig):
+            drafter = AdaptiveDrafter(draft, spec, backend, draft_cache, proposer, stats)
+        else:
+            drafter = TreeDrafter(draft, spec, backend, draft_cache, proposer)
+    stats.tree = drafter.describe() if drafter is not None else "root only"
     engine = SpeculativeEngine(
         target,
-        draft,
-        topo,
+        make_cache(target, capacity, "target"),
+        drafter,
         backend,
         acceptor,
-        proposer,
         stats,
         prompt_len=input_ids.shape[1],
         max_new_tokens=max_new_tokens,
@@ -131,7 +146,9 @@ def generate(
         method: 'tree' (a token tree), 'linear' (one chain of k drafts) or 'autoregressive'
             (the target alone, through the same engine).
         tree: a preset name (see `treespec.PRESETS`), a widths list such as [4, 2, 2, 1], or a
-            TreeTopology; for 'linear', a chain (e.g. 'chain-4' or [1, 1, 1, 1]).
+            TreeTopology; 'dynamic' / a DynamicTreeConfig (expanded by draft probability each
+            step) or 'adaptive' / an AdaptiveTreeConfig (depth adapted to the acceptance); for
+            'linear', a chain (e.g. 'chain-4' or [1, 1, 1, 1]).
         temperature, top_k, top_p: sampling settings, applied to p and q alike as transformers'
             warpers do (temperature 0 = greedy, top_k/top_p then ignored; top_k 0 = off).
         eos_token_id: stop after this token (or any of these); default: the target's
@@ -179,7 +196,34 @@ def _generator_for(device: torch.device, generator: torch.Generator | None) -> t
     return generator
 
 
-def _check_and_resolve(target, draft, input_ids, max_new_tokens, method, tree) -> TreeTopology:
+TreeSpec = TreeTopology | DynamicTreeConfig | AdaptiveTreeConfig
+
+
+def _resolve_spec(tree, method: str) -> TreeSpec:
+    if method == "tree":
+        if isinstance(tree, (DynamicTreeConfig, AdaptiveTreeConfig)):
+            return tree
+        if tree == "dynamic":
+            return DynamicTreeConfig()
+        if tree == "adaptive":
+            return AdaptiveTreeConfig()
+    return resolve_tree(tree, method)
+
+
+def _has_drafts(spec: TreeSpec) -> bool:
+    return not (isinstance(spec, TreeTopology) and spec.num_drafts == 0)
+
+
+def _max_nodes(spec: TreeSpec, sampling: SamplingConfig) -> int:
+    """Most tree nodes (root included) one step can verify."""
+    if isinstance(spec, DynamicTreeConfig):
+        return 1 + (spec.pool_size if not sampling.greedy else spec.budget)
+    if isinstance(spec, AdaptiveTreeConfig):
+        return spec.topology(spec.max_depth).num_nodes
+    return spec.num_nodes
+
+
+def _check_and_resolve(target, draft, input_ids, max_new_tokens, method, tree) -> TreeSpec:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.long:
@@ -195,9 +239,9 @@ def _check_and_resolve(target, draft, input_ids, max_new_tokens, method, tree) -
         raise ValueError("the prompt is empty: give at least one token (e.g. the BOS token or a chat template)")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    topo = resolve_tree(tree, method)
+    spec = _resolve_spec(tree, method)
     models = [("target", target)]
-    if topo.num_drafts:
+    if _has_drafts(spec):
         if draft is None:
             raise ValueError(f"method={method!r} needs a draft model; pass draft=... or use method='autoregressive'")
         models.append(("draft", draft))
@@ -221,7 +265,7 @@ def _check_and_resolve(target, draft, input_ids, max_new_tokens, method, tree) -
                 f"prompt ({t}) + max_new_tokens ({max_new_tokens}) exceed the {name} model's context of {limit} "
                 f"tokens; lower max_new_tokens to at most {limit - t}"
             )
-    return topo
+    return spec
 
 
 def _vocab_size(model: PreTrainedModel) -> int:

@@ -32,11 +32,9 @@ Conventions shared by every function here:
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from .tree import TreeTopology
+from .tree import TreeTensors, TreeTopology
 from .verify import Acceptance
 
 __all__ = ["sample_children", "rejection_accept"]
@@ -92,7 +90,7 @@ def sample_children(
 
 
 def rejection_accept(
-    topo: TreeTopology,
+    tree: TreeTensors | TreeTopology,
     tokens: torch.Tensor,
     valid: torch.Tensor,
     p: torch.Tensor,
@@ -103,6 +101,7 @@ def rejection_accept(
 ) -> Acceptance:
     """Walk the tree from the root, accepting children by (recursive) rejection sampling.
 
+    tree: the tree's structure (`TreeTopology.tensors(device)`, or a dynamic drafter's).
     tokens: LongTensor (B, N) or (N,): draft token at each node (tokens[..., 0], the root, is
         ignored: it is already accepted).
     valid: BoolTensor like tokens: False for slots that hold no real draw (see
@@ -128,8 +127,10 @@ def rejection_accept(
     p, q = _as_float(p), _as_float(q)
     batch = tokens.shape[0]
     device = tokens.device
-    children, depth = _tables(topo, device)  # (N, K), (N,)
-    width, max_depth = children.shape[1], topo.max_depth
+    if isinstance(tree, TreeTopology):
+        tree = tree.tensors(device)
+    children, depth = tree.children, tree.depth  # (N, K), (N,)
+    width, max_depth = children.shape[1], tree.max_depth
 
     rows = torch.arange(batch, device=device)
     node = torch.zeros(batch, dtype=torch.long, device=device)  # current (last accepted) node
@@ -149,13 +150,6 @@ def rejection_accept(
     if unbatched:
         out = Acceptance(path=out.path[0], num_accepted=out.num_accepted[0], next_token=out.next_token[0])
     return out
-
-
-@functools.lru_cache(maxsize=64)
-def _tables(topo: TreeTopology, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The topology's children and depth tensors on `device`, copied once per (topology, device):
-    a host-to-device copy on every step would synchronise the host with the GPU stream."""
-    return topo.children.to(device), topo.depth.to(device)
 
 
 def _depth_step(

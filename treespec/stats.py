@@ -32,6 +32,7 @@ class GenerationStats:
     draft_tokens_proposed: int = 0
     accepted_lengths: list[int] = field(default_factory=list)
     accepted_ranks: list[list[int]] = field(default_factory=list)
+    tree_choices: list[int] = field(default_factory=list)
     time_prefill: float = 0.0
     time_draft: float = 0.0
     time_verify: float = 0.0

@@ -11,6 +11,7 @@ children of one node, F nodes of one level (the frontier), V vocabulary.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -191,9 +192,60 @@ class TreeTopology:
             g.add_edge(self.parents[i], i, rank=self.ranks[i])
         return g
 
+    def tensors(self, device: torch.device | str = "cpu") -> TreeTensors:
+        """This topology's structure on `device` (cached)."""
+        return _static_tensors(self, torch.device(device))
+
     def describe(self) -> str:
         widths = [self.level_starts[d + 1] - self.level_starts[d] for d in range(1, self.max_depth + 1)]
         return f"{self.num_drafts} draft nodes, depth {self.max_depth}, nodes per level {widths}"
+
+
+@dataclass(frozen=True)
+class TreeTensors:
+    """The structure of one step's tree, on the device: what verification, acceptance and
+    commit read. A static topology has one for the whole generation (`TreeTopology.tensors`);
+    a dynamic drafter builds a new one every step with the same shapes.
+
+    parents: LongTensor (N,) parent of each node, -1 for the root (and for padding nodes).
+    depth: LongTensor (N,)
+    ancestors: BoolTensor (N, N) ancestor-or-self mask (the tree-attention mask).
+    paths: LongTensor (N, D+1) the ancestor of each node at every depth, -1 below its depth.
+    children: LongTensor (N, K) children by rank, -1 where absent.
+    ranks: LongTensor (N,) sibling rank of each node.
+    draft_slot: LongTensor (N,) where the node's draft KV entry sits in the draft cache's
+        scratch region, -1 for nodes never run through the draft (leaves; the root, whose
+        entry is committed before the tree is expanded).
+    max_depth: int D.
+    """
+
+    parents: torch.Tensor
+    depth: torch.Tensor
+    ancestors: torch.Tensor
+    paths: torch.Tensor
+    children: torch.Tensor
+    ranks: torch.Tensor
+    draft_slot: torch.Tensor
+    max_depth: int
+
+
+@functools.lru_cache(maxsize=64)
+def _static_tensors(topo: TreeTopology, device: torch.device) -> TreeTensors:
+    # copied once per (topology, device): a host-to-device copy every step would make the host
+    # wait for the GPU stream
+    runs_in_draft = topo.depth < topo.max_depth
+    slot = torch.where(runs_in_draft, torch.arange(topo.num_nodes) - 1, -1)
+    slot[0] = -1
+    return TreeTensors(
+        parents=torch.tensor(topo.parents, device=device),
+        depth=topo.depth.to(device),
+        ancestors=topo.ancestors.to(device),
+        paths=topo.paths.to(device),
+        children=topo.children.to(device),
+        ranks=torch.tensor(topo.ranks, device=device),
+        draft_slot=slot.to(device),
+        max_depth=topo.max_depth,
+    )
 
 
 def _validate(parents: list[int], ranks: list[int]) -> None:

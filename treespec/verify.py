@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .tree import TreeTopology
+from .tree import TreeTensors
 
 
 @dataclass
@@ -32,18 +32,19 @@ class Acceptance:
     next_token: torch.Tensor
 
 
-def greedy_accept(topo: TreeTopology, tokens: torch.Tensor, p_logits: torch.Tensor) -> Acceptance:
+def greedy_accept(tree: TreeTensors, tokens: torch.Tensor, valid: torch.Tensor, p_logits: torch.Tensor) -> Acceptance:
     """Longest path whose every token equals the target's argmax at its parent.
 
+    tree: the step's tree structure.
     tokens: LongTensor (N,) draft token at each node (tokens[0] = the root, already accepted).
+    valid: BoolTensor (N,) False for padding nodes, which are never accepted.
     p_logits: FloatTensor (N, V) target logits at each node (scores the node's children).
     Greedy siblings are distinct (top-k), so at most one child of a node can match and the
     accepted path is unique.
     """
-    depth, anc, paths = topo.depth.to(tokens.device), topo.ancestors.to(tokens.device), topo.paths.to(tokens.device)
-    parents = torch.tensor(topo.parents, device=tokens.device).clamp(min=0)  # (N,)
+    depth, anc, paths = tree.depth, tree.ancestors, tree.paths
     best = p_logits.argmax(dim=-1)  # (N,) target's greedy token after each node
-    match = tokens == best[parents]  # (N,)
+    match = (tokens == best[tree.parents.clamp(min=0)]) & valid  # (N,)
     match[0] = True  # the root is accepted already
     # a node is accepted iff it and all its ancestors match: no ancestor-or-self is a mismatch
     accepted = ~(anc & ~match[None, :]).any(dim=-1)  # (N,)

@@ -1,0 +1,142 @@
+"""End to end: the first two tokens `treespec.generate` samples are distributed exactly as the
+target's own, computed from its logits (chi-square), for tree and linear speculation."""
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+import treespec
+import treespec.rejection as rejection
+from treespec.dynamic import DynamicTreeConfig
+from treespec.sampling import SamplingConfig, logits_to_probs
+from treespec.testing import tiny_model
+
+V = 8
+PROMPT = torch.tensor([[3, 7]])
+DRAWS = 1500  # ~20 s a case on 2 cores; the broken verifiers fail with far fewer
+
+
+@pytest.fixture(scope="module")
+def models():
+    # init 0.15: p and q far apart (total variation 0.4-0.6 at the first token) yet overlapping,
+    # and no setting below collapses p to a single token (which would leave nothing to test)
+    target = tiny_model(11, vocab_size=V, init_std=0.15)
+    draft = tiny_model(12, vocab_size=V, hidden_size=16, num_layers=1, init_std=0.15)
+    return target, draft
+
+
+def exact_joint(target, cfg: SamplingConfig) -> torch.Tensor:
+    """p(x1) p(x2 | x1) from the target's logits: FloatTensor (V, V)."""
+    with torch.no_grad():
+        p1 = logits_to_probs(target(PROMPT).logits[0, -1], cfg)  # (V,)
+        seqs = torch.cat([PROMPT.repeat(V, 1), torch.arange(V)[:, None]], dim=1)  # (V, T+1)
+        p2 = logits_to_probs(target(seqs).logits[:, -1], cfg)  # (V, V)
+    return p1[:, None] * p2
+
+
+def sample_pairs(target, draft, method, tree, cfg, seed, draws=DRAWS) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(V, V)
+    t = PROMPT.shape[1]
+    for _ in range(draws):
+        out = treespec.generate(
+            target, draft, PROMPT, max_new_tokens=2, method=method, tree=tree, eos_token_id=[],
+            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=g,
+        )
+        x1, x2 = out.sequences[0, t:].tolist()
+        counts[x1, x2] += 1
+    return counts
+
+
+def pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Chi-square p-value, cells with small expectation pooled; zero-probability cells must be empty."""
+    counts, probs = counts.flatten().double(), probs.flatten().double()
+    assert counts[probs == 0].sum() == 0, "sampled a token the target gives probability 0"
+    expected = probs * counts.sum()
+    small = expected < 5
+    obs = torch.cat([counts[~small], counts[small].sum()[None]])
+    exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = exp > 0
+    assert keep.sum() >= 3, "degenerate distribution: the test would have no power"
+    return chisquare(obs[keep].numpy(), exp[keep].numpy() * obs[keep].sum().item() / exp[keep].sum().item()).pvalue
+
+
+CASES = [
+    ("tree", [3, 2], SamplingConfig(temperature=1.0)),
+    ("tree", [2, 2], SamplingConfig(temperature=0.7, top_p=0.9)),
+    ("tree", [4], SamplingConfig(temperature=1.3, top_k=5)),
+    ("linear", "chain-3", SamplingConfig(temperature=1.0, top_k=6, top_p=0.95)),
+    ("autoregressive", None, SamplingConfig(temperature=0.9)),
+    ("tree", DynamicTreeConfig(width=2, children=3, depth=3, budget=8), SamplingConfig(temperature=1.0)),
+    ("tree", "adaptive", SamplingConfig(temperature=0.8, top_k=6)),
+]
+
+
+@pytest.mark.parametrize("method,tree,cfg", CASES, ids=[f"{m}-{t}-{c.temperature}-{c.top_k}-{c.top_p}" for m, t, c in CASES])
+def test_first_two_tokens_follow_the_target(models, method, tree, cfg):
+    target, draft = models
+    counts = sample_pairs(target, draft, method, tree, cfg, seed=sum(map(ord, f"{method}{tree}")))
+    joint = exact_joint(target, cfg)
+    assert pvalue(counts.sum(1), joint.sum(1)) > 1e-3  # first token
+    assert pvalue(counts, joint) > 1e-3  # first two tokens
+
+
+def test_i_i_d_children_variant_is_lossless_too(models, monkeypatch):
+    target, draft = models
+    import treespec.generation as generation
+
+    monkeypatch.setattr(generation, "SamplingConfig", lambda **kw: SamplingConfig(**kw, without_replacement=False))
+    cfg = SamplingConfig(temperature=1.0)
+    counts = sample_pairs(target, draft, "tree", [3, 2], cfg, seed=5)
+    assert pvalue(counts, exact_joint(target, cfg)) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "bug",
+    [
+        "accept_every_draft",  # a verifier that trusts the draft: emits q's distribution
+        "residual_without_max",  # norm(|p - q|) instead of norm(max(p - q, 0))
+    ],
+)
+def test_broken_verifier_fails_the_same_test(models, monkeypatch, bug):
+    target, draft = models
+    if bug == "accept_every_draft":
+        monkeypatch.setattr(rejection, "_accept_prob", lambda rx, qx: torch.ones_like(rx))
+    else:
+        def broken(r, qc):
+            d = (r - qc).abs()
+            return d / d.sum(-1, keepdim=True).clamp_min(1e-30)
+
+        monkeypatch.setattr(rejection, "_residual", broken)
+    cfg = SamplingConfig(temperature=1.0)
+    counts = sample_pairs(target, draft, "tree", [3, 2], cfg, seed=9, draws=800)
+    assert pvalue(counts, exact_joint(target, cfg)) < 1e-6
+
+
+def test_seeded_generator_reproduces_a_run(models):
+    target, draft = models
+    runs = [
+        treespec.generate(target, draft, PROMPT, max_new_tokens=12, tree=[2, 2], temperature=1.0,
+                          generator=torch.Generator().manual_seed(42), eos_token_id=[]).sequences
+        for _ in range(2)
+    ]
+    assert torch.equal(*runs)
+
+
+def test_greedy_ignores_top_k_and_top_p(models):
+    target, draft = models
+    a = treespec.generate(target, draft, PROMPT, max_new_tokens=8, tree=[2, 2], eos_token_id=[])
+    b = treespec.generate(target, draft, PROMPT, max_new_tokens=8, tree=[2, 2], top_k=3, top_p=0.5, eos_token_id=[])
+    assert torch.equal(a.sequences, b.sequences)
+
+
+def test_generator_on_the_wrong_device_is_a_clear_error(models):
+    target, draft = models
+
+    class FakeGen(torch.Generator):
+        @property
+        def device(self):
+            return torch.device("meta")
+
+    with pytest.raises(ValueError, match="generator is on"):
+        treespec.generate(target, draft, PROMPT, max_new_tokens=2, temperature=1.0, generator=FakeGen())
