@@ -8,9 +8,10 @@ that into whatever the model's attention needs; the model code itself is never f
 - `SdpaBackend` builds an additive 4D mask (1, 1, n, C + s), which transformers passes through
   unchanged to its sdpa (or eager) attention: any model that follows transformers' attention
   interface (Llama, Qwen2, Mistral, Gemma, ...) works.
-- A flash-attn backend (GPU) will register its own attention function and send the mask's two
-  parts separately: the committed prefix unmasked to flash-attn, the block as a small masked
-  attention, merged by log-sum-exp (see docs/architecture.md).
+- `FlashBackend` (treespec/flash.py, GPU) registers its own attention function and sends the
+  mask's two parts separately: the committed prefix unmasked to flash-attn, the block as a small
+  masked attention, merged by log-sum-exp. On CUDA, `make_backend` wraps either backend in a
+  `GraphedBackend` (treespec/cuda_graphs.py) that replays CUDA graphs (docs/gpu.md).
 
 Dimension letters: docs/dimensions.md (n new tokens, C committed, s scratch incl. new, V vocab).
 """
@@ -80,8 +81,34 @@ class SdpaBackend:
         return out.logits[0]  # (n, V)
 
 
-def make_backend(name: str, device: torch.device) -> SdpaBackend:
-    """The backend called `name` ('auto' or 'sdpa'; 'flash' arrives with the GPU path)."""
-    if name in ("auto", "sdpa"):
-        return SdpaBackend()
-    raise ValueError(f"unknown attention backend {name!r}; choose 'auto' or 'sdpa'")
+def make_backend(name, device: torch.device | str, dtype: torch.dtype | None = None, *, graphs: bool | None = None):
+    """The backend called `name`: 'auto', 'sdpa' or 'flash' (or a backend object, returned as is,
+    so that one GraphedBackend and its captured graphs serve many generations).
+
+    'auto' is 'flash' on CUDA when flash_attn imports (and dtype, if given, is fp16/bf16), else
+    'sdpa'. On CUDA the backend is wrapped in a GraphedBackend (CUDA graphs over static caches)
+    unless graphs=False. docs/gpu.md describes the GPU path.
+    """
+    if not isinstance(name, str):
+        return name
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if name == "auto":
+        from .flash import FLASH_DTYPES, flash_available  # lazy: flash.py imports this module
+
+        name = "flash" if cuda and flash_available() and dtype in (None, *FLASH_DTYPES) else "sdpa"
+    if name == "sdpa":
+        from .static_cache import StaticSdpaBackend
+
+        inner = StaticSdpaBackend() if cuda else SdpaBackend()
+    elif name == "flash":
+        from .flash import FlashBackend
+
+        inner = FlashBackend()
+    else:
+        raise ValueError(f"unknown attention backend {name!r}; choose 'auto', 'sdpa' or 'flash'")
+    if cuda if graphs is None else graphs:
+        from .cuda_graphs import GraphedBackend
+
+        return GraphedBackend(inner)
+    return inner

@@ -1,0 +1,150 @@
+"""GPU path on CUDA: the flash tree backend against sdpa in bf16, and CUDA-graph replay against
+eager execution. Skipped without CUDA (conftest.py); the flash cases also without flash_attn.
+
+Models are random-weight decoders with the attention shapes of real ones (heads, kv heads,
+head size) and only 2 layers, so that prefixes of 8000 tokens stay cheap.
+"""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import treespec
+from treespec.attention import make_backend
+from treespec.cuda_graphs import GraphedBackend
+from treespec.flash import FlashBackend, flash_available
+from treespec.kv_cache import TreeKVCache
+from treespec.static_cache import StaticSdpaBackend, StaticTreeKVCache
+from treespec.tree import TreeTopology
+
+pytestmark = pytest.mark.gpu
+needs_flash = pytest.mark.skipif(not flash_available(), reason="flash_attn is not installed")
+
+# attention shapes of real models: (arch, hidden, heads, kv heads) -> head size hidden / heads
+SHAPES = {
+    "qwen2.5-0.5b": ("qwen2", 896, 14, 2),  # GQA 7:1, Dh 64
+    "qwen2.5-1.5b": ("qwen2", 1536, 12, 2),  # GQA 6:1, Dh 128
+    "qwen2.5-7b": ("qwen2", 3584, 28, 4),  # GQA 7:1, Dh 128
+    "llama-mha": ("llama", 1024, 8, 8),  # no GQA, Dh 128
+}
+TREES = {  # N nodes incl. the root
+    1: [],
+    5: [1, 1, 1, 1],
+    16: [15],
+    45: [4, 2, 2, 1],
+    64: [3, 4, 4],
+    128: [127],
+    "128-deep": [1] * 127,
+}
+VOCAB = 2048
+
+
+def random_model(shape: str, dtype=torch.bfloat16, num_layers: int = 2, seed: int = 0):
+    arch, hidden, heads, kv = SHAPES[shape]
+    cfg_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    config = cfg_cls(
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
+        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=16384,
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=0,
+    )
+    config._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        model = model_cls(config).to(dtype).eval()
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02, generator=gen)
+    return model
+
+
+def prefilled(backend, model, cache_cls, prompt):
+    """Cache holding prompt[:-1], filled through `backend` in chunks of 512."""
+    cache = cache_cls.for_model(model, prompt.shape[1] + 160)
+    t = prompt.shape[1] - 1
+    for start in range(0, t, 512):
+        c = min(512, t - start)
+        chunk = prompt[:, start : start + c]
+        causal = torch.ones(c, c, dtype=torch.bool, device="cuda").tril()
+        backend.forward(model, cache, chunk, torch.arange(start, start + c, device="cuda")[None], causal, last_only=True)
+        cache.commit_all()
+    return cache
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def shaped(request):
+    return request.param, random_model(request.param)
+
+
+@needs_flash
+@pytest.mark.parametrize("prefix", [0, 1, 1000, 8000])
+def test_flash_tree_forward_matches_sdpa(shaped, prefix):
+    name, model = shaped
+    gen = torch.Generator(device="cuda").manual_seed(prefix)
+    prompt = torch.randint(2, VOCAB, (1, prefix + 1), device="cuda", generator=gen)
+    flash, sdpa = FlashBackend(), StaticSdpaBackend()
+    errors = {}
+    with torch.no_grad():
+        caches = {
+            "flash-dynamic": (flash, prefilled(flash, model, TreeKVCache, prompt)),
+            "flash-static": (flash, prefilled(flash, model, StaticTreeKVCache, prompt)),
+            "sdpa-static": (sdpa, prefilled(sdpa, model, StaticTreeKVCache, prompt)),
+        }
+        ref_cache = prefilled(sdpa, model, TreeKVCache, prompt)
+        for size, widths in TREES.items():
+            topo = TreeTopology.from_widths(widths)
+            tokens = torch.randint(2, VOCAB, (topo.num_nodes,), device="cuda", generator=gen)
+            tokens[0] = prompt[0, -1]
+            pos = (prefix + topo.depth.cuda())[None]
+            anc = topo.ancestors.cuda()
+            ref = sdpa.forward(model, ref_cache, tokens[None], pos, anc)  # SdpaBackend on TreeKVCache
+            ref_cache.commit(torch.zeros(1, dtype=torch.long, device="cuda"), 0)  # drop the tree
+            for label, (backend, cache) in caches.items():
+                got = backend.forward(model, cache, tokens[None], pos, anc)
+                cache.commit(torch.zeros(1, dtype=torch.long, device="cuda"), 0)
+                errors[(label, size)] = rel_err(got, ref)
+                assert got.shape == ref.shape and torch.isfinite(got).all()
+    worst = max(errors.values())
+    print(f"{name} prefix {prefix}: worst relative error {worst:.2e} over {len(errors)} cases")
+    assert worst < 2e-2, {k: f"{v:.2e}" for k, v in errors.items() if v >= 2e-2}
+
+
+@pytest.mark.parametrize("backend_name,dtype", [("sdpa", torch.float32), ("sdpa", torch.bfloat16), ("flash", torch.bfloat16)])
+@pytest.mark.parametrize("method,tree", [("autoregressive", None), ("linear", "chain-4"), ("tree", [4, 2, 2, 1])])
+def test_graph_replay_equals_eager(backend_name, dtype, method, tree):
+    """Same kernels in the same order: graph replay must give the very same tokens as eager."""
+    if backend_name == "flash" and not flash_available():
+        pytest.skip("flash_attn is not installed")
+    target = random_model("qwen2.5-1.5b", dtype, seed=1)
+    draft = target  # self-drafting: long accepted paths, both caches of one model
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    graphed = make_backend(backend_name, "cuda", dtype, graphs=True)
+    assert isinstance(graphed, GraphedBackend)
+    # eager on the same static caches (max_graph_tokens=0: nothing is captured), so that both
+    # runs have identical shapes; TreeKVCache's shorter key length may round differently
+    eager_backend = GraphedBackend(graphed.inner, max_graph_tokens=0)
+    for i in range(3):  # later generations replay graphs captured by earlier ones
+        prompt = torch.randint(2, VOCAB, (1, 40 + 17 * i), device="cuda", generator=gen)
+        kwargs = dict(max_new_tokens=48, method=method, tree=tree, eos_token_id=[])
+        d = None if method == "autoregressive" else draft
+        eager = treespec.generate(target, d, prompt, attention=eager_backend, **kwargs)
+        replay = treespec.generate(target, d, prompt, attention=graphed, **kwargs)
+        assert torch.equal(replay.sequences, eager.sequences), f"generation {i}"
+        if dtype == torch.float32:
+            ref = target.generate(prompt, do_sample=False, max_new_tokens=48, eos_token_id=None, pad_token_id=0)
+            assert torch.equal(replay.sequences, ref)
+    assert graphed.stats.replays > 0 and graphed.stats.captures >= 1
+
+
+@needs_flash
+def test_auto_picks_flash_on_cuda_and_records_it():
+    model = random_model("qwen2.5-0.5b")
+    prompt = torch.randint(2, VOCAB, (1, 20), device="cuda")
+    out = treespec.generate(model, model, prompt, max_new_tokens=8, method="tree", tree=[2, 1], eos_token_id=[])
+    assert out.stats.backend == "flash"
+    fp32 = treespec.generate(model.float(), None, prompt, max_new_tokens=8, method="autoregressive", eos_token_id=[])
+    assert fp32.stats.backend == "sdpa"  # flash-attn has no fp32 kernels
