@@ -51,7 +51,6 @@ class CapturedForward:
     position_ids: torch.Tensor  # (1, n)
     block_mask: torch.Tensor  # (n, s)
     logits: torch.Tensor  # (n, V) or (1, V)
-    n: int
     mask_source: torch.Tensor | None = None  # the caller's mask last copied in, and its version
     mask_version: int = -1
 
@@ -80,12 +79,15 @@ class GraphedBackend:
     max_graph_tokens: forwards with more new tokens than this run eagerly (prefill chunks).
     min_capacity: smallest static cache to allocate (size it for the longest prompt + new
         tokens of a benchmark so that caches, and their graphs, are made once).
+    max_graphs: shapes beyond this many run eagerly (trees whose shape changes every step
+        would otherwise capture without end; each graph holds its own activation memory).
     """
 
-    def __init__(self, inner, *, max_graph_tokens: int = 256, min_capacity: int = 0):
+    def __init__(self, inner, *, max_graph_tokens: int = 256, min_capacity: int = 0, max_graphs: int = 128):
         self.inner = inner
         self.max_graph_tokens = max_graph_tokens
         self.min_capacity = min_capacity
+        self.max_graphs = max_graphs
         self.stats = GraphStats()
         self._graphs: dict[tuple, CapturedForward] = {}
         self._calls: dict[tuple, int] = {}
@@ -142,7 +144,7 @@ class GraphedBackend:
         captured = self._graphs.get(key)
         if captured is None:
             calls = self._calls[key] = self._calls.get(key, 0) + 1
-            if calls == 1:  # warm-up: lazy initialisation must happen outside a capture
+            if calls == 1 or len(self._graphs) >= self.max_graphs:  # warm-up: lazy init must happen outside a capture
                 self.stats.eager_calls += 1
                 return self.inner.forward(model, cache, input_ids, position_ids, block_mask, last_only)
             captured = self._capture(model, cache, input_ids, position_ids, block_mask, last_only)
@@ -167,4 +169,4 @@ class GraphedBackend:
         torch.cuda.synchronize()
         self.stats.captures += 1
         self.stats.capture_seconds += time.perf_counter() - t0
-        return CapturedForward(graph, static_ids, static_pos, static_mask, logits, block_mask.shape[0])
+        return CapturedForward(graph, static_ids, static_pos, static_mask, logits)

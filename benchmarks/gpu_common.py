@@ -1,0 +1,177 @@
+"""Shared pieces of the GPU benchmarks: real-architecture random-weight models, timers, and a
+backend wrapper that times each forward on the device.
+
+Run from the repository root (the scripts put it on sys.path). Dimension letters:
+docs/dimensions.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+# Qwen2.5 / Qwen2.5-Coder architecture shapes (config.json of the published checkpoints). The
+# 7B's vocabulary is set to the small models' 151936 (it has 152064) so that it can be paired
+# with the real 0.5B draft for the projection; the difference is 0.1% of its lm_head.
+QWEN25_SHAPES = {
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, tie_word_embeddings=True),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, tie_word_embeddings=True),
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, tie_word_embeddings=False),
+}  # fmt: skip
+VOCAB = 151936
+# GPU_BENCH_DEVICE=cpu (with --targets tiny) smoke-tests the scripts' logic without a GPU
+DEVICE = os.environ.get("GPU_BENCH_DEVICE", "cuda")
+QWEN25_SHAPES["tiny"] = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+class _HostEvent:
+    """torch.cuda.Event stand-in for CPU smoke runs."""
+
+    def __init__(self, **kwargs):
+        self.t = 0.0
+
+    def record(self):
+        self.t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, other) -> float:
+        return (other.t - self.t) * 1e3
+
+
+def event():
+    return torch.cuda.Event(enable_timing=True) if DEVICE == "cuda" else _HostEvent()
+
+
+def random_qwen(shape: str, seed: int, dtype: torch.dtype = torch.bfloat16) -> Qwen2ForCausalLM:
+    """A Qwen2.5-shaped model on CUDA with N(0, 0.02) weights drawn from a seeded generator."""
+    config = Qwen2Config(
+        vocab_size=VOCAB, max_position_embeddings=32768, rms_norm_eps=1e-6, bos_token_id=151643,
+        eos_token_id=151645, pad_token_id=151643, **QWEN25_SHAPES[shape],
+    )  # fmt: skip
+    config._attn_implementation = "sdpa"
+    with torch.device(DEVICE):
+        model = Qwen2ForCausalLM._from_config(config, dtype=dtype).eval()
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02, generator=gen)
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+    return model
+
+
+def median_ms(fn, iters: int, warmup: int = 2) -> float:
+    """Median wall time of fn() in ms, the GPU synchronised before and after each call (the
+    latency a decode loop with one sync per step sees)."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def device_ms(fn, iters: int) -> float:
+    """Median device time of fn() in ms between two CUDA events (launch gaps included)."""
+    times = []
+    for _ in range(iters):
+        a, b = event(), event()
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+@dataclass
+class TimedBackend:
+    """Wraps a backend; records a CUDA event pair (and the model) around every forward, with no
+    host sync."""
+
+    inner: object
+    events: list = field(default_factory=list)
+    models: list = field(default_factory=list)  # id() of the model of each forward
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    def check_model(self, model) -> None:
+        self.inner.check_model(model)
+
+    def __getattr__(self, attr):  # make_cache and friends, when the inner backend has them
+        if attr in ("inner", "events", "models"):
+            raise AttributeError(attr)
+        return getattr(self.inner, attr)
+
+    def forward(self, model, *args, **kwargs):
+        a, b = event(), event()
+        a.record()
+        out = self.inner.forward(model, *args, **kwargs)
+        b.record()
+        self.events.append((a, b))
+        self.models.append(id(model))
+        return out
+
+    def forward_ms(self, start: int = 0) -> float:
+        sync()
+        return sum(a.elapsed_time(b) for a, b in self.events[start:])
+
+    def forward_ms_of(self, model, skip: int = 0) -> float:
+        """Device ms in forwards of `model`, after the first `skip` forwards (prefill)."""
+        sync()
+        return sum(a.elapsed_time(b) for (a, b), m in list(zip(self.events, self.models))[skip:] if m == id(model))
+
+
+def out_dir() -> Path:
+    path = Path(os.environ.get("OUT", "outputs/gpu"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_json(name: str, data) -> None:
+    (out_dir() / name).write_text(json.dumps(data, indent=1, default=str))
+
+
+def device_info() -> dict:
+    if DEVICE != "cuda":
+        return dict(gpu=None, torch=torch.__version__)
+    props = torch.cuda.get_device_properties(0)
+    import transformers
+
+    info = dict(gpu=props.name, memory_gb=round(props.total_memory / 2**30, 1), torch=torch.__version__,
+                transformers=transformers.__version__, cuda=torch.version.cuda)  # fmt: skip
+    try:
+        import flash_attn
+
+        info["flash_attn"] = flash_attn.__version__
+    except ImportError:
+        info["flash_attn"] = None
+    return info
