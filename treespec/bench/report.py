@@ -1,0 +1,371 @@
+"""`treespec-report`: aggregate many `treespec-bench` runs into a table and plots.
+
+    treespec-report outputs/bench-multirun/2026-11-22/10-00-00 [more dirs or results.json ...] \
+        --out reports/cpu [--no-plots]
+
+Reads every results.json below the given paths (one per cell) and writes into --out:
+
+    table.md, table.csv     one row per cell, numbers exactly as the runs recorded them
+    tau_tokens_per_second.png  tau and tokens/s per method and domain
+    speedup.png             speedup against the target alone, per method and domain
+    acceptance_histogram.png   accepted draft tokens per step, per domain and method
+    speedup_vs_tree_size.png   speedup (and tau) against draft tokens per step
+
+Speedup (Spec-Bench): tokens/s of the cell / tokens/s of the target alone (method=autoregressive)
+on the same prompts: the autoregressive cell with the same model, dataset, prompts (offset and
+count), max_new_tokens and ignore_eos, preferring one with the same temperature, then one from
+the same sweep directory, then the most recent. The table names the baseline it used.
+
+For greedy cells, `same_as_target` counts the prompts whose generated tokens equal the target
+alone's (lossless greedy decoding must give n/n; hf_assisted can differ through numerics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .metrics import speedup
+
+log = logging.getLogger(__name__)
+
+COLUMNS = [
+    ("model", "model"),
+    ("domain", "domain"),
+    ("dataset", "dataset"),
+    ("method", "method"),
+    ("tree", "tree"),
+    ("draft_nodes", "draft tokens/step"),
+    ("temperature", "T"),
+    ("prompts", "prompts"),
+    ("new_tokens", "new tokens"),
+    ("tau", "tau"),
+    ("acceptance_rate", "accept rate"),
+    ("tokens_per_second", "tokens/s"),
+    ("speedup", "speedup"),
+    ("draft_time_share", "draft time"),
+    ("same_as_target", "same as target"),
+    ("mean_loadavg", "load avg"),
+    ("run", "run"),
+]
+
+
+@dataclass
+class Cell:
+    """One results.json."""
+
+    path: Path
+    cell: dict
+    aggregate: dict
+    prompts: list[dict]
+    date: str = ""
+    baseline: "Cell | None" = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """Method, with its tree (or k) and temperature: the series name in the plots."""
+        c = self.cell
+        m = c["method"]
+        if m == "tree":
+            m += "[" + ",".join(map(str, c["tree"])) + "]"
+        elif m in ("linear", "hf_assisted"):
+            m += f" k={c['linear_k']}"
+        if c["temperature"]:
+            m += f" T={c['temperature']:g}"
+        return m
+
+    @property
+    def baseline_key(self) -> tuple:
+        c = self.cell
+        return (c["model"], c["dataset"], c["num_prompts"], c["offset"], c["max_new_tokens"], c["ignore_eos"])
+
+
+def find_results(paths: list[Path], name: str = "results.json") -> list[Path]:
+    found: list[Path] = []
+    for p in paths:
+        if p.is_file():
+            found.append(p)
+        elif p.is_dir():
+            found.extend(sorted(p.rglob(name)))
+        else:
+            raise FileNotFoundError(f"{p} does not exist")
+    return sorted(set(found))
+
+
+def load_cells(paths: list[Path]) -> list[Cell]:
+    cells = []
+    for f in find_results(paths):
+        try:
+            d = json.loads(f.read_text())
+            cells.append(Cell(f, d["cell"], d["aggregate"], d.get("prompts", []), d.get("environment", {}).get("date", "")))
+        except (OSError, ValueError, KeyError) as err:
+            log.warning("skipping %s: not a treespec-bench results file (%r)", f, err)
+    return cells
+
+
+def attach_baselines(cells: list[Cell]) -> None:
+    """Give every cell its autoregressive baseline (see the module docstring)."""
+    ar = defaultdict(list)
+    for c in cells:
+        if c.cell["method"] == "autoregressive":
+            ar[c.baseline_key].append(c)
+    for c in cells:
+        candidates = ar.get(c.baseline_key, [])
+        if not candidates:
+            continue
+        if c.cell["method"] == "autoregressive" and c in candidates:
+            c.baseline = c
+            continue
+
+        def rank(b: Cell, c=c):
+            return (
+                b.cell["temperature"] == c.cell["temperature"],
+                b.path.parent.parent == c.path.parent.parent,
+                b.date,
+            )
+
+        c.baseline = max(candidates, key=rank)
+
+
+def _same_as_target(c: Cell) -> str:
+    b = c.baseline
+    if b is None or c.cell["temperature"] or b.cell["temperature"]:
+        return ""
+    ref = {p["id"]: p.get("output_ids") for p in b.prompts}
+    same = total = 0
+    for p in c.prompts:
+        r, o = ref.get(p["id"]), p.get("output_ids")
+        if r is None or o is None:
+            continue
+        total += 1
+        n = min(len(r), len(o))
+        same += r[:n] == o[:n]
+    return f"{same}/{total}" if total else ""
+
+
+def rows(cells: list[Cell], root: Path | None = None) -> list[dict]:
+    """One row per cell, in a stable order (domain, dataset, temperature, method, tree)."""
+    attach_baselines(cells)
+    order = {"autoregressive": 0, "linear": 1, "tree": 2, "hf_assisted": 3}
+    out = []
+    for c in sorted(
+        cells,
+        key=lambda c: (c.cell["model"], c.cell["domain"], c.cell["dataset"], c.cell["temperature"],
+                       order.get(c.cell["method"], 9), c.cell["draft_nodes"], str(c.cell["tree"]), str(c.path)),
+    ):  # fmt: skip
+        a = c.aggregate
+        sp = speedup(a["tokens_per_second"], c.baseline.aggregate["tokens_per_second"]) if c.baseline else None
+        run = c.path.parent
+        if root is not None:
+            try:
+                run = run.relative_to(root)
+            except ValueError:
+                pass
+        tree = c.cell["tree"]
+        out.append(
+            {
+                "model": c.cell["model"],
+                "domain": c.cell["domain"],
+                "dataset": c.cell["dataset"],
+                "method": c.cell["method"],
+                "label": c.label,
+                "tree": ("[" + ",".join(map(str, tree)) + "]") if tree is not None
+                else (f"k={c.cell['linear_k']}" if c.cell.get("linear_k") else ""),
+                "linear_k": c.cell.get("linear_k"),
+                "draft_nodes": c.cell["draft_nodes"],
+                "temperature": c.cell["temperature"],
+                "prompts": a["prompts"],
+                "new_tokens": a["new_tokens"],
+                "target_forwards": a["target_forwards"],
+                "tau": a["tau"],
+                "acceptance_rate": a["acceptance_rate"],
+                "tokens_per_second": a["tokens_per_second"],
+                "time_total": a["time_total"],
+                "speedup": sp,
+                "baseline_tokens_per_second": c.baseline.aggregate["tokens_per_second"] if c.baseline else None,
+                "draft_time_share": a["time_draft"] / a["time_total"] if a["time_total"] and a.get("time_draft") else None,
+                "same_as_target": _same_as_target(c),
+                "mean_loadavg": a.get("mean_loadavg"),
+                "accepted_length_histogram": a.get("accepted_length_histogram", {}),
+                "run": str(run),
+            }
+        )
+    return out
+
+
+def _fmt(key: str, v) -> str:
+    if v is None:
+        return "-"
+    if key in ("tau", "speedup"):
+        return f"{v:.2f}"
+    if key == "tokens_per_second":
+        return f"{v:.2f}"
+    if key in ("acceptance_rate", "draft_time_share"):
+        return f"{100 * v:.0f}%"
+    if key == "mean_loadavg":
+        return f"{v:.1f}"
+    if key == "temperature":
+        return f"{v:g}"
+    return str(v)
+
+
+def to_markdown(table: list[dict], columns=COLUMNS) -> str:
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    for r in table:
+        lines.append("| " + " | ".join(_fmt(k, r.get(k)) for k, _ in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: list[dict]) -> str:
+    keys = [k for k in table[0] if k != "accepted_length_histogram"] if table else []
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in table:
+        w.writerow({k: r[k] for k in keys})
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------ plots
+def plot_all(table: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    if not table:
+        return written
+    domains = list(dict.fromkeys(r["domain"] for r in table))
+    labels = list(dict.fromkeys(r["label"] for r in table))
+    by = {(r["domain"], r["label"]): r for r in table}  # last one wins if a cell is repeated
+    cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    colors = {lab: cmap(i % cmap.N) for i, lab in enumerate(labels)}
+
+    def bars(ax, key, title, hline=None):
+        width = 0.8 / max(len(labels), 1)
+        for j, lab in enumerate(labels):
+            xs, ys = [], []
+            for i, d in enumerate(domains):
+                r = by.get((d, lab))
+                if r is not None and r.get(key) is not None:
+                    xs.append(i - 0.4 + width * (j + 0.5))
+                    ys.append(r[key])
+            ax.bar(xs, ys, width, label=lab, color=colors[lab])
+            for x, y in zip(xs, ys):
+                ax.text(x, y, f"{y:.2f}", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(domains)), domains)
+        ax.set_title(title)
+        if hline is not None:
+            ax.axhline(hline, color="k", lw=0.8, ls="--")
+
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.5 * len(domains) + 0.4 * len(labels)), 4.5))
+    bars(axes[0], "tau", "tau (tokens per target forward)", hline=1.0)
+    bars(axes[1], "tokens_per_second", "tokens / s")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    written.append(_save(fig, out / "tau_tokens_per_second.png"))
+
+    fig, ax = plt.subplots(figsize=(max(6, 2.5 * len(domains) + 0.3 * len(labels)), 4.5))
+    bars(ax, "speedup", "speedup vs the target alone (tokens/s ratio)", hline=1.0)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    written.append(_save(fig, out / "speedup.png"))
+
+    fig, axes = plt.subplots(1, len(domains), figsize=(4.5 * len(domains), 3.8), squeeze=False)
+    for ax, d in zip(axes[0], domains):
+        for lab in labels:
+            r = by.get((d, lab))
+            if r is None or r["method"] == "autoregressive" or not r["accepted_length_histogram"]:
+                continue
+            h = {int(k): v for k, v in r["accepted_length_histogram"].items()}
+            total = sum(h.values())
+            xs = list(range(max(h) + 1))
+            ax.plot(xs, [h.get(x, 0) / total for x in xs], marker="o", label=lab, color=colors[lab])
+        ax.set_title(f"{d}: accepted drafts per step")
+        ax.set_xlabel("accepted draft tokens")
+        ax.set_ylabel("fraction of steps")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(_save(fig, out / "acceptance_histogram.png"))
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    markers = {"tree": "o", "linear": "s", "hf_assisted": "^", "autoregressive": "x"}
+    dcolors = {d: plt.get_cmap("tab10")(i) for i, d in enumerate(domains)}
+    for r in table:
+        if r["method"] == "autoregressive":
+            continue
+        for ax, key in zip(axes, ("speedup", "tau")):
+            if r.get(key) is None:
+                continue
+            filled = r["temperature"] == 0
+            ax.scatter(
+                r["draft_nodes"], r[key], marker=markers.get(r["method"], "o"),
+                facecolors=dcolors[r["domain"]] if filled else "none", edgecolors=dcolors[r["domain"]],
+            )  # fmt: skip
+            ax.annotate(r["tree"], (r["draft_nodes"], r[key]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")  # fmt: skip
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], ls="", marker="o", color=c, label=d) for d, c in dcolors.items()]
+    handles += [Line2D([], [], ls="", marker=m, color="gray", label=k) for k, m in markers.items() if k != "autoregressive"]
+    handles += [Line2D([], [], ls="", marker="o", markerfacecolor="none", color="gray", label="T > 0 (hollow)")]
+    axes[0].set_title("speedup vs draft tokens per step")
+    axes[0].axhline(1.0, color="k", lw=0.8, ls="--")
+    axes[1].set_title("tau vs draft tokens per step")
+    axes[1].axhline(1.0, color="k", lw=0.8, ls="--")
+    for ax in axes:
+        ax.set_xlabel("draft tokens per step (tree size)")
+    axes[1].legend(handles=handles, fontsize=7)
+    fig.tight_layout()
+    written.append(_save(fig, out / "speedup_vs_tree_size.png"))
+    plt.close("all")
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+# ------------------------------------------------------------------------------------ CLI
+def build_report(paths: list[Path], out: Path, *, plots: bool = True) -> list[dict]:
+    cells = load_cells(paths)
+    if not cells:
+        raise SystemExit(f"no results.json found under {', '.join(map(str, paths))}")
+    root = paths[0] if len(paths) == 1 and paths[0].is_dir() else None
+    table = rows(cells, root)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(to_markdown(table))
+    (out / "table.csv").write_text(to_csv(table))
+    (out / "table.json").write_text(json.dumps(table, indent=1))
+    if plots:
+        plot_all(table, out)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="treespec-report", description="Aggregate treespec-bench runs into a table and plots.")
+    ap.add_argument("paths", nargs="+", type=Path, help="run/sweep directories or results.json files")
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default: <first path>/report)")
+    ap.add_argument("--no-plots", action="store_true", help="tables only")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = args.out or ((args.paths[0] if args.paths[0].is_dir() else args.paths[0].parent) / "report")
+    table = build_report(args.paths, out, plots=not args.no_plots)
+    sys.stdout.write(to_markdown(table))
+    print(f"\n{len(table)} cells -> {out}/table.md, table.csv" + ("" if args.no_plots else ", *.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

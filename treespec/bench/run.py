@@ -1,0 +1,114 @@
+"""`treespec-bench`: the Hydra app that runs one benchmark cell (or, with -m, a sweep of cells).
+
+    treespec-bench model=tiny-random                       # a smoke run in seconds, no download
+    treespec-bench domain=code method=linear domain.linear_k=4
+    treespec-bench -m method=tree,linear,hf_assisted,autoregressive domain=code,text,structured
+    treespec-bench -m domain=code domain.width=1,2,3 domain.depth=2,3,4
+    treespec-report outputs/bench-multirun/<date>/<time>  # table + plots
+
+(`python -m treespec.bench.run ...` works the same.) Each run writes `results.json` (per prompt
+and aggregated, see treespec.bench.runner.run_cell) into Hydra's output directory. The config
+groups live in `configs/` at the repository root; docs/configs.md documents every key.
+
+This is the only benchmark module that imports Hydra: it registers the typed schemas of
+treespec.bench.config in Hydra's ConfigStore (so unknown keys and wrong types fail at compose
+time), turns the composed config into a BenchConfig (whose checks name any bad value), and hands
+that to the library code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .config import CONFIG_DIR as DEFAULT_CONFIG_DIR
+from .config import GROUP_SCHEMAS, BenchConfig, ConfigError
+
+log = logging.getLogger("treespec.bench")
+
+CONFIG_DIR = Path(os.environ.get("TREESPEC_CONFIG_DIR") or DEFAULT_CONFIG_DIR)
+SCHEMA_NAME = "schema"  # each group's typed schema: configs/<group>/*.yaml start from it
+
+
+def register_configs() -> None:
+    """Register BenchConfig as `bench_schema` and each group's dataclass as `<group>/schema`."""
+    cs = ConfigStore.instance()
+    cs.store(name="bench_schema", node=BenchConfig)
+    for group, schema in GROUP_SCHEMAS.items():
+        cs.store(group=group, name=SCHEMA_NAME, node=schema)
+
+
+register_configs()
+
+
+def to_bench_config(cfg: DictConfig) -> BenchConfig:
+    """The composed config as typed objects; runs every check (ConfigError names the key)."""
+    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
+    _check_no_extra_keys(cfg, "")
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as err:
+        cause = err.__cause__ if isinstance(err.__cause__, ConfigError) else None
+        if cause is not None:
+            raise cause from None
+        raise ConfigError(str(err)) from err
+    if not isinstance(obj, BenchConfig):
+        raise ConfigError("the config does not start from bench_schema (add `- bench_schema` to its defaults list)")
+    return obj
+
+
+def _check_no_extra_keys(node: DictConfig, prefix: str) -> None:
+    """Keys forced in with `+key=value` (or open_dict) are not dataclass fields, and
+    OmegaConf.to_object would silently drop them: refuse them instead."""
+    schema = OmegaConf.get_type(node)
+    fields = getattr(schema, "__dataclass_fields__", None)
+    for key in node.keys():
+        full = f"{prefix}{key}"
+        if fields is not None and key not in fields:
+            raise ConfigError(f"unknown key {full!r}: {schema.__name__} has {sorted(fields)}")
+        value = node._get_node(key)
+        if isinstance(value, DictConfig) and not value._is_missing() and not value._is_none():
+            _check_no_extra_keys(value, full + ".")
+
+
+def write_results(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(path)
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="bench", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    try:
+        bench = to_bench_config(cfg)
+    except ConfigError as err:
+        log.error("bad config: %s", err)
+        sys.exit(2)
+    from .runner import run_cell  # torch/transformers only once the config is known to be good
+
+    results = run_cell(bench)
+    out = Path(HydraConfig.get().runtime.output_dir) / bench.results_file
+    write_results(results, out)
+    agg, cell = results["aggregate"], results["cell"]
+    log.info(
+        "%s | %s | %s | %s | tree %s | T=%g: %d prompts, %d tokens, tau %.2f, acceptance %.2f, %.2f tokens/s -> %s",
+        cell["model"], cell["domain"], cell["dataset"], cell["method"], cell["tree"], cell["temperature"],
+        agg["prompts"], agg["new_tokens"], agg["tau"], agg["acceptance_rate"], agg["tokens_per_second"], out,
+    )  # fmt: skip
+    return agg["tokens_per_second"]
+
+
+if __name__ == "__main__":
+    main()

