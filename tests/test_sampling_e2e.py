@@ -8,6 +8,7 @@ from scipy.stats import chisquare
 import treespec
 import treespec.rejection as rejection
 from treespec.dynamic import DynamicTreeConfig
+from treespec.tree import TreeTopology
 from treespec.sampling import SamplingConfig, logits_to_probs
 from treespec.testing import tiny_model
 
@@ -69,6 +70,8 @@ CASES = [
     ("autoregressive", None, SamplingConfig(temperature=0.9)),
     ("tree", DynamicTreeConfig(width=2, children=3, depth=3, budget=8), SamplingConfig(temperature=1.0)),
     ("tree", "adaptive", SamplingConfig(temperature=0.8, top_k=6)),
+    # an optimizer-shaped irregular tree: ranks 0-1 at depths 1-2, a chain below
+    ("tree", TreeTopology.from_parents([-1, 0, 0, 1, 1, 2, 3, 6, 7]), SamplingConfig(temperature=1.0)),
 ]
 
 
