@@ -125,8 +125,8 @@ def test_every_tree_policy_runs_on_the_tiny_pair(policy):
 
     cells = {}
     for method in ("tree", "autoregressive"):
-        overrides = ["model=tiny-random", "dataset=synthetic", "dataset.num_prompts=2", "max_new_tokens=12",
-                     "warmup_tokens=0", "progress=false", f"tree={policy}", f"method={method}"]
+        overrides = ["model=tiny-random", "dataset=synthetic", "dataset.num_prompts=2", "max_new_tokens=8",
+                     "warmup_tokens=0", "progress=false", "threads=1", f"tree={policy}", f"method={method}"]
         cells[method] = run_cell(to_bench_config(_compose(overrides)))
     tree, alone = cells["tree"], cells["autoregressive"]
     assert tree["aggregate"]["tau"] >= 1 and tree["aggregate"]["new_tokens"] > 0
@@ -233,3 +233,24 @@ def test_sampled_cell_runs_when_sampling_is_available():
     except NotImplementedError:
         pytest.skip("sampling is not implemented yet")
     assert res["aggregate"]["tau"] >= 1.0 and res["cell"]["temperature"] == 0.7
+
+
+def test_interleaved_run_writes_one_cell_per_method(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _hydra_main(monkeypatch, ["model=tiny-random", "dataset.num_prompts=2", "max_new_tokens=4", "warmup_tokens=0",
+                              "threads=1", "progress=false", "interleave=[autoregressive,linear,tree]",
+                              f"hydra.run.dir={tmp_path / 'run'}"])  # fmt: skip
+    from treespec.bench.report import build_report
+
+    table = build_report([tmp_path / "run"], tmp_path / "report", plots=False)
+    assert sorted(r["method"] for r in table) == ["autoregressive", "linear", "tree"]
+    assert all(r["prompts"] == 2 and r["speedup"] is not None and r["same_as_target"] == "2/2" for r in table)
+    env = json.loads((tmp_path / "run" / "tree" / "results.json").read_text())["environment"]
+    assert env["interleaved_with"] == ["autoregressive", "linear", "tree"]
+
+
+def test_interleave_rejects_bad_methods():
+    with pytest.raises(ConfigError, match=r"interleave\[1\]"):
+        to_bench_config(_compose(["interleave=[tree,beam]"]))
+    with pytest.raises(ConfigError, match="twice"):
+        to_bench_config(_compose(["interleave=[tree,tree]"]))

@@ -94,6 +94,13 @@ def test_baseline_prefers_same_temperature(sweep, tmp_path):
     assert table[("linear", 0.7)]["same_as_target"] == ""  # not compared when sampling
 
 
+def test_tree_policy_label_is_kept(sweep, tmp_path):
+    label = "dynamic: DynamicTreeConfig(width=4, children=4, depth=5, budget=16)"
+    _write(sweep / "4", _cell("tree", tree=label, nodes=16), TREE)
+    rows = [r for r in build_report([sweep], tmp_path / "out", plots=True) if r["tree"] == label]
+    assert len(rows) == 1 and rows[0]["label"] == "tree" + label
+
+
 def test_cell_without_baseline_has_no_speedup(tmp_path):
     _write(tmp_path / "r", _cell("tree", tree=[2], nodes=2, dataset="bfcl", domain="structured"), TREE)
     (row,) = build_report([tmp_path / "r" / "results.json"], tmp_path / "out", plots=False)

@@ -264,6 +264,11 @@ class BenchConfig:
     progress: tqdm progress bar over the prompts.
     keep_outputs: store each prompt's generated token ids (and text) in the results.
     results_file: name of the JSON written in the run's output directory.
+    interleave: methods to run prompt by prompt, back to back (e.g. [autoregressive, linear,
+        tree, hf_assisted]); empty = just `method`. Each method still gets its own cell and
+        results file (in <run dir>/<method>/), but its prompts run right next to the other
+        methods' on the same prompt (the order rotates from prompt to prompt), so a busy period
+        of a shared machine slows every method alike and speedups are paired.
     """
 
     model: ModelConfig = MISSING  # type: ignore[assignment]
@@ -279,9 +284,14 @@ class BenchConfig:
     progress: bool = True
     keep_outputs: bool = True
     results_file: str = "results.json"
+    interleave: List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _int("max_new_tokens", self.max_new_tokens, 1)
+        for i, m in enumerate(self.interleave):
+            _choice(f"interleave[{i}]", m, METHODS)
+        if len(set(self.interleave)) != len(self.interleave):
+            raise ConfigError(f"interleave lists a method twice: {list(self.interleave)}")
         _int("warmup_tokens", self.warmup_tokens, 0)
         _int("threads", self.threads, 0)
         if not self.results_file or "/" in self.results_file:

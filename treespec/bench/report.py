@@ -75,7 +75,7 @@ class Cell:
         c = self.cell
         m = c["method"]
         if m == "tree":
-            m += "[" + ",".join(map(str, c["tree"])) + "]"
+            m += _tree_str(c["tree"])
         elif m in ("linear", "hf_assisted"):
             m += f" k={c['linear_k']}"
         if c["temperature"]:
@@ -86,6 +86,13 @@ class Cell:
     def baseline_key(self) -> tuple:
         c = self.cell
         return (c["model"], c["dataset"], c["num_prompts"], c["offset"], c["max_new_tokens"], c["ignore_eos"])
+
+
+def _tree_str(tree) -> str:
+    """[4,1,1] for a widths list; a tree policy's own label (dynamic, adaptive, optimized) as is."""
+    if isinstance(tree, (list, tuple)):
+        return "[" + ",".join(map(str, tree)) + "]"
+    return str(tree)
 
 
 def find_results(paths: list[Path], name: str = "results.json") -> list[Path]:
@@ -177,7 +184,7 @@ def rows(cells: list[Cell], root: Path | None = None) -> list[dict]:
                 "dataset": c.cell["dataset"],
                 "method": c.cell["method"],
                 "label": c.label,
-                "tree": ("[" + ",".join(map(str, tree)) + "]") if tree is not None
+                "tree": _tree_str(tree) if tree is not None
                 else (f"k={c.cell['linear_k']}" if c.cell.get("linear_k") else ""),
                 "linear_k": c.cell.get("linear_k"),
                 "draft_nodes": c.cell["draft_nodes"],

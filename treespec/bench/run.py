@@ -96,18 +96,20 @@ def main(cfg: DictConfig) -> float:
     except ConfigError as err:
         log.error("bad config: %s", err)
         sys.exit(2)
-    from .runner import run_cell  # torch/transformers only once the config is known to be good
+    from .runner import run_interleaved  # torch/transformers only once the config is known to be good
 
-    results = run_cell(bench)
-    out = Path(HydraConfig.get().runtime.output_dir) / bench.results_file
-    write_results(results, out)
-    agg, cell = results["aggregate"], results["cell"]
-    log.info(
-        "%s | %s | %s | %s | tree %s | T=%g: %d prompts, %d tokens, tau %.2f, acceptance %.2f, %.2f tokens/s -> %s",
-        cell["model"], cell["domain"], cell["dataset"], cell["method"], cell["tree"], cell["temperature"],
-        agg["prompts"], agg["new_tokens"], agg["tau"], agg["acceptance_rate"], agg["tokens_per_second"], out,
-    )  # fmt: skip
-    return agg["tokens_per_second"]
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    by_method = run_interleaved(bench)
+    for method, results in by_method.items():
+        out = (run_dir / method if bench.interleave else run_dir) / bench.results_file
+        write_results(results, out)
+        agg, cell = results["aggregate"], results["cell"]
+        log.info(
+            "%s | %s | %s | %s | tree %s | T=%g: %d prompts, %d tokens, tau %.2f, acceptance %.2f, %.2f tokens/s -> %s",
+            cell["model"], cell["domain"], cell["dataset"], cell["method"], cell["tree"], cell["temperature"],
+            agg["prompts"], agg["new_tokens"], agg["tau"], agg["acceptance_rate"], agg["tokens_per_second"], out,
+        )  # fmt: skip
+    return next(iter(by_method.values()))["aggregate"]["tokens_per_second"]
 
 
 if __name__ == "__main__":

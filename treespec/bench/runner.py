@@ -15,7 +15,7 @@ import os
 import platform
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -309,46 +309,74 @@ def environment() -> dict:
 def run_cell(cfg: BenchConfig, *, pair: LoadedPair | None = None) -> dict:
     """Run every prompt of the cell and return the results document (JSON-ready):
     {"schema", "cell", "config", "environment", "prompts": [record...], "aggregate": {...}}."""
+    return _with_threads(cfg, lambda: _run_cells([cfg], pair)[0])
+
+
+def run_interleaved(cfg: BenchConfig, *, pair: LoadedPair | None = None) -> dict[str, dict]:
+    """One cell per method of cfg.interleave (or just cfg.method), run prompt by prompt: every
+    method generates prompt i before any method starts prompt i+1, in an order that rotates
+    with i. Returns {method: results document}."""
+    methods = list(cfg.interleave) or [cfg.method.name]
+    cfgs = [_with_method(cfg, m) for m in methods]
+    return _with_threads(cfg, lambda: dict(zip(methods, _run_cells(cfgs, pair))))
+
+
+def _with_method(cfg: BenchConfig, method: str) -> BenchConfig:
+    out = replace(cfg, method=replace(cfg.method, name=method), interleave=[])
+    return out
+
+
+def _with_threads(cfg: BenchConfig, fn):
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run_cell(cfg, pair)
+        return fn()
     finally:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
 
 
-def _run_cell(cfg: BenchConfig, pair: LoadedPair | None) -> dict:
+def _run_cells(cfgs: list[BenchConfig], pair: LoadedPair | None) -> list[dict]:
+    """Cells that differ only in their method, interleaved prompt by prompt."""
+    cfg0 = cfgs[0]
     t_load = time.perf_counter()
-    pair = pair or load_models(cfg.model)
+    pair = pair or load_models(cfg0.model)
     load_s = time.perf_counter() - t_load
-    prompts = build_prompts(cfg, pair)
-    if cfg.warmup_tokens and prompts:
-        generate_one(cfg, pair, prompts[0][1], cfg.warmup_tokens, cfg.sampling.seed)
+    prompts = build_prompts(cfg0, pair)
+    if cfg0.warmup_tokens and prompts:
+        for cfg in cfgs:
+            generate_one(cfg, pair, prompts[0][1], cfg0.warmup_tokens, cfg0.sampling.seed)
 
     from tqdm.auto import tqdm
 
-    records: list[PromptRecord] = []
-    label = f"{cfg.method.name}/{cfg.domain.name}/{cfg.dataset.name}"
-    bar = tqdm(prompts, desc=label, unit="prompt", disable=not cfg.progress, dynamic_ncols=True)
+    records: list[list[PromptRecord]] = [[] for _ in cfgs]
+    label = "+".join(c.method.name for c in cfgs) + f"/{cfg0.domain.name}/{cfg0.dataset.name}"
+    bar = tqdm(prompts, desc=label, unit="prompt", disable=not cfg0.progress, dynamic_ncols=True)
     for i, (pid, ids) in enumerate(bar):
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-        seqs, rec = generate_one(cfg, pair, ids, cfg.max_new_tokens, cfg.sampling.seed + cfg.dataset.offset + i)
-        rec.id, rec.loadavg = pid, load
-        if cfg.keep_outputs:
-            out = seqs[0, ids.shape[1] :].tolist()
-            rec.output_ids = out
-            if pair.tokenizer is not None:
-                rec.output_text = pair.tokenizer.decode(out, skip_special_tokens=False)
-        records.append(rec)
-        agg = aggregate(records)
-        bar.set_postfix(tau=f"{agg['tau']:.2f}", tok_s=f"{agg['tokens_per_second']:.2f}")
+        for j in range(len(cfgs)):
+            k = (i + j) % len(cfgs)  # rotate who goes first
+            cfg = cfgs[k]
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+            seqs, rec = generate_one(cfg, pair, ids, cfg.max_new_tokens, cfg.sampling.seed + cfg.dataset.offset + i)
+            rec.id, rec.loadavg = pid, load
+            if cfg.keep_outputs:
+                out = seqs[0, ids.shape[1] :].tolist()
+                rec.output_ids = out
+                if pair.tokenizer is not None:
+                    rec.output_text = pair.tokenizer.decode(out, skip_special_tokens=False)
+            records[k].append(rec)
+        post = {c.method.name[:6]: f"{aggregate(r)['tau']:.2f}" for c, r in zip(cfgs, records)}
+        bar.set_postfix(tau=post if len(cfgs) > 1 else next(iter(post.values())))
     bar.close()
-    return {
-        "schema": RESULTS_SCHEMA,
-        "cell": cell_info(cfg),
-        "config": asdict(cfg),
-        "environment": dict(environment(), model_load_seconds=load_s),
-        "prompts": [r.as_dict() for r in records],
-        "aggregate": aggregate(records),
-    }
+    env = dict(environment(), model_load_seconds=load_s, interleaved_with=[c.method.name for c in cfgs])
+    return [
+        {
+            "schema": RESULTS_SCHEMA,
+            "cell": cell_info(cfg),
+            "config": asdict(cfg),
+            "environment": env,
+            "prompts": [r.as_dict() for r in recs],
+            "aggregate": aggregate(recs),
+        }
+        for cfg, recs in zip(cfgs, records)
+    ]
