@@ -68,6 +68,8 @@ def test_table_has_the_runs_numbers(sweep, tmp_path):
     assert tree["acceptance_rate"] == pytest.approx(9 / 30)
     assert tree["tokens_per_second"] == pytest.approx(14 / 3.5)
     assert tree["speedup"] == pytest.approx((14 / 3.5) / (14 / 7.0))
+    # per prompt: (8/2)/(8/4) = 2 and (6/1.5)/(6/3) = 2
+    assert tree["speedup_median"] == pytest.approx(2.0) and ar["speedup_median"] == pytest.approx(1.0)
     assert tree["draft_time_share"] == pytest.approx(1.0 / 3.5)
     assert tree["tree"] == "[2,1,1]" and tree["draft_nodes"] == 6
     assert ar["tree"] == ""
@@ -124,3 +126,13 @@ def test_to_csv_empty():
 def test_no_results_is_an_error(tmp_path):
     with pytest.raises(SystemExit, match="no results.json"):
         build_report([tmp_path], tmp_path / "out")
+
+
+def test_median_speedup_ignores_one_disturbed_prompt(tmp_path):
+    ar = [PromptRecord(f"p{i}", 10, 10, 10, time_total=10.0) for i in range(3)]
+    fast = [PromptRecord(f"p{i}", 10, 10, 4, time_total=t) for i, t in enumerate([5.0, 5.0, 100.0])]
+    _write(tmp_path / "s" / "0", _cell("autoregressive") | {"num_prompts": 3}, ar)
+    _write(tmp_path / "s" / "1", _cell("linear", tree=[1, 1], k=2, nodes=2) | {"num_prompts": 3}, fast)
+    row = [r for r in build_report([tmp_path / "s"], tmp_path / "out", plots=False) if r["method"] == "linear"][0]
+    assert row["speedup"] == pytest.approx((30 / 110) / (30 / 30))  # pooled: the slow prompt dominates
+    assert row["speedup_median"] == pytest.approx(2.0)

@@ -9,8 +9,33 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 
+class SpeculationRates:
+    """tau, acceptance rate and tokens/s from the counters a dataclass carries (new_tokens,
+    target_forwards, accepted_lengths, draft_tokens_proposed, time_total); shared by
+    `GenerationStats` and the benchmark's per-prompt `PromptRecord` so the two cannot disagree."""
+
+    new_tokens: int
+    target_forwards: int
+    accepted_lengths: list[int]
+    draft_tokens_proposed: int
+    time_total: float
+
+    @property
+    def tau(self) -> float:
+        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted draft tokens / draft tokens proposed (Spec-Bench's definition)."""
+        return sum(self.accepted_lengths) / self.draft_tokens_proposed if self.draft_tokens_proposed else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.time_total if self.time_total else 0.0
+
+
 @dataclass
-class GenerationStats:
+class GenerationStats(SpeculationRates):
     """What a generation cost and how much the speculation saved.
 
     target_forwards: target forwards in the decode loop (one per step; the prompt's prefill
@@ -40,15 +65,6 @@ class GenerationStats:
     time_total: float = 0.0
 
     @property
-    def tau(self) -> float:
-        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        """Accepted draft tokens / draft tokens proposed (Spec-Bench's definition)."""
-        return sum(self.accepted_lengths) / self.draft_tokens_proposed if self.draft_tokens_proposed else 0.0
-
-    @property
     def acceptance_by_depth(self) -> list[float]:
         """acceptance_by_depth[d-1] = P(a depth-d draft is accepted | depth d-1 was reached)."""
         depth = max((len(r) for r in self.accepted_ranks), default=0)
@@ -58,10 +74,6 @@ class GenerationStats:
             reached = sum(1 for a in self.accepted_lengths if a >= d - 1)
             rates.append(sum(1 for a in self.accepted_lengths if a >= d) / reached if reached else 0.0)
         return rates
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.new_tokens / self.time_total if self.time_total else 0.0
 
     def as_dict(self) -> dict:
         d = asdict(self)

@@ -24,9 +24,11 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from ..stats import SpeculationRates
+
 
 @dataclass
-class PromptRecord:
+class PromptRecord(SpeculationRates):
     """What one prompt's generation cost (times in seconds)."""
 
     id: str
@@ -49,18 +51,6 @@ class PromptRecord:
     @property
     def accepted_tokens(self) -> int:
         return sum(self.accepted_lengths)
-
-    @property
-    def tau(self) -> float:
-        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted_tokens / self.draft_tokens_proposed if self.draft_tokens_proposed else 0.0
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.new_tokens / self.time_total if self.time_total else 0.0
 
     def as_dict(self) -> dict:
         d = asdict(self)

@@ -11,6 +11,9 @@ Reads every results.json below the given paths (one per cell) and writes into --
     acceptance_histogram.png   accepted draft tokens per step, per domain and method
     speedup_vs_tree_size.png   speedup (and tau) against draft tokens per step
 
+`speedup (median/prompt)` is the median over prompts of the same ratio taken prompt by prompt
+(robust to a busy period of a shared machine that hit one prompt).
+
 Speedup (Spec-Bench): tokens/s of the cell / tokens/s of the target alone (method=autoregressive)
 on the same prompts: the autoregressive cell with the same model, dataset, prompts (offset and
 count), max_new_tokens and ignore_eos, preferring one with the same temperature, then one from
@@ -50,6 +53,7 @@ COLUMNS = [
     ("acceptance_rate", "accept rate"),
     ("tokens_per_second", "tokens/s"),
     ("speedup", "speedup"),
+    ("speedup_median", "speedup (median/prompt)"),
     ("draft_time_share", "draft time"),
     ("same_as_target", "same as target"),
     ("mean_loadavg", "load avg"),
@@ -142,6 +146,25 @@ def attach_baselines(cells: list[Cell]) -> None:
         c.baseline = max(candidates, key=rank)
 
 
+def _median_speedup(c: Cell) -> float | None:
+    """Median over prompts of (this prompt's tokens/s) / (the baseline's on the same prompt):
+    robust to a busy period that hit one prompt of one method."""
+    b = c.baseline
+    if b is None:
+        return None
+    ref = {p["id"]: p for p in b.prompts}
+    ratios = []
+    for p in c.prompts:
+        r = ref.get(p["id"])
+        if r and p.get("time_total") and r.get("time_total") and r.get("new_tokens") and p.get("new_tokens"):
+            ratios.append((p["new_tokens"] / p["time_total"]) / (r["new_tokens"] / r["time_total"]))
+    if not ratios:
+        return None
+    ratios.sort()
+    mid = len(ratios) // 2
+    return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+
+
 def _same_as_target(c: Cell) -> str:
     b = c.baseline
     if b is None or c.cell["temperature"] or b.cell["temperature"]:
@@ -159,13 +182,15 @@ def _same_as_target(c: Cell) -> str:
 
 
 def rows(cells: list[Cell], root: Path | None = None) -> list[dict]:
-    """One row per cell, in a stable order (domain, dataset, temperature, method, tree)."""
+    """One row per cell, in a stable order (model, domain: code, text, structured, then others;
+    dataset, temperature, method, tree)."""
     attach_baselines(cells)
     order = {"autoregressive": 0, "linear": 1, "tree": 2, "hf_assisted": 3}
+    domains = {"code": 0, "text": 1, "structured": 2}
     out = []
     for c in sorted(
         cells,
-        key=lambda c: (c.cell["model"], c.cell["domain"], c.cell["dataset"], c.cell["temperature"],
+        key=lambda c: (c.cell["model"], domains.get(c.cell["domain"], 9), c.cell["domain"], c.cell["dataset"], c.cell["temperature"],
                        order.get(c.cell["method"], 9), c.cell["draft_nodes"], str(c.cell["tree"]), str(c.path)),
     ):  # fmt: skip
         a = c.aggregate
@@ -197,6 +222,7 @@ def rows(cells: list[Cell], root: Path | None = None) -> list[dict]:
                 "tokens_per_second": a["tokens_per_second"],
                 "time_total": a["time_total"],
                 "speedup": sp,
+                "speedup_median": _median_speedup(c),
                 "baseline_tokens_per_second": c.baseline.aggregate["tokens_per_second"] if c.baseline else None,
                 "draft_time_share": a["time_draft"] / a["time_total"] if a["time_total"] and a.get("time_draft") else None,
                 "same_as_target": _same_as_target(c),
@@ -211,7 +237,7 @@ def rows(cells: list[Cell], root: Path | None = None) -> list[dict]:
 def _fmt(key: str, v) -> str:
     if v is None:
         return "-"
-    if key in ("tau", "speedup"):
+    if key in ("tau", "speedup", "speedup_median"):
         return f"{v:.2f}"
     if key == "tokens_per_second":
         return f"{v:.2f}"
@@ -252,8 +278,13 @@ def plot_all(table: list[dict], out: Path) -> list[Path]:
     if not table:
         return written
     domains = list(dict.fromkeys(r["domain"] for r in table))
-    labels = list(dict.fromkeys(r["label"] for r in table))
-    by = {(r["domain"], r["label"]): r for r in table}  # last one wins if a cell is repeated
+    # one series per method (and temperature) when every domain has one cell of each, so that
+    # e.g. linear k=7 (code) and linear k=3 (text) share a colour; else one per tree/k (sweeps)
+    keys = [(r["domain"], r["method"], r["temperature"]) for r in table]
+    series = {id(r): (r["method"] + (f" T={r['temperature']:g}" if r["temperature"] else ""))
+              if len(set(keys)) == len(keys) else r["label"] for r in table}  # fmt: skip
+    labels = list(dict.fromkeys(series[id(r)] for r in table))
+    by = {(r["domain"], series[id(r)]): r for r in table}  # last one wins if a cell is repeated
     cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
     colors = {lab: cmap(i % cmap.N) for i, lab in enumerate(labels)}
 
