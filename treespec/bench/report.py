@@ -273,6 +273,7 @@ def plot_all(table: list[dict], out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     written = []
     if not table:
@@ -330,6 +331,7 @@ def plot_all(table: list[dict], out: Path) -> list[Path]:
             ax.plot(xs, [h.get(x, 0) / total for x in xs], marker="o", label=lab, color=colors[lab])
         ax.set_title(f"{d}: accepted drafts per step")
         ax.set_xlabel("accepted draft tokens")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("fraction of steps")
         ax.legend(fontsize=7)
     fig.tight_layout()
