@@ -35,7 +35,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .metrics import speedup
+from .metrics import PromptRecord, speedup
 
 log = logging.getLogger(__name__)
 
@@ -152,12 +152,12 @@ def _median_speedup(c: Cell) -> float | None:
     b = c.baseline
     if b is None:
         return None
-    ref = {p["id"]: p for p in b.prompts}
+    ref = {p["id"]: PromptRecord.from_dict(p).tokens_per_second for p in b.prompts}
     ratios = []
     for p in c.prompts:
-        r = ref.get(p["id"])
-        if r and p.get("time_total") and r.get("time_total") and r.get("new_tokens") and p.get("new_tokens"):
-            ratios.append((p["new_tokens"] / p["time_total"]) / (r["new_tokens"] / r["time_total"]))
+        tps, base = PromptRecord.from_dict(p).tokens_per_second, ref.get(p["id"])
+        if tps and base:
+            ratios.append(tps / base)
     if not ratios:
         return None
     ratios.sort()
