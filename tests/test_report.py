@@ -136,3 +136,8 @@ def test_median_speedup_ignores_one_disturbed_prompt(tmp_path):
     row = [r for r in build_report([tmp_path / "s"], tmp_path / "out", plots=False) if r["method"] == "linear"][0]
     assert row["speedup"] == pytest.approx((30 / 110) / (30 / 30))  # pooled: the slow prompt dominates
     assert row["speedup_median"] == pytest.approx(2.0)
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        build_report([tmp_path / "nope"], tmp_path / "out")

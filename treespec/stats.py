@@ -33,6 +33,10 @@ class SpeculationRates:
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.time_total if self.time_total else 0.0
 
+    def rates(self) -> dict:
+        """The derived values, for as_dict()."""
+        return {"tau": self.tau, "acceptance_rate": self.acceptance_rate, "tokens_per_second": self.tokens_per_second}
+
 
 @dataclass
 class GenerationStats(SpeculationRates):
@@ -76,14 +80,7 @@ class GenerationStats(SpeculationRates):
         return rates
 
     def as_dict(self) -> dict:
-        d = asdict(self)
-        d.update(
-            tau=self.tau,
-            acceptance_rate=self.acceptance_rate,
-            acceptance_by_depth=self.acceptance_by_depth,
-            tokens_per_second=self.tokens_per_second,
-        )
-        return d
+        return asdict(self) | self.rates() | {"acceptance_by_depth": self.acceptance_by_depth}
 
     def summary(self) -> str:
         return (

@@ -53,14 +53,7 @@ class PromptRecord(SpeculationRates):
         return sum(self.accepted_lengths)
 
     def as_dict(self) -> dict:
-        d = asdict(self)
-        d.update(
-            accepted_tokens=self.accepted_tokens,
-            tau=self.tau,
-            acceptance_rate=self.acceptance_rate,
-            tokens_per_second=self.tokens_per_second,
-        )
-        return d
+        return asdict(self) | self.rates() | {"accepted_tokens": self.accepted_tokens}
 
     @classmethod
     def from_dict(cls, d: dict) -> "PromptRecord":

@@ -107,7 +107,7 @@ def find_results(paths: list[Path], name: str = "results.json") -> list[Path]:
         elif p.is_dir():
             found.extend(sorted(p.rglob(name)))
         else:
-            raise FileNotFoundError(f"{p} does not exist")
+            raise SystemExit(f"{p} does not exist: give treespec-bench run or sweep directories (or results.json files)")
     return sorted(set(found))
 
 
