@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from treespec.attention import SdpaBackend
-from treespec.kv_cache import TreeKVCache
-from treespec.models import load_pair
+from treespec.backends.sdpa import SdpaBackend
+from treespec.backends.kv_cache import TreeKVCache
+from treespec.loading.models import load_pair
 
 SIZES = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 16, 24, 32, 48, 64]
 

@@ -32,9 +32,9 @@ import torch
 from gpu_common import DEVICE, TimedBackend, device_info, random_qwen, save_json, sync
 
 import treespec
-from treespec.cuda_graphs import GraphedBackend
-from treespec.flash import FlashBackend, flash_available, reference_prefix_attention
-from treespec.static_cache import StaticSdpaBackend
+from treespec.backends.cuda_graphs import GraphedBackend
+from treespec.backends.flash import FlashBackend, flash_available, reference_prefix_attention
+from treespec.backends.static_cache import StaticSdpaBackend
 
 MODELS = {"target": "qwen2.5-coder-1.5b-instruct", "draft": "qwen2.5-coder-0.5b-instruct"}
 METHODS = [  # (label, method, tree)
@@ -65,7 +65,7 @@ def load(role: str, gguf_dir: Path) -> torch.nn.Module:
         model.load_state_dict(blob["state"])
         how = "torch cache"
     else:
-        from treespec.models import load_model
+        from treespec.loading.models import load_model
 
         model = load_model(str(gguf_dir / f"{MODELS[role]}.gguf"), dtype=torch.bfloat16, device=DEVICE, cache_converted=False)
         cached.parent.mkdir(exist_ok=True)

@@ -22,10 +22,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from gpu_common import DEVICE, device_info, random_qwen, save_json, sync
 
-from treespec.flash import FlashBackend, reference_prefix_attention
-from treespec.kv_cache import TreeKVCache
-from treespec.static_cache import StaticSdpaBackend, StaticTreeKVCache
-from treespec.tree import TreeTopology
+from treespec.backends.flash import FlashBackend, reference_prefix_attention
+from treespec.backends.kv_cache import TreeKVCache
+from treespec.backends.static_cache import StaticSdpaBackend, StaticTreeKVCache
+from treespec.tree.topology import TreeTopology
 
 SHAPES = {"qwen2.5-0.5b": ("qwen2", 896, 14, 2), "qwen2.5-1.5b": ("qwen2", 1536, 12, 2),
           "qwen2.5-7b": ("qwen2", 3584, 28, 4), "llama-mha": ("llama", 1024, 8, 8)}  # fmt: skip

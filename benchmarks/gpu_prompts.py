@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from treespec.datasets import Prompt, encode_prompt, load_prompts  # noqa: E402
-from treespec.models import load_tokenizer  # noqa: E402
+from treespec.bench.datasets import Prompt, encode_prompt, load_prompts  # noqa: E402
+from treespec.loading.models import load_tokenizer  # noqa: E402
 
 LONG_TOKENS = 8300
 

@@ -26,10 +26,10 @@ import torch
 from gpu_common import DEVICE, TimedBackend, VOCAB, device_info, event, random_qwen, save_json, sync
 
 import treespec
-from treespec.cuda_graphs import GraphedBackend
-from treespec.flash import FlashBackend, flash_available, reference_prefix_attention
-from treespec.static_cache import StaticSdpaBackend
-from treespec.tree import TreeTopology
+from treespec.backends.cuda_graphs import GraphedBackend
+from treespec.backends.flash import FlashBackend, flash_available, reference_prefix_attention
+from treespec.backends.static_cache import StaticSdpaBackend
+from treespec.tree.topology import TreeTopology
 
 VERIFY_TREES = {1: [], 16: [15], 45: [4, 2, 2, 1], 64: [3, 4, 4], 128: [127]}
 

@@ -17,8 +17,8 @@ from collections import defaultdict
 import torch
 
 import treespec
-from treespec.datasets import encode_prompt, load_prompts
-from treespec.models import load_pair
+from treespec.bench.datasets import encode_prompt, load_prompts
+from treespec.loading.models import load_pair
 
 
 class ForwardTimer:

@@ -54,8 +54,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------- here
 def export(args) -> None:
-    from treespec.datasets import encode_prompt, load_prompts
-    from treespec.models import load_tokenizer
+    from treespec.bench.datasets import encode_prompt, load_prompts
+    from treespec.loading.models import load_tokenizer
 
     tok = load_tokenizer("qwen2.5-coder-1.5b-instruct")
     out = {"eos": tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])}
@@ -69,7 +69,7 @@ def export(args) -> None:
 
 
 def presets(args) -> None:
-    from treespec.optimize import AcceptanceProfile, optimize_tree, write_preset
+    from treespec.tree.optimize import AcceptanceProfile, optimize_tree, write_preset
 
     res = json.loads(Path(args.results).read_text())
     for domain, d in res["domains"].items():
@@ -94,9 +94,9 @@ def run(args) -> None:
     from gpu_e2e import load
 
     import treespec
-    from treespec.attention import make_backend
-    from treespec.optimize import optimize_tree, profile_from_stats
-    from treespec.tree import TreeTopology
+    from treespec.backends.sdpa import make_backend
+    from treespec.tree.optimize import optimize_tree, profile_from_stats
+    from treespec.tree.topology import TreeTopology
 
     t_start = time.perf_counter()
     prompts = json.loads(Path(args.prompts).read_text())

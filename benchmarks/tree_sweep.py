@@ -44,8 +44,8 @@ def collect(args) -> None:
     import torch
 
     import treespec
-    from treespec.datasets import encode_prompt, load_prompts
-    from treespec.models import load_pair
+    from treespec.bench.datasets import encode_prompt, load_prompts
+    from treespec.loading.models import load_pair
 
     torch.set_num_threads(args.threads)
     pair = load_pair(dtype=torch.float32, device="cpu")

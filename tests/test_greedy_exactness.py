@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import treespec
-from treespec.dynamic import DynamicTreeConfig
+from treespec.drafting.dynamic import DynamicTreeConfig
 from treespec.testing import tiny_model
 
 PROMPT = torch.tensor([[3, 17, 42, 8, 25, 11]])
@@ -130,7 +130,7 @@ def test_single_token_prompt(target, drafts):
 
 
 def test_long_prompt_crosses_prefill_chunks(target, drafts, monkeypatch):
-    import treespec.engine as engine
+    import treespec.engine.loop as engine
 
     monkeypatch.setattr(engine, "PREFILL_CHUNK", 4)  # the 6-token prompt takes two chunks
     ref = reference(target, PROMPT, 12, eos=None)

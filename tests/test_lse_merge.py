@@ -4,7 +4,7 @@ prefix part + masked block part, merged by log-sum-exp, equals one masked softma
 import pytest
 import torch
 
-from treespec.flash import (
+from treespec.backends.flash import (
     TreeAttentionMeta,
     block_attention,
     merge_attention,
@@ -125,7 +125,7 @@ def test_attention_function_without_metadata_says_how_to_use_it():
 @pytest.mark.parametrize("s_pre", [0, 1, 23])
 def test_one_softmax_fold_equals_merge(s_pre):
     """block_attention_with_prefix (the per-layer fast path) equals block + merge_attention."""
-    from treespec.flash import block_attention_with_prefix
+    from treespec.backends.flash import block_attention_with_prefix
 
     gen = torch.Generator().manual_seed(7 + s_pre)
     h, hk, n, s_blk, scale = 6, 2, 5, 8, 0.3

@@ -1,4 +1,4 @@
-"""Tests for treespec.models with tiny local models and tokenizers (no downloads)."""
+"""Tests for treespec.loading.models with tiny local models and tokenizers (no downloads)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from tokenizers import Tokenizer, models as tk_models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 from transformers.utils.quantization_config import GgufConfig
 
-from treespec import models
-from treespec.models import (
+from treespec.loading import models
+from treespec.loading.models import (
     DEFAULT_DRAFT,
     DEFAULT_TARGET,
     IncompatibleModelsError,
@@ -26,7 +26,7 @@ from treespec.models import (
     load_tokenizer,
     resolve_spec,
 )
-from treespec.weights import KNOWN_GGUF, GGUFPackage, cached_gguf
+from treespec.loading.weights import KNOWN_GGUF, GGUFPackage, cached_gguf
 
 _USER_CACHE = os.environ.get("TREESPEC_CACHE")  # read before any fixture redirects it
 
@@ -282,7 +282,7 @@ def real_cache(monkeypatch):
     else:
         monkeypatch.setenv("TREESPEC_CACHE", _USER_CACHE)
     if cached_gguf(DEFAULT_TARGET) is None or cached_gguf(DEFAULT_DRAFT) is None:
-        pytest.skip("real GGUF files not cached; run treespec.weights.fetch_gguf for both defaults")
+        pytest.skip("real GGUF files not cached; run treespec.loading.weights.fetch_gguf for both defaults")
 
 
 @pytest.mark.real

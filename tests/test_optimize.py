@@ -17,7 +17,7 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from treespec.optimize import (
+from treespec.tree.optimize import (
     AcceptanceProfile,
     _build,
     _dp,
@@ -32,7 +32,7 @@ from treespec.optimize import (
     write_preset,
 )
 from treespec.stats import GenerationStats
-from treespec.tree import TreeTopology
+from treespec.tree.topology import TreeTopology
 
 # --------------------------------------------------------------------------- brute force
 # A forest is a tuple of trees (the children of one node, by rank); a tree is the forest of
@@ -396,7 +396,7 @@ def test_cli(tmp_path, capsys):
 
 def test_draw_tree(tmp_path):
     pytest.importorskip("matplotlib")
-    from treespec.optimize import draw_tree
+    from treespec.tree.optimize import draw_tree
 
     profile = AcceptanceProfile.uniform([0.7, 0.4, 0.3])
     draw_tree(optimize_tree(profile, 12, 4), tmp_path / "t.png", profile)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import treespec
-from treespec.models import DEFAULT_DRAFT, DEFAULT_TARGET
-from treespec.weights import cached_gguf
+from treespec.loading.models import DEFAULT_DRAFT, DEFAULT_TARGET
+from treespec.loading.weights import cached_gguf
 
 pytestmark = [
     pytest.mark.real,
@@ -27,7 +27,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def pair():
-    from treespec.models import load_pair
+    from treespec.loading.models import load_pair
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     return load_pair()

@@ -22,9 +22,9 @@ import pytest
 import torch
 from scipy import stats
 
-from treespec import rejection
-from treespec.rejection import rejection_accept, sample_children
-from treespec.tree import TreeTopology
+from treespec.acceptance import rejection
+from treespec.acceptance.rejection import rejection_accept, sample_children
+from treespec.tree.topology import TreeTopology
 
 V = 8
 TRIALS = 50_000

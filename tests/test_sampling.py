@@ -12,7 +12,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from treespec.sampling import SamplingConfig, logits_to_probs
+from treespec.acceptance.sampling import SamplingConfig, logits_to_probs
 
 
 # --------------------------------------------------------------------------- SamplingConfig

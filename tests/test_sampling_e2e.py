@@ -6,10 +6,10 @@ import torch
 from scipy.stats import chisquare
 
 import treespec
-import treespec.rejection as rejection
-from treespec.dynamic import DynamicTreeConfig
-from treespec.tree import TreeTopology
-from treespec.sampling import SamplingConfig, logits_to_probs
+import treespec.acceptance.rejection as rejection
+from treespec.drafting.dynamic import DynamicTreeConfig
+from treespec.tree.topology import TreeTopology
+from treespec.acceptance.sampling import SamplingConfig, logits_to_probs
 from treespec.testing import tiny_model
 
 V = 8
@@ -86,7 +86,7 @@ def test_first_two_tokens_follow_the_target(models, method, tree, cfg):
 
 def test_i_i_d_children_variant_is_lossless_too(models, monkeypatch):
     target, draft = models
-    import treespec.generation as generation
+    import treespec.engine.api as generation
 
     monkeypatch.setattr(generation, "SamplingConfig", lambda **kw: SamplingConfig(**kw, without_replacement=False))
     cfg = SamplingConfig(temperature=1.0)

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import treespec
-from treespec.attention import SdpaBackend, make_backend
-from treespec.cuda_graphs import GraphedBackend
-from treespec.flash import FlashBackend, reference_prefix_attention
-from treespec.kv_cache import TreeKVCache
-from treespec.static_cache import CacheFullError, StaticSdpaBackend, StaticTreeKVCache
+from treespec.backends.sdpa import SdpaBackend, make_backend
+from treespec.backends.cuda_graphs import GraphedBackend
+from treespec.backends.flash import FlashBackend, reference_prefix_attention
+from treespec.backends.kv_cache import TreeKVCache
+from treespec.backends.static_cache import CacheFullError, StaticSdpaBackend, StaticTreeKVCache
 from treespec.testing import tiny_model
-from treespec.tree import TreeTopology
+from treespec.tree.topology import TreeTopology
 
 PROMPT = torch.tensor([[5, 9, 33, 2, 61, 14, 7, 19, 3, 44, 12]])
 

@@ -2,7 +2,7 @@ import networkx as nx
 import pytest
 import torch
 
-from treespec.tree import PRESETS, TreeShapeError, TreeTopology, resolve_tree
+from treespec.tree.topology import PRESETS, TreeShapeError, TreeTopology, resolve_tree
 
 
 def test_widths_topology_tensors():

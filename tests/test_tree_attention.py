@@ -6,13 +6,13 @@ import torch
 from transformers import DynamicCache
 
 import treespec
-from treespec.attention import SdpaBackend
-from treespec.drafting import GreedyProposer, TreeDrafter
-from treespec.engine import GreedyAcceptor, SpeculativeEngine
-from treespec.kv_cache import TreeKVCache
+from treespec.backends.sdpa import SdpaBackend
+from treespec.drafting.base import GreedyProposer, TreeDrafter
+from treespec.engine.loop import GreedyAcceptor, SpeculativeEngine
+from treespec.backends.kv_cache import TreeKVCache
 from treespec.stats import GenerationStats
 from treespec.testing import tiny_model
-from treespec.tree import TreeTopology
+from treespec.tree.topology import TreeTopology
 
 PROMPT = torch.tensor([[5, 9, 33, 2, 61, 14, 7]])
 

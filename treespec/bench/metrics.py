@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from ..stats import SpeculationRates
+from treespec.stats import SpeculationRates
 
 
 @dataclass

@@ -35,7 +35,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .metrics import PromptRecord, speedup
+from treespec.bench.metrics import PromptRecord, speedup
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import CONFIG_DIR as DEFAULT_CONFIG_DIR
-from .config import GROUP_SCHEMAS, BenchConfig, ConfigError
+from treespec.bench.config import CONFIG_DIR as DEFAULT_CONFIG_DIR
+from treespec.bench.config import GROUP_SCHEMAS, BenchConfig, ConfigError
 
 log = logging.getLogger("treespec.bench")
 
@@ -96,7 +96,7 @@ def main(cfg: DictConfig) -> float:
     except ConfigError as err:
         log.error("bad config: %s", err)
         sys.exit(2)
-    from .runner import run_interleaved  # torch/transformers only once the config is known to be good
+    from treespec.bench.runner import run_interleaved  # torch/transformers only once the config is known to be good
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     by_method = run_interleaved(bench)

@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
-from treespec.dynamic import AdaptiveTreeConfig, DynamicTreeConfig
-from treespec.tree import TreeTopology
+from treespec.drafting.dynamic import AdaptiveTreeConfig, DynamicTreeConfig
+from treespec.tree.topology import TreeTopology
 
-from .config import BenchConfig, ModelConfig
-from .metrics import PromptRecord, aggregate
+from treespec.bench.config import BenchConfig, ModelConfig
+from treespec.bench.metrics import PromptRecord, aggregate
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def load_models(cfg: ModelConfig) -> LoadedPair:
         )
         pair = LoadedPair(target.to(device=cfg.device, dtype=dtype), draft.to(device=cfg.device, dtype=dtype), None)
     else:
-        from treespec.models import load_pair
+        from treespec.loading.models import load_pair
 
         loaded = load_pair(cfg.target, cfg.draft, dtype=dtype, device=cfg.device)
         pair = LoadedPair(loaded.target, loaded.draft, loaded.tokenizer)
@@ -72,7 +72,7 @@ def build_prompts(cfg: BenchConfig, pair: LoadedPair) -> list[tuple[str, torch.T
     ds = cfg.dataset
     device = pair.target.device
     if pair.tokenizer is None or ds.name == "synthetic":
-        from treespec.datasets import synthetic_prompts
+        from treespec.bench.datasets import synthetic_prompts
 
         vocab = pair.target.get_output_embeddings().weight.shape[0]
         seed = zlib.crc32(ds.name.encode()) + ds.offset
@@ -80,7 +80,7 @@ def build_prompts(cfg: BenchConfig, pair: LoadedPair) -> list[tuple[str, torch.T
             ds.num_prompts, vocab, min_len=ds.synthetic_min_len, max_len=ds.synthetic_max_len, seed=seed
         )
         return [(f"{ds.name}/synthetic/{ds.offset + i}", ids.to(device)) for i, (_, ids) in enumerate(prompts)]
-    from treespec.datasets import encode_prompt, load_prompts
+    from treespec.bench.datasets import encode_prompt, load_prompts
 
     prompts = load_prompts(ds.name, limit=ds.num_prompts, offset=ds.offset)
     if len(prompts) < ds.num_prompts:

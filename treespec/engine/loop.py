@@ -20,14 +20,14 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from .attention import SdpaBackend
-from .drafting import DraftTree, Drafter
-from .kv_cache import TreeKVCache
-from .rejection import rejection_accept
-from .sampling import SamplingConfig, logits_to_probs
-from .stats import GenerationStats, Stopwatch
-from .tree import TreeTopology
-from .verify import Acceptance, greedy_accept
+from treespec.backends.sdpa import SdpaBackend
+from treespec.drafting.base import DraftTree, Drafter
+from treespec.backends.kv_cache import TreeKVCache
+from treespec.acceptance.rejection import rejection_accept
+from treespec.acceptance.sampling import SamplingConfig, logits_to_probs
+from treespec.stats import GenerationStats, Stopwatch
+from treespec.tree.topology import TreeTopology
+from treespec.acceptance.greedy import Acceptance, greedy_accept
 
 PREFILL_CHUNK = 512  # bounds the prefill mask at (chunk, prompt) instead of (prompt, prompt)
 

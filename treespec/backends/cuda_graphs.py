@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
-from .static_cache import StaticTreeKVCache
+from treespec.backends.static_cache import StaticTreeKVCache
 
 CAPACITY_ROUNDING = 256  # static caches are allocated in steps of this many slots
 

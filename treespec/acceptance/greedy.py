@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .tree import TreeTensors
+from treespec.tree.topology import TreeTensors
 
 
 @dataclass

@@ -16,11 +16,11 @@ from typing import Protocol
 import torch
 from transformers import PreTrainedModel
 
-from .attention import SdpaBackend
-from .kv_cache import TreeKVCache
-from .rejection import sample_children
-from .sampling import SamplingConfig, logits_to_probs
-from .tree import TreeTensors, TreeTopology
+from treespec.backends.sdpa import SdpaBackend
+from treespec.backends.kv_cache import TreeKVCache
+from treespec.acceptance.rejection import sample_children
+from treespec.acceptance.sampling import SamplingConfig, logits_to_probs
+from treespec.tree.topology import TreeTensors, TreeTopology
 
 
 @dataclass

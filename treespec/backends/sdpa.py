@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from .kv_cache import TreeKVCache
+from treespec.backends.kv_cache import TreeKVCache
 
 SUPPORTED_ATTN = ("sdpa", "eager")
 
@@ -94,21 +94,21 @@ def make_backend(name, device: torch.device | str, dtype: torch.dtype | None = N
     device = torch.device(device)
     cuda = device.type == "cuda"
     if name == "auto":
-        from .flash import FLASH_DTYPES, flash_available  # lazy: flash.py imports this module
+        from treespec.backends.flash import FLASH_DTYPES, flash_available  # lazy: flash.py imports this module
 
         name = "flash" if cuda and flash_available() and dtype in (None, *FLASH_DTYPES) else "sdpa"
     if name == "sdpa":
-        from .static_cache import StaticSdpaBackend
+        from treespec.backends.static_cache import StaticSdpaBackend
 
         inner = StaticSdpaBackend() if cuda else SdpaBackend()
     elif name == "flash":
-        from .flash import FlashBackend
+        from treespec.backends.flash import FlashBackend
 
         inner = FlashBackend()
     else:
         raise ValueError(f"unknown attention backend {name!r}; choose 'auto', 'sdpa' or 'flash'")
     if cuda if graphs is None else graphs:
-        from .cuda_graphs import GraphedBackend
+        from treespec.backends.cuda_graphs import GraphedBackend
 
         return GraphedBackend(inner)
     return inner

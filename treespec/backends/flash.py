@@ -44,7 +44,7 @@ from typing import Callable
 import torch
 from transformers import PreTrainedModel
 
-from .attention import UnsupportedModelError
+from treespec.backends.sdpa import UnsupportedModelError
 
 ATTN_NAME = "treespec_tree_flash"  # the key registered with transformers' AttentionInterface
 FLASH_DTYPES = (torch.float16, torch.bfloat16)

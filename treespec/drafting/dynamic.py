@@ -28,11 +28,11 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from .attention import SdpaBackend
-from .drafting import DraftTree, GreedyProposer, SampledProposer, TreeDrafter, feed_pending
-from .kv_cache import TreeKVCache
-from .stats import GenerationStats
-from .tree import TreeShapeError, TreeTensors, TreeTopology
+from treespec.backends.sdpa import SdpaBackend
+from treespec.drafting.base import DraftTree, GreedyProposer, SampledProposer, TreeDrafter, feed_pending
+from treespec.backends.kv_cache import TreeKVCache
+from treespec.stats import GenerationStats
+from treespec.tree.topology import TreeShapeError, TreeTensors, TreeTopology
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .attention import SdpaBackend
+from treespec.backends.sdpa import SdpaBackend
 
 
 class CacheFullError(RuntimeError):

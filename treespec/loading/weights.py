@@ -34,7 +34,7 @@ from typing import BinaryIO
 
 from tqdm.auto import tqdm
 
-from . import pypi
+from treespec.loading import pypi
 
 log = logging.getLogger(__name__)
 

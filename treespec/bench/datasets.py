@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from . import pypi
+from treespec.loading import pypi
 
 log = logging.getLogger(__name__)
 
@@ -207,9 +207,9 @@ def _source(name: str) -> DatasetSource:
 
 
 def cache_dir() -> Path:
-    """treespec's cache root (the rule of treespec.weights.cache_dir)."""
+    """treespec's cache root (the rule of treespec.loading.weights.cache_dir)."""
     try:
-        from .weights import cache_dir as weights_cache_dir
+        from treespec.loading.weights import cache_dir as weights_cache_dir
     except ImportError:  # pragma: no cover - weights.py always ships with the package
         if os.environ.get("TREESPEC_CACHE"):
             return Path(os.environ["TREESPEC_CACHE"]).expanduser()
@@ -353,7 +353,7 @@ def synthetic_prompts(
 
 
 def _main(argv: list[str] | None = None) -> int:
-    """python -m treespec.datasets [names...]: fetch and cache prompt sets, print a sample."""
+    """python -m treespec.bench.datasets [names...]: fetch and cache prompt sets, print a sample."""
     import argparse
 
     ap = argparse.ArgumentParser(description=_main.__doc__)

@@ -37,7 +37,7 @@ from pathlib import Path
 import networkx as nx
 import numpy as np
 
-from .tree import MAX_NODES, TreeTopology
+from treespec.tree.topology import MAX_NODES, TreeTopology
 
 __all__ = [
     "AcceptanceProfile",

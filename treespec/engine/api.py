@@ -13,14 +13,14 @@ from typing import Iterator, Sequence
 import torch
 from transformers import PreTrainedModel
 
-from .attention import make_backend
-from .drafting import GreedyProposer, SampledProposer, TreeDrafter
-from .dynamic import AdaptiveDrafter, AdaptiveTreeConfig, DynamicDrafter, DynamicTreeConfig
-from .engine import GreedyAcceptor, SampledAcceptor, SpeculativeEngine
-from .kv_cache import TreeKVCache
-from .sampling import SamplingConfig
-from .stats import GenerationStats
-from .tree import TreeTopology, resolve_tree
+from treespec.backends.sdpa import make_backend
+from treespec.drafting.base import GreedyProposer, SampledProposer, TreeDrafter
+from treespec.drafting.dynamic import AdaptiveDrafter, AdaptiveTreeConfig, DynamicDrafter, DynamicTreeConfig
+from treespec.engine.loop import GreedyAcceptor, SampledAcceptor, SpeculativeEngine
+from treespec.backends.kv_cache import TreeKVCache
+from treespec.acceptance.sampling import SamplingConfig
+from treespec.stats import GenerationStats
+from treespec.tree.topology import TreeTopology, resolve_tree
 
 METHODS = ("tree", "linear", "autoregressive")
 
@@ -250,7 +250,7 @@ def _check_and_resolve(target, draft, input_ids, max_new_tokens, method, tree) -
         if vt != vd:
             raise ValueError(
                 f"target and draft have different vocabulary sizes ({vt} vs {vd}); speculative decoding needs "
-                "one shared tokenizer (treespec.models.check_same_vocabulary compares two tokenizers)"
+                "one shared tokenizer (treespec.loading.models.check_same_vocabulary compares two tokenizers)"
             )
         if draft.device != target.device:
             raise ValueError(f"target is on {target.device} but draft is on {draft.device}; put both on one device")

@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import torch
 
-from .tree import TreeTensors, TreeTopology
-from .verify import Acceptance
+from treespec.tree.topology import TreeTensors, TreeTopology
+from treespec.acceptance.greedy import Acceptance
 
 __all__ = ["sample_children", "rejection_accept"]
 

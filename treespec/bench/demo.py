@@ -14,7 +14,7 @@ import time
 import torch
 
 import treespec
-from treespec.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_pair
+from treespec.loading.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_pair
 
 DEFAULT_PROMPT = "Write a Python function that returns the n-th Fibonacci number iteratively."
 

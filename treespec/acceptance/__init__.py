@@ -1,0 +1,1 @@
+"""Acceptance: which drafted path the target keeps. Pure functions, no model calls."""

@@ -1,0 +1,1 @@
+"""Attention backends and KV caches: how a model runs over a block of tree nodes."""

@@ -1,0 +1,1 @@
+"""Drafting: the draft model expands each step's token tree."""

@@ -1,0 +1,1 @@
+"""The token tree: its topology, presets and the tree optimizer."""
