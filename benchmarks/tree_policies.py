@@ -94,7 +94,7 @@ def run(args) -> None:
     from gpu_e2e import load
 
     import treespec
-    from treespec.backends.sdpa import make_backend
+    from treespec.backends.factory import make_backend
     from treespec.tree.optimize import optimize_tree, profile_from_stats
     from treespec.tree.topology import TreeTopology
 

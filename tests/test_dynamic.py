@@ -6,7 +6,8 @@ import torch
 import treespec
 from treespec.backends.sdpa import SdpaBackend
 from treespec.drafting.base import GreedyProposer, SampledProposer
-from treespec.drafting.dynamic import AdaptiveTreeConfig, DynamicDrafter, DynamicTreeConfig, choose_depth
+from treespec.drafting.adaptive import AdaptiveTreeConfig, choose_depth
+from treespec.drafting.dynamic import DynamicDrafter, DynamicTreeConfig
 from treespec.backends.kv_cache import TreeKVCache
 from treespec.acceptance.sampling import SamplingConfig
 from treespec.testing import tiny_model

@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import treespec
-from treespec.backends.sdpa import make_backend
+from treespec.backends.factory import make_backend
 from treespec.backends.cuda_graphs import GraphedBackend
 from treespec.backends.flash import FlashBackend, flash_available
 from treespec.backends.kv_cache import TreeKVCache

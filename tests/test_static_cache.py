@@ -6,11 +6,13 @@ import pytest
 import torch
 
 import treespec
-from treespec.backends.sdpa import SdpaBackend, make_backend
+from treespec.backends.factory import make_backend
+from treespec.backends.sdpa import SdpaBackend
 from treespec.backends.cuda_graphs import GraphedBackend
 from treespec.backends.flash import FlashBackend, reference_prefix_attention
 from treespec.backends.kv_cache import TreeKVCache
-from treespec.backends.static_cache import CacheFullError, StaticSdpaBackend, StaticTreeKVCache
+from treespec.backends.base import CacheFullError
+from treespec.backends.static_cache import StaticSdpaBackend, StaticTreeKVCache
 from treespec.testing import tiny_model
 from treespec.tree.topology import TreeTopology
 

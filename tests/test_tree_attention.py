@@ -7,7 +7,8 @@ from transformers import DynamicCache
 
 import treespec
 from treespec.backends.sdpa import SdpaBackend
-from treespec.drafting.base import GreedyProposer, TreeDrafter
+from treespec.drafting.base import GreedyProposer
+from treespec.drafting.static import TreeDrafter
 from treespec.engine.loop import GreedyAcceptor, SpeculativeEngine
 from treespec.backends.kv_cache import TreeKVCache
 from treespec.stats import GenerationStats

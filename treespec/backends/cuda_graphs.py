@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
+from treespec.backends.base import Backend, TreeCache
 from treespec.backends.static_cache import StaticTreeKVCache
 
 CAPACITY_ROUNDING = 256  # static caches are allocated in steps of this many slots
@@ -83,7 +84,7 @@ class GraphedBackend:
         would otherwise capture without end; each graph holds its own activation memory).
     """
 
-    def __init__(self, inner, *, max_graph_tokens: int = 256, min_capacity: int = 0, max_graphs: int = 128):
+    def __init__(self, inner: Backend, *, max_graph_tokens: int = 256, min_capacity: int = 0, max_graphs: int = 128):
         self.inner = inner
         self.max_graph_tokens = max_graph_tokens
         self.min_capacity = min_capacity
@@ -128,14 +129,15 @@ class GraphedBackend:
     def forward(
         self,
         model: PreTrainedModel,
-        cache,
+        cache: TreeCache,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
         block_mask: torch.Tensor,
         last_only: bool = False,
     ) -> torch.Tensor:
         """Same contract as the wrapped backend's forward: input_ids, position_ids LongTensor
-        (1, n), block_mask BoolTensor (n, s) -> logits (n, V), or (1, V) with last_only."""
+        (1, n), block_mask BoolTensor (n, s) -> logits (n, V), or (1, V) with last_only.
+        Only static caches (the ones make_cache hands out) are captured; any other runs eagerly."""
         n, s = block_mask.shape
         if input_ids.device.type != "cuda" or not isinstance(cache, StaticTreeKVCache) or n > self.max_graph_tokens:
             self.stats.eager_calls += 1

@@ -44,7 +44,8 @@ from typing import Callable
 import torch
 from transformers import PreTrainedModel
 
-from treespec.backends.sdpa import UnsupportedModelError
+from treespec.backends.base import TreeCache, UnsupportedModelError
+from treespec.backends.kv_cache import TreeKVCache
 
 ATTN_NAME = "treespec_tree_flash"  # the key registered with transformers' AttentionInterface
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
@@ -254,12 +255,15 @@ class FlashBackend:
 
     prefix_attention: None for flash-attn itself (CUDA, fp16/bf16); tests on the CPU pass
         `reference_prefix_attention`.
-    Works with `TreeKVCache` (committed count on the host) and `StaticTreeKVCache` (device-side
-    counters, which CUDA graphs need).
+    Makes `TreeKVCache`s (committed count on the host); runs against `StaticTreeKVCache` too
+    (device-side counters, which CUDA graphs need: GraphedBackend hands those out).
     """
 
     name: str = "flash"
     prefix_attention: PrefixAttention | None = None
+
+    def make_cache(self, model: PreTrainedModel, capacity: int, role: str = "target") -> TreeCache:
+        return TreeKVCache.for_model(model, capacity)
 
     def _prefix(self) -> PrefixAttention:
         return self.prefix_attention or flash_prefix_attention
@@ -293,13 +297,13 @@ class FlashBackend:
     def forward(
         self,
         model: PreTrainedModel,
-        cache,
+        cache: TreeCache,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
         block_mask: torch.Tensor,
         last_only: bool = False,
     ) -> torch.Tensor:
-        """Run `model` on n new tokens and return their logits (see SdpaBackend.forward).
+        """Run `model` on n new tokens and return their logits (the `Backend` contract).
 
         input_ids, position_ids: LongTensor (1, n); block_mask: BoolTensor (n, s).
         Returns FloatTensor (n, V), or (1, V) with last_only.
@@ -307,11 +311,8 @@ class FlashBackend:
         _register()
         n, s = block_mask.shape
         device = input_ids.device
-        if hasattr(cache, "begin_forward"):  # static cache: device-side counters, graph-safe
-            cache.begin_forward(n)
-            committed = cache.committed_dev  # (1,)
-        else:
-            committed = torch.full((1,), cache.committed, dtype=torch.long, device=device)
+        cache.begin_forward(n)
+        committed = cache.committed_index(device)  # (1,)
         config = model.config.get_text_config()
         g = config.num_attention_heads // config.num_key_value_heads
         bias = torch.zeros(n, s, dtype=torch.float32, device=device).masked_fill_(~block_mask, float("-inf"))

@@ -7,8 +7,10 @@ Layout of every layer's buffer (1, H_kv, S_max, Dh):
 
 A forward writes its keys/values at `seen` and advances it (the model calls `update` once per
 layer). After verification, `commit(keep)` moves the accepted nodes of the scratch region
-next to the committed tokens and drops the rest, so the prefix is never recomputed. RoPE was
-applied with each node's true position (prefix length + depth), so a moved entry stays valid.
+next to the committed tokens and drops the rest (`compact_scratch`, shared with the static
+cache), so the prefix is never recomputed. RoPE was applied with each node's true position
+(prefix length + depth), so a moved entry stays valid. The cache follows the `TreeCache`
+protocol (backends/base.py); `SdpaBackend` and `FlashBackend` make it.
 
 Dimension letters: docs/dimensions.md (H_kv key/value heads, S cache slots, Dh head size).
 """
@@ -18,6 +20,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+from treespec.backends.base import cache_full, compact_scratch
 
 
 class TreeKVLayer(CacheLayerMixin):
@@ -45,9 +49,7 @@ class TreeKVLayer(CacheLayerMixin):
         n = key_states.shape[-2]
         end = self.seen + n
         if end > self.capacity:
-            raise RuntimeError(
-                f"KV cache full ({self.capacity} slots): prompt + max_new_tokens + tree exceed the budget"
-            )
+            raise cache_full(self.capacity, self.seen, n)
         self.keys[:, :, self.seen : end] = key_states
         self.values[:, :, self.seen : end] = value_states
         self.seen = end
@@ -56,11 +58,9 @@ class TreeKVLayer(CacheLayerMixin):
     def commit(self, keep: torch.Tensor, count: int) -> None:
         """Keep scratch entries `keep[:count]` (offsets into the scratch region, ascending) and
         drop the rest. keep: LongTensor (M,), padded past `count`."""
-        src = self.committed + keep[:count]  # (count,)
-        dst = slice(self.committed, self.committed + count)
         if count:
-            self.keys[:, :, dst] = self.keys.index_select(2, src)
-            self.values[:, :, dst] = self.values.index_select(2, src)
+            compact_scratch(self.keys, 2, self.committed, keep[:count])
+            compact_scratch(self.values, 2, self.committed, keep[:count])
         self.committed += count
         self.seen = self.committed
 
@@ -95,6 +95,25 @@ class TreeKVCache(Cache):
     def scratch(self) -> int:
         """Entries written since the last commit (tree nodes of this step)."""
         return self.layers[0].seen - self.layers[0].committed
+
+    def begin_forward(self, n: int) -> None:
+        """Check room for n more entries (the layers write them at `seen` as the model runs)."""
+        seen = self.layers[0].seen
+        if seen + n > self.capacity:
+            raise cache_full(self.capacity, seen, n)
+
+    def committed_index(self, device: torch.device) -> torch.Tensor:
+        """C as LongTensor (1,) on `device`."""
+        return torch.full((1,), self.committed, dtype=torch.long, device=device)
+
+    def sdpa_mask(self, block_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask (1, 1, n, C + s): every committed entry, plus the scratch entries
+        block_mask (n, s) allows."""
+        n, s = block_mask.shape
+        committed = self.committed
+        mask = torch.zeros(1, 1, n, committed + s, dtype=dtype, device=block_mask.device)  # (1, 1, n, C+s)
+        mask[0, 0, :, committed:].masked_fill_(~block_mask, torch.finfo(dtype).min)
+        return mask
 
     def commit(self, keep: torch.Tensor, count: int) -> None:
         """Move scratch entries keep[:count] into place after the committed tokens."""

@@ -5,13 +5,14 @@ shape: n new tokens that see every committed token of the cache, plus a subset o
 entries written earlier this step and of themselves, given as a `block_mask`. A backend turns
 that into whatever the model's attention needs; the model code itself is never forked.
 
-- `SdpaBackend` builds an additive 4D mask (1, 1, n, C + s), which transformers passes through
-  unchanged to its sdpa (or eager) attention: any model that follows transformers' attention
-  interface (Llama, Qwen2, Mistral, Gemma, ...) works.
-- `FlashBackend` (treespec/flash.py, GPU) registers its own attention function and sends the
+- `SdpaBackend` passes an additive 4D mask, which transformers hands unchanged to its sdpa (or
+  eager) attention: any model that follows transformers' attention interface (Llama, Qwen2,
+  Mistral, Gemma, ...) works. The cache builds the mask (`TreeCache.sdpa_mask`), because the
+  keys it hands the model decide its width: C + s for `TreeKVCache`, S_max for the static cache.
+- `FlashBackend` (backends/flash.py, GPU) registers its own attention function and sends the
   mask's two parts separately: the committed prefix unmasked to flash-attn, the block as a small
-  masked attention, merged by log-sum-exp. On CUDA, `make_backend` wraps either backend in a
-  `GraphedBackend` (treespec/cuda_graphs.py) that replays CUDA graphs (docs/gpu.md).
+  masked attention, merged by log-sum-exp. `GraphedBackend` (backends/cuda_graphs.py) replays
+  either as CUDA graphs (docs/gpu.md); `make_backend` (backends/factory.py) picks one by name.
 
 Dimension letters: docs/dimensions.md (n new tokens, C committed, s scratch incl. new, V vocab).
 """
@@ -23,20 +24,21 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from treespec.backends.base import TreeCache, UnsupportedModelError
 from treespec.backends.kv_cache import TreeKVCache
 
 SUPPORTED_ATTN = ("sdpa", "eager")
 
 
-class UnsupportedModelError(ValueError):
-    """A model this backend cannot drive."""
-
-
 @dataclass(frozen=True)
 class SdpaBackend:
-    """Tree attention through transformers' own sdpa/eager attention and a 4D additive mask."""
+    """Tree attention through transformers' own sdpa/eager attention and a 4D additive mask;
+    runs against either cache (each builds the mask for its own layout). Makes TreeKVCaches."""
 
     name: str = "sdpa"
+
+    def make_cache(self, model: PreTrainedModel, capacity: int, role: str = "target") -> TreeCache:
+        return TreeKVCache.for_model(model, capacity)
 
     def check_model(self, model: PreTrainedModel) -> None:
         impl = model.config._attn_implementation
@@ -52,63 +54,26 @@ class SdpaBackend:
     def forward(
         self,
         model: PreTrainedModel,
-        cache: TreeKVCache,
+        cache: TreeCache,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
         block_mask: torch.Tensor,
         last_only: bool = False,
     ) -> torch.Tensor:
-        """Run `model` on n new tokens and return their logits.
+        """Run `model` on n new tokens and return their logits (the `Backend` contract).
 
         input_ids, position_ids: LongTensor (1, n).
         block_mask: BoolTensor (n, s) which scratch entries (the s - n written earlier this
             step, then the n new ones) each new token sees; committed tokens are always seen.
         Returns FloatTensor (n, V), or (1, V) with last_only.
         """
-        n, s = block_mask.shape
-        committed = cache.committed
-        dtype = model.dtype
-        mask = torch.zeros(1, 1, n, committed + s, dtype=dtype, device=input_ids.device)  # (1, 1, n, C+s)
-        mask[0, 0, :, committed:].masked_fill_(~block_mask, torch.finfo(dtype).min)
+        cache.begin_forward(block_mask.shape[0])
         out = model(
             input_ids=input_ids,
             position_ids=position_ids,
-            attention_mask=mask,
+            attention_mask=cache.sdpa_mask(block_mask, model.dtype),  # (1, 1, n, K)
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1 if last_only else 0,
         )
         return out.logits[0]  # (n, V)
-
-
-def make_backend(name, device: torch.device | str, dtype: torch.dtype | None = None, *, graphs: bool | None = None):
-    """The backend called `name`: 'auto', 'sdpa' or 'flash' (or a backend object, returned as is,
-    so that one GraphedBackend and its captured graphs serve many generations).
-
-    'auto' is 'flash' on CUDA when flash_attn imports (and dtype, if given, is fp16/bf16), else
-    'sdpa'. On CUDA the backend is wrapped in a GraphedBackend (CUDA graphs over static caches)
-    unless graphs=False. docs/gpu.md describes the GPU path.
-    """
-    if not isinstance(name, str):
-        return name
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    if name == "auto":
-        from treespec.backends.flash import FLASH_DTYPES, flash_available  # lazy: flash.py imports this module
-
-        name = "flash" if cuda and flash_available() and dtype in (None, *FLASH_DTYPES) else "sdpa"
-    if name == "sdpa":
-        from treespec.backends.static_cache import StaticSdpaBackend
-
-        inner = StaticSdpaBackend() if cuda else SdpaBackend()
-    elif name == "flash":
-        from treespec.backends.flash import FlashBackend
-
-        inner = FlashBackend()
-    else:
-        raise ValueError(f"unknown attention backend {name!r}; choose 'auto', 'sdpa' or 'flash'")
-    if cuda if graphs is None else graphs:
-        from treespec.backends.cuda_graphs import GraphedBackend
-
-        return GraphedBackend(inner)
-    return inner

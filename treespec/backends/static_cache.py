@@ -20,8 +20,9 @@ past the end of the buffer, which a graph replay could not report.
 Unwritten slots are zeros, never uninitialised memory: the sdpa path multiplies hidden slots by
 a probability of 0, and 0 * NaN would poison the output.
 
-`StaticSdpaBackend` is the sdpa backend for this cache: its additive mask covers all S_max slots
-and is built on the device from the counters.
+`StaticSdpaBackend` is the sdpa backend that makes this cache (its additive mask covers all
+S_max slots and is built on the device from the counters, by `sdpa_mask`). Both caches follow
+the `TreeCache` protocol (backends/base.py) and share its commit (`compact_scratch`).
 
 Dimension letters: docs/dimensions.md (L layers, H_kv kv heads, S_max capacity, Dh head size,
 n new tokens, s scratch incl. new, M kept-index length).
@@ -35,11 +36,10 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from treespec.backends.base import CacheFullError, TreeCache, cache_full, compact_scratch
 from treespec.backends.sdpa import SdpaBackend
 
-
-class CacheFullError(RuntimeError):
-    """A forward would write past the end of a static cache."""
+__all__ = ["CacheFullError", "StaticSdpaBackend", "StaticTreeKVCache"]
 
 
 class StaticTreeKVLayer(CacheLayerMixin):
@@ -124,10 +124,7 @@ class StaticTreeKVCache(Cache):
     def reserve(self, n: int) -> None:
         """Host half of `begin_forward`: check room for n entries and advance the host counter."""
         if self._seen + n > self.capacity:
-            raise CacheFullError(
-                f"static KV cache full ({self.capacity} slots, {self._seen} used, {n} more asked): "
-                "prompt + max_new_tokens + tree exceed the budget it was allocated for"
-            )
+            raise cache_full(self.capacity, self._seen, n)
         self._seen += n
 
     # ----------------------------------------------------------------- device work
@@ -145,14 +142,15 @@ class StaticTreeKVCache(Cache):
         if count > m:
             raise ValueError(f"commit count {count} exceeds the {m} kept entries given")
         if m:
-            src = self.committed_dev + keep[:m].clamp(min=0)  # (M,)
-            dst = self.committed_dev + self._arange[:m]  # (M,)
-            # gather first, then scatter: sources and destinations may overlap
-            self.kv.index_copy_(3, dst, self.kv.index_select(3, src))
+            compact_scratch(self.kv, 3, self.committed_dev, keep[:m].clamp(min=0))  # every layer at once
         self.committed_dev += count
         self.seen_dev.copy_(self.committed_dev)
         self._committed += count
         self._seen = self._committed
+
+    def committed_index(self, device: torch.device) -> torch.Tensor:
+        """committed_dev, LongTensor (1,): the counter itself, so a graph reads its current value."""
+        return self.committed_dev
 
     def commit_all(self) -> None:
         """Accept every scratch entry (prefill, or tokens known to be accepted)."""
@@ -178,32 +176,11 @@ class StaticTreeKVCache(Cache):
 
 @dataclass(frozen=True)
 class StaticSdpaBackend(SdpaBackend):
-    """SdpaBackend for StaticTreeKVCache: the mask covers all S_max slots and is built on the
-    device, so the forward has one shape per (n, s) and can be captured in a CUDA graph.
-    With any other cache it is exactly SdpaBackend."""
+    """SdpaBackend whose caches are StaticTreeKVCaches: with them the forward has one shape per
+    (n, s) (the mask covers all S_max slots and is built on the device), so it can be captured
+    in a CUDA graph. The forward is SdpaBackend's: the cache builds the mask for its layout."""
 
     name: str = "sdpa"
 
-    def forward(
-        self,
-        model: PreTrainedModel,
-        cache,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        block_mask: torch.Tensor,
-        last_only: bool = False,
-    ) -> torch.Tensor:
-        """input_ids, position_ids: LongTensor (1, n); block_mask: BoolTensor (n, s).
-        Returns FloatTensor (n, V), or (1, V) with last_only."""
-        if not isinstance(cache, StaticTreeKVCache):
-            return super().forward(model, cache, input_ids, position_ids, block_mask, last_only)
-        cache.begin_forward(block_mask.shape[0])
-        out = model(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=cache.sdpa_mask(block_mask, model.dtype),  # (1, 1, n, S_max)
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1 if last_only else 0,
-        )
-        return out.logits[0]  # (n, V)
+    def make_cache(self, model: PreTrainedModel, capacity: int, role: str = "target") -> TreeCache:
+        return StaticTreeKVCache.for_model(model, capacity)

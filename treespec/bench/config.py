@@ -11,10 +11,16 @@ the key). Library code (`treespec.bench.runner`) only ever sees these objects, n
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+import functools
+import typing
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import List, Optional
+
+from treespec.acceptance.sampling import SamplingConfig
+from treespec.drafting.adaptive import AdaptiveTreeConfig
+from treespec.drafting.dynamic import DynamicTreeConfig
+from treespec.tree.topology import TreeShapeError
 
 MISSING = "???"  # omegaconf.MISSING, spelled out so that this module does not import omegaconf
 
@@ -141,69 +147,72 @@ class DomainConfig:
         return [self.width] + [self.branch] * (self.depth - 1)
 
 
-@dataclass
-class TreePolicyConfig:
-    """How method=tree shapes its tree (docs/dynamic_trees.md).
+POLICY_CONFIGS = {"dynamic": DynamicTreeConfig, "adaptive": AdaptiveTreeConfig}  # their fields are tree.<key>
 
-    name: 'preset' (the domain preset's fixed widths), 'dynamic' (grown by the draft's
-        cumulative probability: width, children, depth, budget), 'adaptive' (depth re-chosen
-        between steps from the measured acceptance: widths, min_depth, max_depth, window,
-        draft_cost) or 'optimized' (the static tree the Sequoia optimizer wrote for the domain:
-        preset_file, default configs/presets/optimized_<domain>.yaml).
-    """
+
+def _library_fields(*classes) -> list[tuple]:
+    """(name, type, field) of every field of the library's config classes, with the library's
+    defaults, for make_dataclass. Tuples become lists: OmegaConf has no tuple type."""
+    out = []
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            kind = hints[f.name]
+            if typing.get_origin(kind) is tuple:
+                out.append((f.name, List[typing.get_args(kind)[0]], field(default_factory=functools.partial(list, f.default))))
+            else:
+                out.append((f.name, kind, field(default=f.default)))
+    return out
+
+
+@dataclass
+class _TreePolicyKeys:
+    """The keys of `tree` that are the benchmark's own; TreePolicyConfig adds the library's."""
 
     name: str = MISSING
-    width: int = 4
-    children: int = 4
-    depth: int = 5
-    budget: int = 16
-    widths: List[int] = field(default_factory=lambda: [2, 2, 1])
-    min_depth: int = 1
-    max_depth: int = 8
-    window: int = 16
-    draft_cost: float = 0.4
     preset_file: Optional[str] = None
 
     def __post_init__(self) -> None:
-        from treespec.tree.topology import TreeShapeError
-
         _choice("tree.name", self.name, TREE_POLICIES)
-        if self.name == "dynamic":
-            for key in ("width", "children", "depth", "budget"):
-                _int(f"tree.{key}", getattr(self, key), 1)
-        if self.name == "adaptive":
-            for key in ("min_depth", "max_depth", "window"):
-                _int(f"tree.{key}", getattr(self, key), 1)
-            for i, w in enumerate(self.widths):
-                _int(f"tree.widths[{i}]", w, 1)
-            if self.draft_cost < 0:
-                raise ConfigError(f"tree.draft_cost must be >= 0, got {self.draft_cost}")
         if self.name == "optimized" and self.preset_file and not Path(self.preset_file).exists():
             raise ConfigError(f"tree.preset_file: {self.preset_file} does not exist (write one with python -m treespec.optimize)")
-        try:
-            if self.name in ("dynamic", "adaptive"):
-                self.spec()  # relations between keys (e.g. budget <= the candidates proposed)
-        except TreeShapeError as err:
-            raise ConfigError(f"tree ({self.name}): {err}") from None
+        if self.name in POLICY_CONFIGS:
+            self.spec()  # the library config checks its own fields
 
     def spec(self, domain: str = "code"):
         """The `tree=` argument for treespec.generate (None: use the domain preset)."""
-        import treespec
         from treespec.tree.optimize import load_preset
 
-        if self.name == "dynamic":
-            return treespec.DynamicTreeConfig(width=self.width, children=self.children, depth=self.depth, budget=self.budget)
-        if self.name == "adaptive":
-            return treespec.AdaptiveTreeConfig(
-                widths=tuple(self.widths), min_depth=self.min_depth, max_depth=self.max_depth,
-                window=self.window, draft_cost=float(self.draft_cost),
-            )
+        if self.name in POLICY_CONFIGS:
+            cls = POLICY_CONFIGS[self.name]
+            values = {f.name: getattr(self, f.name) for f in fields(cls)}
+            try:
+                return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+            except TreeShapeError as err:
+                raise ConfigError(f"tree.{getattr(err, 'key', '')} ({self.name}): {err}") from None
         if self.name == "optimized":
             path = Path(self.preset_file) if self.preset_file else CONFIG_DIR / "presets" / f"optimized_{domain}.yaml"
             if not path.exists():
                 raise ConfigError(f"tree.preset_file: {path} does not exist (write one with python -m treespec.optimize)")
             return load_preset(path)
         return None
+
+
+TreePolicyConfig = make_dataclass(
+    "TreePolicyConfig", _library_fields(DynamicTreeConfig, AdaptiveTreeConfig), bases=(_TreePolicyKeys,)
+)
+TreePolicyConfig.__module__ = __name__
+TreePolicyConfig.__doc__ = """How method=tree shapes its tree (docs/dynamic_trees.md).
+
+    name: 'preset' (the domain preset's fixed widths), 'dynamic' (grown by the draft's
+        cumulative probability: width, children, depth, budget), 'adaptive' (depth re-chosen
+        between steps from the measured acceptance: widths, min_depth, max_depth, window,
+        draft_cost) or 'optimized' (the static tree the Sequoia optimizer wrote for the domain:
+        preset_file, default configs/presets/optimized_<domain>.yaml).
+    The dynamic and adaptive keys are the fields of treespec.DynamicTreeConfig and
+    treespec.AdaptiveTreeConfig, with their defaults and their checks (configs/tree/*.yaml
+    set the values the benchmarks use).
+    """
 
 
 @dataclass
@@ -239,12 +248,10 @@ class SamplingSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        t, p = self.temperature, self.top_p
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or math.isinf(t) or t < 0:
-            raise ConfigError(f"sampling.temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
-        _int("sampling.top_k", self.top_k, 0)
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or math.isnan(p) or not 0 < p <= 1:
-            raise ConfigError(f"sampling.top_p must be in (0, 1] (1 = off), got {p!r}")
+        try:  # SamplingConfig's checks; its messages start with the key
+            SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        except ValueError as err:
+            raise ConfigError(f"sampling.{err}") from None
         _int("sampling.seed", self.seed, 0)
 
     @property
@@ -341,5 +348,6 @@ __all__ = [
     "MethodConfig",
     "ModelConfig",
     "SamplingSettings",
+    "TreePolicyConfig",
     "default_config",
 ]

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from treespec.drafting.dynamic import AdaptiveTreeConfig, DynamicTreeConfig
+from treespec.drafting.policy import resolve_policy
 from treespec.tree.topology import TreeTopology
 
 from treespec.bench.config import BenchConfig, ModelConfig
@@ -119,14 +119,7 @@ def draft_nodes(cfg: BenchConfig) -> int:
         return 0
     if method == "hf_assisted":
         return cfg.domain.linear_k
-    tree = tree_for(cfg)
-    if isinstance(tree, TreeTopology):
-        return tree.num_drafts
-    if isinstance(tree, DynamicTreeConfig):
-        return tree.budget if cfg.sampling.greedy else tree.pool_size
-    if isinstance(tree, AdaptiveTreeConfig):
-        return tree.topology(tree.max_depth).num_drafts
-    return TreeTopology.from_widths(tree).num_drafts
+    return resolve_policy(tree_for(cfg), method).draft_nodes(cfg.sampling.greedy)
 
 
 # ------------------------------------------------------------------------------------ methods

@@ -1,26 +1,28 @@
-"""Drafting: the draft model expands the token tree level by level.
+"""What every drafter shares: the tree it proposes (`DraftTree`), the `Drafter` protocol, how a
+node's children are proposed (`GreedyProposer`, `SampledProposer`), `feed_pending`, and the
+checks of the tree-policy configs (`TreeConfigError` names the bad field).
 
-One batched draft forward per level: first the accepted tokens the draft has not seen yet
-(the root, and the previous step's leaf when a whole path was accepted), then the nodes of
-each level 1..D-1 together, each seeing the committed prefix plus its own ancestors. Leaves at
-depth D are never run through the draft: their children are not needed this step.
+Each step a drafter first runs the accepted tokens the draft has not seen yet (the root, and
+the previous step's leaf when a whole path was accepted), then expands the tree below the root.
+Implementations: `TreeDrafter` (drafting/static.py), `DynamicDrafter` (drafting/dynamic.py),
+`AdaptiveDrafter` (drafting/adaptive.py); drafting/policy.py picks one from `tree=`.
 
 q is the draft's distribution. Dimension letters: docs/dimensions.md.
 """
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from transformers import PreTrainedModel
 
-from treespec.backends.sdpa import SdpaBackend
-from treespec.backends.kv_cache import TreeKVCache
 from treespec.acceptance.rejection import sample_children
 from treespec.acceptance.sampling import SamplingConfig, logits_to_probs
-from treespec.tree.topology import TreeTensors, TreeTopology
+from treespec.backends.base import Backend, TreeCache
+from treespec.tree.topology import TreeShapeError, TreeTensors
 
 
 @dataclass
@@ -70,22 +72,31 @@ ChildProposer = GreedyProposer | SampledProposer
 
 class Drafter(Protocol):
     """Expands one step's tree below the root. Implementations: `TreeDrafter` (a static
-    topology), `treespec.dynamic.DynamicDrafter`, `treespec.dynamic.AdaptiveDrafter`."""
+    topology), `DynamicDrafter`, `AdaptiveDrafter`; each is made by its tree policy's
+    `make_drafter` (drafting/policy.py)."""
 
     model: PreTrainedModel
-    cache: TreeKVCache
+    cache: TreeCache
     max_nodes: int  # most nodes (root included) a step's tree can have
     max_depth: int  # deepest a step's tree can be
     forwards_per_step: int
 
-    def draft(self, pending: torch.Tensor, root_pos: int) -> DraftTree: ...
+    def draft(self, pending: torch.Tensor, root_pos: int) -> DraftTree:
+        """Expand the tree below the last pending token (the root).
 
-    def observe(self, num_accepted: int) -> None: ...
+        pending: LongTensor (1, m) accepted tokens not yet in the draft cache, ending with the
+            root; m is 1, or 2 after a step that accepted a whole path down to a leaf.
+        root_pos: position of the root in the sequence.
+        """
 
-    def describe(self) -> str: ...
+    def observe(self, num_accepted: int) -> None:
+        """Feedback after each step: how many drafts the target accepted."""
+
+    def describe(self) -> str:
+        """The tree, in words, for GenerationStats.tree."""
 
 
-def feed_pending(backend, model, cache: TreeKVCache, pending: torch.Tensor, root_pos: int) -> torch.Tensor:
+def feed_pending(backend: Backend, model: PreTrainedModel, cache: TreeCache, pending: torch.Tensor, root_pos: int) -> torch.Tensor:
     """Run the accepted tokens the draft has not seen (pending: LongTensor (1, m), ending with
     the root) and commit them; returns the draft logits at the root: FloatTensor (1, V)."""
     m = pending.shape[1]
@@ -96,64 +107,17 @@ def feed_pending(backend, model, cache: TreeKVCache, pending: torch.Tensor, root
     return logits
 
 
-class TreeDrafter:
-    """Expands a fixed `TreeTopology` with a draft model."""
+# ------------------------------------------------------------------ checks of the policy configs
+class TreeConfigError(TreeShapeError):
+    """A tree-policy setting that cannot be used; `key` names the field ('depth', 'widths[1]')
+    so that a caller with its own names for the fields (the benchmark's config) can say which."""
 
-    def __init__(
-        self,
-        model: PreTrainedModel,
-        topo: TreeTopology,
-        backend: SdpaBackend,
-        cache: TreeKVCache,
-        proposer: ChildProposer,
-    ):
-        self.model, self.topo, self.backend, self.cache, self.proposer = model, topo, backend, cache, proposer
-        device = model.device
-        self._children = [tuple(t.to(device) for t in topo.level_children(d)) for d in range(topo.max_depth)]
-        self._widths = [topo.level_width(d) for d in range(topo.max_depth)]
-        # block mask of level d: its nodes see their ancestors among nodes 1..end of level d
-        anc = topo.ancestors.to(device)
-        self._level_masks = [
-            anc[topo.level(d), 1 : topo.level_starts[d + 1]] for d in range(1, topo.max_depth)
-        ]  # each (F_d, end_d - 1)
-        self.structure = topo.tensors(device)
-        self.max_nodes, self.max_depth = topo.num_nodes, topo.max_depth
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
 
-    def draft(self, pending: torch.Tensor, root_pos: int) -> DraftTree:
-        """Expand the tree below the last pending token (the root).
 
-        pending: LongTensor (1, m) accepted tokens not yet in the draft cache, ending with the
-            root; m is 1, or 2 after a step that accepted a whole path down to a leaf.
-        root_pos: position of the root in the sequence.
-        """
-        topo, n = self.topo, self.topo.num_nodes
-        device = pending.device
-        logits = feed_pending(self.backend, self.model, self.cache, pending, root_pos)  # (1, V)
-
-        tokens = torch.zeros(n, dtype=torch.long, device=device)  # (N,)
-        valid = torch.ones(n, dtype=torch.bool, device=device)  # (N,)
-        q_logits = logits.new_zeros(n, logits.shape[-1])  # (N, V)
-        tokens[0] = pending[0, -1]
-        q_logits[0] = logits[0]
-        for d in range(topo.max_depth):
-            level, kids = topo.level(d), topo.level(d + 1)
-            par, rank = self._children[d]  # (F_{d+1},) each
-            child_tokens, child_valid = self.proposer.propose(q_logits[level], self._widths[d])  # (F_d, k)
-            tokens[kids] = child_tokens[par, rank]
-            valid[kids] = child_valid[par, rank] & valid[level][par]
-            if d + 1 == topo.max_depth:
-                break
-            ids = tokens[kids][None]  # (1, F_{d+1})
-            pos = (root_pos + d + 1) + torch.zeros_like(ids)  # (1, F_{d+1})
-            q_logits[kids] = self.backend.forward(self.model, self.cache, ids, pos, self._level_masks[d])
-        return DraftTree(structure=self.structure, tokens=tokens, valid=valid, q_logits=q_logits)
-
-    @property
-    def forwards_per_step(self) -> int:
-        return self.topo.max_depth
-
-    def describe(self) -> str:
-        return self.topo.describe()
-
-    def observe(self, num_accepted: int) -> None:
-        """Feedback after each step (a static tree ignores it)."""
+def check_count(policy: str, key: str, value, minimum: int = 1) -> None:
+    """A whole number >= minimum (bools refused), or TreeConfigError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise TreeConfigError(key, f"{policy} tree {key} must be an int >= {minimum}, got {value!r}")

@@ -1,4 +1,4 @@
-"""Trees that fit the text: dynamic expansion (EAGLE-2 style) and depth adapted to acceptance.
+"""A dynamic tree (EAGLE-2 style): grown each step by the draft's cumulative path probability.
 
 `DynamicDrafter` grows each step's tree by the draft's cumulative path probability instead of a
 fixed width per level: at every level the W best-scored frontier nodes (score = sum of log q
@@ -12,9 +12,10 @@ forward, a fixed verification size), so the GPU path can capture them.
   expanded, and a node's expansion is decided before its own children are drawn; pruning
   children by their own q after the draw would bias the verifier (docs/dynamic_trees.md).
 
-`AdaptiveDrafter` switches between static trees of several depths between steps, choosing the
-depth that maximises expected tokens per unit of cost from the acceptance per depth measured
-over a sliding window. Its choices are logged in the stats.
+The candidate pool's buffers (tokens, scores, parents, draft slots, frontier logits) are
+allocated with the drafter and reset every step; the tree assembled from the chosen candidates
+(`_tree`: its structure tensors, N of each, and its (N, V) draft logits) is built anew each step,
+since its content is that step's choice.
 
 Dimension letters: docs/dimensions.md; W frontier width, K children per expanded node,
 P candidate pool (K + (D-1) W K).
@@ -22,24 +23,25 @@ P candidate pool (K + (D-1) W K).
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
 
-from treespec.backends.sdpa import SdpaBackend
-from treespec.drafting.base import DraftTree, GreedyProposer, SampledProposer, TreeDrafter, feed_pending
-from treespec.backends.kv_cache import TreeKVCache
+from treespec.backends.base import Backend, TreeCache
+from treespec.drafting.base import (
+    ChildProposer, Drafter, DraftTree, SampledProposer, TreeConfigError, check_count, feed_pending,
+)
 from treespec.stats import GenerationStats
-from treespec.tree.topology import TreeShapeError, TreeTensors, TreeTopology
+from treespec.tree.topology import TreeTensors
 
 
 @dataclass(frozen=True)
 class DynamicTreeConfig:
     """width: frontier nodes expanded per level (W); children: proposals per expanded node (K);
     depth: most draft tokens on a path (D); budget: draft nodes verified per step at
-    temperature 0 (at temperature > 0 every proposal is verified: K + (D-1) W K)."""
+    temperature 0 (at temperature > 0 every proposal is verified: K + (D-1) W K).
+    The tree policy of `tree='dynamic'` (drafting/policy.py)."""
 
     width: int = 4
     children: int = 4
@@ -48,31 +50,44 @@ class DynamicTreeConfig:
 
     def __post_init__(self) -> None:
         for name in ("width", "children", "depth", "budget"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise TreeShapeError(f"dynamic tree {name} must be an int >= 1, got {value!r}")
+            check_count("dynamic", name, getattr(self, name))
         if self.width > self.children:
-            raise TreeShapeError(f"dynamic tree width ({self.width}) cannot exceed children ({self.children}): "
-                                 "level 1 has only `children` candidates to expand")
+            raise TreeConfigError("width", f"dynamic tree width ({self.width}) cannot exceed children ({self.children}): "
+                                  "level 1 has only `children` candidates to expand")
         if self.budget > self.pool_size:
-            raise TreeShapeError(f"dynamic tree budget {self.budget} exceeds the {self.pool_size} candidates that "
-                                 f"width {self.width}, children {self.children}, depth {self.depth} propose")
+            raise TreeConfigError("budget", f"dynamic tree budget {self.budget} exceeds the {self.pool_size} candidates "
+                                  f"that width {self.width}, children {self.children}, depth {self.depth} propose")
 
     @property
     def pool_size(self) -> int:
+        """P: every candidate proposed in one step."""
         return self.children + (self.depth - 1) * self.width * self.children
+
+    # the tree policy (drafting/policy.py)
+    has_drafts = True
+
+    def draft_nodes(self, greedy: bool) -> int:
+        return self.budget if greedy else self.pool_size
+
+    def max_nodes(self, greedy: bool) -> int:
+        # the draft's scratch holds (depth-1) frontiers of `width` nodes besides the verified tree
+        return max(1 + self.draft_nodes(greedy), 2 + (self.depth - 1) * self.width)
+
+    def make_drafter(self, model: PreTrainedModel, backend: Backend, cache: TreeCache,
+                     proposer: ChildProposer, stats: GenerationStats) -> Drafter:
+        return DynamicDrafter(model, self, backend, cache, proposer)
 
 
 class DynamicDrafter:
     """Expands a tree by cumulative draft probability under a fixed node budget."""
 
-    def __init__(self, model: PreTrainedModel, config: DynamicTreeConfig, backend: SdpaBackend,
-                 cache: TreeKVCache, proposer: GreedyProposer | SampledProposer):
+    def __init__(self, model: PreTrainedModel, config: DynamicTreeConfig, backend: Backend,
+                 cache: TreeCache, proposer: ChildProposer):
         self.model, self.config, self.backend, self.cache, self.proposer = model, config, backend, cache, proposer
         self.sampled = isinstance(proposer, SampledProposer)
         c = config
         self.pool = c.pool_size
-        self.nodes = self.pool if self.sampled else c.budget  # draft nodes verified per step
+        self.nodes = c.draft_nodes(greedy=not self.sampled)  # draft nodes verified per step
         self.max_nodes, self.max_depth = self.nodes + 1, c.depth
         self.forwards_per_step = c.depth
         device = model.device
@@ -82,6 +97,14 @@ class DynamicDrafter:
         self._pool_depth = depth.to(device)  # (P,)
         # (P,) rank among siblings: the k-th proposal of its parent
         self._pool_rank = torch.cat([torch.arange(c.children)] + [torch.arange(c.children).repeat(c.width)] * (c.depth - 1)).to(device)
+        p, frontiers = self.pool, (c.depth - 1) * c.width
+        self._tokens = torch.zeros(p, dtype=torch.long, device=device)  # (P,)
+        self._valid = torch.zeros(p, dtype=torch.bool, device=device)  # (P,)
+        self._score = torch.zeros(p, device=device)  # (P,) sum of log q on the path
+        self._parent = torch.zeros(p, dtype=torch.long, device=device)  # (P,) pool index, -1 = root
+        self._slot = torch.zeros(p, dtype=torch.long, device=device)  # (P,) draft scratch offset
+        self._scratch_anc = torch.zeros(frontiers, frontiers, dtype=torch.bool, device=device)
+        self._q_rows: torch.Tensor | None = None  # (1 + (D-1) W, V): root, then frontiers; made at the first step
 
     def describe(self) -> str:
         c = self.config
@@ -95,15 +118,12 @@ class DynamicDrafter:
         c, device = self.config, pending.device
         w, k = c.width, c.children
         root_logits = feed_pending(self.backend, self.model, self.cache, pending, root_pos)  # (1, V)
-        vocab = root_logits.shape[-1]
-        tokens = torch.zeros(self.pool, dtype=torch.long, device=device)  # (P,)
-        valid = torch.zeros(self.pool, dtype=torch.bool, device=device)  # (P,)
-        score = torch.full((self.pool,), -float("inf"), device=device)  # (P,) sum of log q on the path
-        parent = torch.full((self.pool,), -1, dtype=torch.long, device=device)  # (P,) pool index, -1 = root
-        slot = torch.full((self.pool,), -1, dtype=torch.long, device=device)  # (P,) draft scratch offset
-        q_rows = root_logits.new_zeros(1 + (c.depth - 1) * w, vocab)  # (1 + (D-1) W, V): root, then frontiers
+        if self._q_rows is None:
+            self._q_rows = root_logits.new_zeros(1 + (c.depth - 1) * w, root_logits.shape[-1])
+        tokens, valid, score = self._tokens.zero_(), self._valid.zero_(), self._score.fill_(-float("inf"))
+        parent, slot, q_rows = self._parent.fill_(-1), self._slot.fill_(-1), self._q_rows.zero_()
+        scratch_anc = self._scratch_anc.zero_()
         q_rows[0] = root_logits[0]
-        scratch_anc = torch.zeros((c.depth - 1) * w, (c.depth - 1) * w, dtype=torch.bool, device=device)
 
         frontier_q, frontier_pool = root_logits, None
         frontier_score = torch.zeros(1, device=device)  # (F,)
@@ -175,88 +195,3 @@ class DynamicDrafter:
         node_tokens = torch.cat([root, tokens[chosen]])
         node_valid = torch.cat([torch.ones(1, dtype=torch.bool, device=device), valid[chosen]])
         return DraftTree(structure=structure, tokens=node_tokens, valid=node_valid, q_logits=q_logits)
-
-
-@dataclass(frozen=True)
-class AdaptiveTreeConfig:
-    """Static trees `widths[:depth]` for depth in [min_depth, max_depth] (widths past its end
-    repeat its last entry). Every step uses the depth that maximises
-    (1 + expected accepted) / (1 + draft_cost * depth), the expectation computed from the
-    acceptance per depth over the last `window` steps; draft_cost is one draft forward's cost
-    in target forwards (about 0.4 for the Qwen2.5-Coder pair on a CPU)."""
-
-    widths: tuple[int, ...] = (2, 2, 1)
-    min_depth: int = 1
-    max_depth: int = 8
-    window: int = 16
-    draft_cost: float = 0.4
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.min_depth <= self.max_depth:
-            raise TreeShapeError(f"adaptive tree needs 1 <= min_depth <= max_depth, got {self.min_depth}, {self.max_depth}")
-        if self.window < 1 or self.draft_cost < 0:
-            raise TreeShapeError("adaptive tree needs window >= 1 and draft_cost >= 0")
-        if not self.widths or any(w < 1 for w in self.widths):
-            raise TreeShapeError(f"adaptive tree widths must be >= 1, got {self.widths}")
-
-    def topology(self, depth: int) -> TreeTopology:
-        widths = [self.widths[min(i, len(self.widths) - 1)] for i in range(depth)]
-        return TreeTopology.from_widths(widths)
-
-
-class AdaptiveDrafter:
-    """Chooses the tree depth between steps from the acceptance measured over a window."""
-
-    def __init__(self, model: PreTrainedModel, config: AdaptiveTreeConfig, backend: SdpaBackend,
-                 cache: TreeKVCache, proposer, stats: GenerationStats):
-        self.model, self.config, self.cache, self.stats = model, config, cache, stats
-        self.drafters = {
-            d: TreeDrafter(model, config.topology(d), backend, cache, proposer)
-            for d in range(config.min_depth, config.max_depth + 1)
-        }
-        self.max_nodes = max(t.max_nodes for t in self.drafters.values())
-        self.max_depth = config.max_depth
-        self.depth = config.min_depth + (config.max_depth - config.min_depth) // 2
-        self.window: deque[tuple[int, int]] = deque(maxlen=config.window)  # (tree depth, accepted)
-
-    @property
-    def forwards_per_step(self) -> int:
-        return self.depth
-
-    def describe(self) -> str:
-        c = self.config
-        return f"adaptive: widths {list(c.widths)}, depth {c.min_depth}..{c.max_depth}, window {c.window}"
-
-    def draft(self, pending: torch.Tensor, root_pos: int) -> DraftTree:
-        return self.drafters[self.depth].draft(pending, root_pos)
-
-    def observe(self, num_accepted: int) -> None:
-        self.window.append((self.depth, num_accepted))
-        self.depth = choose_depth(self.window, self.config)
-        self.stats.tree_choices.append(self.depth)
-
-
-def acceptance_per_depth(window, max_depth: int, prior: float = 1.0) -> list[float]:
-    """alpha[d-1] = P(depth d accepted | depth d-1 reached), from (tree depth, accepted) pairs;
-    a depth never tried borrows the deepest estimate (optimism that lets depth grow again)."""
-    alphas = []
-    for d in range(1, max_depth + 1):
-        tried = sum(1 for depth, a in window if depth >= d and a >= d - 1)
-        hits = sum(1 for depth, a in window if depth >= d and a >= d)
-        if tried:
-            alphas.append((hits + prior / 2) / (tried + prior))
-        else:
-            alphas.append(alphas[-1] if alphas else 0.5)
-    return alphas
-
-
-def choose_depth(window, config: AdaptiveTreeConfig) -> int:
-    alphas = acceptance_per_depth(window, config.max_depth)
-    best, best_value, reach, expected = config.min_depth, -1.0, 1.0, 0.0
-    for d in range(1, config.max_depth + 1):
-        reach *= alphas[d - 1]
-        expected += reach
-        value = (1 + expected) / (1 + config.draft_cost * d)
-        if d >= config.min_depth and value > best_value:
-            best, best_value = d, value
-    return best

@@ -13,14 +13,13 @@ from typing import Iterator, Sequence
 import torch
 from transformers import PreTrainedModel
 
-from treespec.backends.sdpa import make_backend
-from treespec.drafting.base import GreedyProposer, SampledProposer, TreeDrafter
-from treespec.drafting.dynamic import AdaptiveDrafter, AdaptiveTreeConfig, DynamicDrafter, DynamicTreeConfig
-from treespec.engine.loop import GreedyAcceptor, SampledAcceptor, SpeculativeEngine
-from treespec.backends.kv_cache import TreeKVCache
 from treespec.acceptance.sampling import SamplingConfig
+from treespec.backends.factory import make_backend
+from treespec.drafting.base import GreedyProposer, SampledProposer
+from treespec.drafting.policy import TreePolicy, resolve_policy
+from treespec.engine.loop import GreedyAcceptor, SampledAcceptor, SpeculativeEngine
 from treespec.stats import GenerationStats
-from treespec.tree.topology import TreeTopology, resolve_tree
+from treespec.tree.topology import TreeTopology
 
 METHODS = ("tree", "linear", "autoregressive")
 
@@ -90,26 +89,17 @@ def stream(
         generator = _generator_for(target.device, generator)
         proposer, acceptor = SampledProposer(sampling, generator), SampledAcceptor(sampling, generator)
     backend = make_backend(attention, target.device, target.dtype)
-    drafting = _has_drafts(spec)
-    for model in (target, draft) if drafting else (target,):
+    for model in (target, draft) if spec.has_drafts else (target,):
         backend.check_model(model)
     stats = GenerationStats(method=method, backend=backend.name)
-    capacity = input_ids.shape[1] + max_new_tokens + _max_nodes(spec, sampling) + 2
-    # a backend may own its caches (GraphedBackend: static buffers its CUDA graphs point to)
-    make_cache = getattr(backend, "make_cache", lambda model, size, role: TreeKVCache.for_model(model, size))
+    capacity = input_ids.shape[1] + max_new_tokens + spec.max_nodes(sampling.greedy) + 2
     drafter = None
-    if drafting:
-        draft_cache = make_cache(draft, capacity, "draft")
-        if isinstance(spec, DynamicTreeConfig):
-            drafter = DynamicDrafter(draft, spec, backend, draft_cache, proposer)
-        elif isinstance(spec, AdaptiveTreeConfig):
-            drafter = AdaptiveDrafter(draft, spec, backend, draft_cache, proposer, stats)
-        else:
-            drafter = TreeDrafter(draft, spec, backend, draft_cache, proposer)
+    if spec.has_drafts:
+        drafter = spec.make_drafter(draft, backend, backend.make_cache(draft, capacity, "draft"), proposer, stats)
     stats.tree = drafter.describe() if drafter is not None else "root only"
     engine = SpeculativeEngine(
         target,
-        make_cache(target, capacity, "target"),
+        backend.make_cache(target, capacity, "target"),
         drafter,
         backend,
         acceptor,
@@ -156,7 +146,7 @@ def generate(
         generator: the torch.Generator (on the models' device) for every random draw when
             sampling; None seeds a fresh one from torch's global RNG.
         attention: attention backend ('auto', 'sdpa' or 'flash'), or a backend object from
-            `treespec.attention.make_backend` reused across calls (keeps its CUDA graphs).
+            `treespec.backends.factory.make_backend` reused across calls (keeps its CUDA graphs).
         streamer: a transformers streamer (e.g. TextStreamer) fed as tokens are accepted.
     Returns:
         GenerationResult with sequences (1, T + new) and stats.
@@ -196,32 +186,15 @@ def _generator_for(device: torch.device, generator: torch.Generator | None) -> t
     return generator
 
 
-TreeSpec = TreeTopology | DynamicTreeConfig | AdaptiveTreeConfig
+TreeSpec = TreePolicy  # the tree policy `tree=` names (drafting/policy.py)
 
 
 def _resolve_spec(tree, method: str) -> TreeSpec:
-    if method == "tree":
-        if isinstance(tree, (DynamicTreeConfig, AdaptiveTreeConfig)):
-            return tree
-        if tree == "dynamic":
-            return DynamicTreeConfig()
-        if tree == "adaptive":
-            return AdaptiveTreeConfig()
-    return resolve_tree(tree, method)
+    return resolve_policy(tree, method)
 
 
 def _has_drafts(spec: TreeSpec) -> bool:
-    return not (isinstance(spec, TreeTopology) and spec.num_drafts == 0)
-
-
-def _max_nodes(spec: TreeSpec, sampling: SamplingConfig) -> int:
-    """Most tree nodes (root included) one step can verify."""
-    if isinstance(spec, DynamicTreeConfig):  # the draft's scratch holds (depth-1) frontiers of width nodes
-        verified = 1 + (spec.pool_size if not sampling.greedy else spec.budget)
-        return max(verified, 2 + (spec.depth - 1) * spec.width)
-    if isinstance(spec, AdaptiveTreeConfig):
-        return spec.topology(spec.max_depth).num_nodes
-    return spec.num_nodes
+    return spec.has_drafts
 
 
 def _check_and_resolve(target, draft, input_ids, max_new_tokens, method, tree) -> TreeSpec:

@@ -8,8 +8,13 @@ One step, for a tree of N nodes and depth D below the root (the last accepted to
     commit  ONE host sync reads how many tokens were accepted; both KV caches keep
             only the accepted path; the emitted tokens are appended to the output
 
-Shapes are fixed for a given tree, every buffer is allocated once per generation, and the only
-device-to-host transfer inside a step is the one in `commit` (the documented sync point).
+Shapes are fixed for a given tree and the only device-to-host transfer inside a step is the one
+in `commit` (the documented sync point, `_read`). Allocated once per generation: the output
+buffer, both KV caches, the static tree's tensors and a static drafter's buffers (tokens, draft
+logits); a dynamic drafter's candidate pool. Allocated per step: the small temporaries of the
+tensor operations (a few tensors of N or D+1 entries; on the GPU the caching allocator serves
+them without a device allocation), the target's (N, V) logits, and the tree a dynamic drafter
+assembles from its candidates (its content is the step's choice).
 Dimension letters: docs/dimensions.md.
 """
 
@@ -20,14 +25,13 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from treespec.backends.sdpa import SdpaBackend
-from treespec.drafting.base import DraftTree, Drafter
-from treespec.backends.kv_cache import TreeKVCache
+from treespec.acceptance.greedy import Acceptance, greedy_accept
 from treespec.acceptance.rejection import rejection_accept
 from treespec.acceptance.sampling import SamplingConfig, logits_to_probs
+from treespec.backends.base import Backend, TreeCache
+from treespec.drafting.base import DraftTree, Drafter
 from treespec.stats import GenerationStats, Stopwatch
 from treespec.tree.topology import TreeTopology
-from treespec.acceptance.greedy import Acceptance, greedy_accept
 
 PREFILL_CHUNK = 512  # bounds the prefill mask at (chunk, prompt) instead of (prompt, prompt)
 
@@ -60,6 +64,23 @@ Acceptor = GreedyAcceptor | SampledAcceptor
 
 
 @dataclass
+class StepRead:
+    """What the one host sync of a step reads (host ints).
+
+    num_accepted: a, the accepted drafts (0..D). proposed: real draft nodes in the tree.
+    last_ran: whether the draft ran the last accepted node (False for an accepted leaf).
+    tokens: the a + 1 emitted tokens (accepted drafts, then the target's next token).
+    ranks: sibling rank of each accepted node, depth 1 down.
+    """
+
+    num_accepted: int
+    proposed: int
+    last_ran: bool
+    tokens: list[int]
+    ranks: list[int]
+
+
+@dataclass
 class StepResult:
     """What one step emitted (host-side ints, read at the sync point)."""
 
@@ -74,9 +95,9 @@ class SpeculativeEngine:
     def __init__(
         self,
         target: PreTrainedModel,
-        target_cache: TreeKVCache,
+        target_cache: TreeCache,
         drafter: Drafter | None,
-        backend: SdpaBackend,
+        backend: Backend,
         acceptor: Acceptor,
         stats: GenerationStats,
         *,
@@ -149,42 +170,67 @@ class SpeculativeEngine:
         return self.backend.forward(self.target, self.target_cache, tree.tokens[None], pos, tree.structure.ancestors)
 
     def commit(self, tree: DraftTree, acc: Acceptance) -> StepResult:
-        s, d = tree.structure, tree.structure.max_depth
+        """Keep the accepted path: read it (the one host sync), commit both caches, emit the
+        tokens (trimmed at EOS and max_new_tokens), record the step."""
+        emitted = self._emitted(tree, acc)  # (D+1,)
+        read = self._read(tree, acc, emitted)
+        self._commit_caches(tree, acc, read.num_accepted, read.last_ran, emitted)
+        tokens = self._emit(read.tokens, emitted)
+        self._record(read)
+        finished = self.new_tokens >= self.max_new_tokens or (len(tokens) > 0 and tokens[-1] in self.eos_token_ids)
+        return StepResult(tokens=tokens, num_accepted=read.num_accepted, finished=finished)
+
+    def _emitted(self, tree: DraftTree, acc: Acceptance) -> torch.Tensor:
+        """The step's tokens on the device, LongTensor (D+1,): the accepted drafts, then the
+        target's next token at index a (entries past a are padding)."""
+        d = tree.structure.max_depth
         drafted = tree.tokens[acc.path[1:]]  # (D,) accepted drafts first, then padding
         emitted = torch.cat([drafted, acc.next_token[None]])  # (D+1,)
-        emitted = torch.where(self._steps[: d + 1] == acc.num_accepted, acc.next_token, emitted)  # (D+1,)
+        return torch.where(self._steps[: d + 1] == acc.num_accepted, acc.next_token, emitted)  # (D+1,)
+
+    def _read(self, tree: DraftTree, acc: Acceptance, emitted: torch.Tensor) -> StepRead:
+        """The one host synchronisation of the step: everything after it is bookkeeping on ints
+        (and device work whose sizes these ints fix)."""
+        s, d = tree.structure, tree.structure.max_depth
         proposed = tree.valid[1:].sum()
         ranks = s.ranks[acc.path[1:]]  # (D,)
         last_ran = s.draft_slot[acc.path[acc.num_accepted]] >= 0  # did the draft run the last accepted node?
-        # The one host synchronisation of the step: everything below is bookkeeping on ints.
         info = torch.cat([acc.num_accepted[None], proposed[None], last_ran[None], emitted, ranks]).tolist()
-        a, proposed, last_ran, tokens = info[0], info[1], info[2], info[3 : info[0] + 4]
-        self.stats.accepted_ranks.append(info[d + 4 : d + 4 + a])
+        a = info[0]
+        return StepRead(num_accepted=a, proposed=info[1], last_ran=bool(info[2]),
+                        tokens=info[3 : a + 4], ranks=info[d + 4 : d + 4 + a])
 
+    def _commit_caches(self, tree: DraftTree, acc: Acceptance, a: int, last_ran: bool, emitted: torch.Tensor) -> None:
+        """Both caches keep the accepted path; the drafter hears how far it got; `pending` gets
+        the accepted tokens the draft has not run yet."""
         self.target_cache.commit(acc.path, a + 1)
-        if self.drafter is not None:
-            # the draft keeps the accepted nodes it ran; an accepted node it never ran (a leaf)
-            # is the last one on the path, and is fed to it next step with the new root
-            kept = a if last_ran or a == 0 else a - 1
-            self.drafter.cache.commit(s.draft_slot[acc.path[1:]], kept)
-            self.drafter.observe(a)
-            self.pending = emitted[None, a - 1 : a + 1] if kept < a else emitted[None, a : a + 1]
-        else:
+        if self.drafter is None:
             self.pending = emitted[None, :1]
+            return
+        # the draft keeps the accepted nodes it ran; an accepted node it never ran (a leaf)
+        # is the last one on the path, and is fed to it next step with the new root
+        kept = a if last_ran or a == 0 else a - 1
+        self.drafter.cache.commit(tree.structure.draft_slot[acc.path[1:]], kept)
+        self.drafter.observe(a)
+        self.pending = emitted[None, a - 1 : a + 1] if kept < a else emitted[None, a : a + 1]
 
+    def _emit(self, tokens: list[int], emitted: torch.Tensor) -> list[int]:
+        """Append the step's tokens to the output, up to max_new_tokens and the first EOS;
+        returns the ones kept."""
         keep = min(len(tokens), self.max_new_tokens - self.new_tokens)
         for i, tok in enumerate(tokens[:keep]):
             if tok in self.eos_token_ids:
                 keep = i + 1
                 break
-        tokens = tokens[:keep]
         self.out[self.length : self.length + keep] = emitted[:keep]
         self.length += keep
         self.new_tokens += keep
-        self.stats.accepted_lengths.append(a)
-        self.stats.draft_tokens_proposed += proposed
-        finished = self.new_tokens >= self.max_new_tokens or (keep > 0 and tokens[-1] in self.eos_token_ids)
-        return StepResult(tokens=tokens, num_accepted=a, finished=finished)
+        return tokens[:keep]
+
+    def _record(self, read: StepRead) -> None:
+        self.stats.accepted_lengths.append(read.num_accepted)
+        self.stats.accepted_ranks.append(read.ranks)
+        self.stats.draft_tokens_proposed += read.proposed
 
     @property
     def sequences(self) -> torch.Tensor:

@@ -1,0 +1,64 @@
+"""Tree policies: how each step's tree is shaped, and the one place a `tree=` argument becomes one.
+
+A tree policy is one spec class that reports its node budget and builds its drafter:
+
+    policy                 spec                 drafter          tree= of generate/stream
+    static                 StaticTree           TreeDrafter      widths list, preset name, TreeTopology
+                                                                 (an optimized preset is a TreeTopology)
+    dynamic (EAGLE-2)      DynamicTreeConfig    DynamicDrafter   'dynamic' or a DynamicTreeConfig
+    adaptive depth         AdaptiveTreeConfig   AdaptiveDrafter  'adaptive' or an AdaptiveTreeConfig
+
+Each spec lives next to the drafter it builds (drafting/static.py, dynamic.py, adaptive.py);
+this module states what they share (`TreePolicy`) and resolves `tree=` (`resolve_policy`), for
+`generate`, `stream` and the benchmark alike.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+from transformers import PreTrainedModel
+
+from treespec.backends.base import Backend, TreeCache
+from treespec.drafting.adaptive import AdaptiveTreeConfig
+from treespec.drafting.base import ChildProposer, Drafter
+from treespec.drafting.dynamic import DynamicTreeConfig
+from treespec.drafting.static import StaticTree
+from treespec.stats import GenerationStats
+from treespec.tree.topology import TreeTopology, resolve_tree
+
+__all__ = ["AdaptiveTreeConfig", "DynamicTreeConfig", "StaticTree", "TreePolicy", "resolve_policy"]
+
+
+class TreePolicy(Protocol):
+    """How a generation's trees are shaped."""
+
+    @property
+    def has_drafts(self) -> bool:
+        """False for the root alone (method='autoregressive'): no draft model runs."""
+
+    def draft_nodes(self, greedy: bool) -> int:
+        """The most draft tokens one step proposes (temperature 0 when greedy)."""
+
+    def max_nodes(self, greedy: bool) -> int:
+        """The most cache slots one step writes beyond the committed tokens, in either model's
+        cache: the verified tree (root included), or a drafter's scratch when that is larger."""
+
+    def make_drafter(self, model: PreTrainedModel, backend: Backend, cache: TreeCache,
+                     proposer: ChildProposer, stats: GenerationStats) -> Drafter:
+        """The drafter that expands this policy's tree with `model` (its cache: `cache`)."""
+
+
+def resolve_policy(tree: TreePolicy | TreeTopology | Sequence[int] | str | None, method: str) -> TreePolicy:
+    """The policy `tree=` names for `method` ('tree', 'linear' or 'autoregressive').
+    Raises TreeShapeError for a tree the method cannot use (see resolve_tree)."""
+    if method == "tree":
+        if isinstance(tree, (DynamicTreeConfig, AdaptiveTreeConfig)):
+            return tree
+        if tree == "dynamic":
+            return DynamicTreeConfig()
+        if tree == "adaptive":
+            return AdaptiveTreeConfig()
+    if isinstance(tree, StaticTree):
+        tree = tree.topology
+    return StaticTree(resolve_tree(tree, method))
