@@ -124,11 +124,26 @@ def test_graphed_backend_generation_equals_target_greedy(inner, method, tree):
     assert len(backend._caches) == (1 if method == "autoregressive" else 2)
 
 
+def test_tree_cache_refuses_to_overflow():
+    """Both caches raise the one CacheFullError, before the forward writes anything."""
+    model = tiny_model(0)
+    cache = SdpaBackend().make_cache(model, 8)
+    with torch.no_grad(), pytest.raises(CacheFullError, match="8 slots"):
+        prefill(SdpaBackend(), model, cache, PROMPT)  # 10 prompt tokens
+
+
 def test_make_backend_choices():
     assert isinstance(make_backend("auto", "cpu"), SdpaBackend)
     assert type(make_backend("sdpa", "cpu")) is SdpaBackend
+    # exactly what the arguments say: eager sdpa on TreeKVCache without graphs, on any device
+    assert type(make_backend("sdpa", "cuda", graphs=False)) is SdpaBackend
     graphed = make_backend("sdpa", "cpu", graphs=True)
     assert isinstance(graphed, GraphedBackend) and graphed.name == "sdpa"
+    assert type(graphed.inner) is StaticSdpaBackend  # graphs need static caches
+    model = tiny_model(0)
+    assert type(SdpaBackend().make_cache(model, 16)) is TreeKVCache
+    assert type(StaticSdpaBackend().make_cache(model, 16)) is StaticTreeKVCache
+    assert type(graphed.make_cache(model, 16)) is StaticTreeKVCache
     assert make_backend(graphed, "cpu") is graphed
     assert make_backend("flash", "cpu").name == "flash"
     with pytest.raises(ValueError, match="'auto', 'sdpa' or 'flash'"):

@@ -60,13 +60,8 @@ class SdpaBackend:
         block_mask: torch.Tensor,
         last_only: bool = False,
     ) -> torch.Tensor:
-        """Run `model` on n new tokens and return their logits (the `Backend` contract).
-
-        input_ids, position_ids: LongTensor (1, n).
-        block_mask: BoolTensor (n, s) which scratch entries (the s - n written earlier this
-            step, then the n new ones) each new token sees; committed tokens are always seen.
-        Returns FloatTensor (n, V), or (1, V) with last_only.
-        """
+        """`Backend.forward`: input_ids, position_ids LongTensor (1, n); block_mask BoolTensor
+        (n, s) -> logits FloatTensor (n, V), or (1, V) with last_only."""
         cache.begin_forward(block_mask.shape[0])
         out = model(
             input_ids=input_ids,

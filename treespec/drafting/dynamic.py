@@ -121,8 +121,8 @@ class DynamicDrafter:
         if self._q_rows is None:
             self._q_rows = root_logits.new_zeros(1 + (c.depth - 1) * w, root_logits.shape[-1])
         tokens, valid, score = self._tokens.zero_(), self._valid.zero_(), self._score.fill_(-float("inf"))
-        parent, slot, q_rows = self._parent.fill_(-1), self._slot.fill_(-1), self._q_rows.zero_()
-        scratch_anc = self._scratch_anc.zero_()
+        parent, slot, scratch_anc = self._parent.fill_(-1), self._slot.fill_(-1), self._scratch_anc.zero_()
+        q_rows = self._q_rows  # every row is written below: the root's, then each level's W frontier rows
         q_rows[0] = root_logits[0]
 
         frontier_q, frontier_pool = root_logits, None
