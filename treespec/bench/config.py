@@ -189,7 +189,7 @@ class TreePolicyConfig:
     def spec(self, domain: str = "code"):
         """The `tree=` argument for treespec.generate (None: use the domain preset)."""
         import treespec
-        from treespec.tree.optimize import load_preset
+        from treespec.tree.presets import load_preset
 
         if self.name == "dynamic":
             return treespec.DynamicTreeConfig(width=self.width, children=self.children, depth=self.depth, budget=self.budget)
