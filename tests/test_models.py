@@ -248,6 +248,23 @@ def test_known_tokenizer_is_converted_once(fake_known):
 # --- pairs -----------------------------------------------------------------------------------
 
 
+def test_load_pair_resolves_and_fetches_each_spec_once(fake_known, monkeypatch):
+    fetched, resolved = [], []
+    fetch, resolve = models.fetch_gguf, models.resolve_spec
+    monkeypatch.setattr(models, "fetch_gguf", lambda name: fetched.append(name) or fetch(name))
+    monkeypatch.setattr(models, "resolve_spec", lambda spec: resolved.append(spec) or resolve(spec))
+    pair = load_pair("fake", "fake", cache_converted=False)  # no converted cache: the GGUF is needed
+    assert fetched == ["fake"] and resolved == ["fake"]
+    assert fake_known["model"] == 2 and fake_known["tokenizer"] == 2  # both loaded, from one fetch
+    assert pair.target is not pair.draft
+    fetched.clear()
+    resolved.clear()
+    load_model("fake", cache_converted=False)
+    load_tokenizer("fake", cache_converted=False)
+    assert fetched == ["fake", "fake"] and resolved == ["fake", "fake"]  # the standalone loaders resolve each time
+
+
+
 def test_load_pair_from_local_checkpoints(checkpoint, tmp_path):
     path, _ = checkpoint
     draft_path = tmp_path / "draft"
@@ -266,7 +283,7 @@ def test_load_pair_rejects_mismatched_tokenizers_before_loading_models(checkpoin
     vocab["x"], vocab["y"] = vocab["y"], vocab["x"]
     tiny_tokenizer(vocab).save_pretrained(draft_path)
     (draft_path / "config.json").write_text("{}")  # no weights: loading them would fail loudly
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("models loaded before the check"))
+    monkeypatch.setattr(models, "_load_model", lambda *a, **k: pytest.fail("models loaded before the check"))
     with pytest.raises(IncompatibleTokenizersError, match="'x': 8 vs 9"):
         load_pair(str(path), str(draft_path))
 

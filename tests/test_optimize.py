@@ -1,4 +1,5 @@
-"""Tests of the static tree optimizer (treespec/optimize.py).
+"""Tests of the static tree optimizer (treespec/tree/profile.py, sequoia.py, presets.py and the
+command line in treespec/bench/tree_tools.py).
 
 The brute force enumerates every rooted ordered tree whose children are rank prefixes, with at
 most `budget` draft nodes and depth <= max_depth, and scores it with its own recursion (not
@@ -12,25 +13,23 @@ import json
 import math
 import time
 from functools import lru_cache
+from pathlib import Path
 
 import networkx as nx
 import numpy as np
+import omegaconf
 import pytest
 
-from treespec.tree.optimize import (
+from treespec.bench.tree_tools import main
+from treespec.tree.presets import load_preset, write_preset
+from treespec.tree.profile import (
     AcceptanceProfile,
-    _build,
-    _dp,
     count_acceptances,
     expected_accepted_length,
     expected_tau,
-    load_preset,
-    main,
-    optimal_value_curve,
-    optimize_tree,
     profile_from_stats,
-    write_preset,
 )
+from treespec.tree.sequoia import _build, _dp, optimal_value_curve, optimize_tree
 from treespec.stats import GenerationStats
 from treespec.tree.topology import TreeTopology
 
@@ -396,8 +395,45 @@ def test_cli(tmp_path, capsys):
 
 def test_draw_tree(tmp_path):
     pytest.importorskip("matplotlib")
-    from treespec.tree.optimize import draw_tree
+    from treespec.bench.tree_tools import draw_tree
 
     profile = AcceptanceProfile.uniform([0.7, 0.4, 0.3])
     draw_tree(optimize_tree(profile, 12, 4), tmp_path / "t.png", profile)
     assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+SHIPPED_PRESETS = sorted((Path(__file__).resolve().parents[1] / "configs" / "presets").glob("*.yaml"))
+
+
+def _flow_yaml(path: Path) -> dict:
+    """The shipped presets' own format (one `key: <JSON value>` per line), read without any YAML
+    library, as a reference independent of load_preset's OmegaConf."""
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, value = line.split(": ", 1)
+            out[key] = json.loads(value)
+    return out
+
+
+@pytest.mark.parametrize("path", SHIPPED_PRESETS, ids=lambda p: p.name)
+def test_shipped_presets_load_as_written(path, tmp_path):
+    ref = _flow_yaml(path)
+    topo = load_preset(path)
+    assert list(topo.parents) == ref["parents"] and list(topo.ranks) == ref["ranks"]
+    profile = AcceptanceProfile(ref["profile"])
+    # the shipped profile is rounded to 6 digits, so its expectation is recomputed to ~1e-5
+    assert expected_tau(topo, profile) == pytest.approx(ref["expected_tau"], abs=1e-4)
+    # written again by the OmegaConf writer, every field reads back as in the shipped file
+    again = tmp_path / path.name
+    write_preset(topo, again, profile, name=ref["name"], budget=ref["budget"])
+    reread = omegaconf.OmegaConf.to_container(omegaconf.OmegaConf.load(again))
+    assert reread.keys() == ref.keys()
+    for key, value in ref.items():
+        floats = key.startswith("expected_")  # recomputed from the 6-digit profile
+        assert reread[key] == (pytest.approx(value, abs=1e-4) if floats else value), key
+    assert load_preset(again) == topo
+
+
+def test_shipped_presets_exist():
+    assert len(SHIPPED_PRESETS) == 6

@@ -181,7 +181,7 @@ class _TreePolicyKeys:
 
     def spec(self, domain: str = "code"):
         """The `tree=` argument for treespec.generate (None: use the domain preset)."""
-        from treespec.tree.optimize import load_preset
+        from treespec.tree.presets import load_preset
 
         if self.name in POLICY_CONFIGS:
             cls = POLICY_CONFIGS[self.name]

@@ -23,7 +23,6 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import os
 import tarfile
 import tempfile
 import zipfile
@@ -34,6 +33,7 @@ from typing import Callable
 import torch
 
 from treespec.loading import pypi
+from treespec.loading.cache import atomic_write, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -206,17 +206,6 @@ def _source(name: str) -> DatasetSource:
 # Cache and download
 
 
-def cache_dir() -> Path:
-    """treespec's cache root (the rule of treespec.loading.weights.cache_dir)."""
-    try:
-        from treespec.loading.weights import cache_dir as weights_cache_dir
-    except ImportError:  # pragma: no cover - weights.py always ships with the package
-        if os.environ.get("TREESPEC_CACHE"):
-            return Path(os.environ["TREESPEC_CACHE"]).expanduser()
-        return Path.home() / ".cache" / "treespec"
-    return weights_cache_dir()
-
-
 def cached_prompts_path(name: str) -> Path:
     source = _source(name)
     tag = source.requirement.replace("==", "-")
@@ -309,12 +298,8 @@ def _write_cache(path: Path, source: DatasetSource, prompts: list[Prompt]) -> No
         "prompts": [asdict(p) for p in prompts],
     }
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)  # atomic: a reader never sees half a file
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     except OSError as err:  # a read-only cache still works; it just downloads again next time
         log.warning("could not write the prompt cache %s (%r)", path, err)
 

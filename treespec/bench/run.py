@@ -32,6 +32,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from treespec.bench.config import CONFIG_DIR as DEFAULT_CONFIG_DIR
 from treespec.bench.config import GROUP_SCHEMAS, BenchConfig, ConfigError
+from treespec.loading.cache import atomic_write
 
 log = logging.getLogger("treespec.bench")
 
@@ -83,10 +84,8 @@ def _check_no_extra_keys(node: DictConfig, prefix: str) -> None:
 
 
 def write_results(results: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(results, indent=1))
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="bench", version_base="1.3")

@@ -13,7 +13,6 @@ import datetime as _dt
 import logging
 import os
 import platform
-import time
 import zlib
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -25,6 +24,7 @@ from treespec.tree.topology import TreeTopology
 
 from treespec.bench.config import BenchConfig, ModelConfig
 from treespec.bench.metrics import PromptRecord, aggregate
+from treespec.bench.timing import Wall
 
 log = logging.getLogger(__name__)
 
@@ -220,12 +220,11 @@ def _generate_hf_assisted(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor,
     if cfg.ignore_eos:
         gen_kwargs["min_new_tokens"] = max_new  # transformers has no "never stop": mask EOS instead
     try:
-        t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), Wall(ids.device) as wall:
             out = target.generate(
                 ids, attention_mask=torch.ones_like(ids), assistant_model=draft, streamer=recorder, **gen_kwargs
             )
-        elapsed = time.perf_counter() - t0
+        elapsed = wall.seconds
     finally:
         h1.remove()
         h2.remove()
@@ -332,9 +331,9 @@ def _with_threads(cfg: BenchConfig, fn):
 def _run_cells(cfgs: list[BenchConfig], pair: LoadedPair | None) -> list[dict]:
     """Cells that differ only in their method, interleaved prompt by prompt."""
     cfg0 = cfgs[0]
-    t_load = time.perf_counter()
-    pair = pair or load_models(cfg0.model)
-    load_s = time.perf_counter() - t_load
+    with Wall() as load:
+        pair = pair or load_models(cfg0.model)
+    load_s = load.seconds
     prompts = build_prompts(cfg0, pair)
     if cfg0.warmup_tokens and prompts:
         for cfg in cfgs:

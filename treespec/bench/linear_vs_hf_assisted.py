@@ -3,7 +3,7 @@
 forward timed by a forward hook (wall time). Answers: is a forward slower in one of them, or
 does one of them make more forwards?
 
-    python benchmarks/linear_vs_hf_assisted.py --dataset bfcl --index 1 --k 7 --reps 4
+    python -m treespec.bench.linear_vs_hf_assisted --dataset bfcl --index 1 --k 7 --reps 4
 
 Needs the real pair in the cache (treespec-demo puts it there). CPU, fp32, 2 threads.
 """
@@ -11,13 +11,13 @@ Needs the real pair in the cache (treespec-demo puts it there). CPU, fp32, 2 thr
 from __future__ import annotations
 
 import argparse
-import time
 from collections import defaultdict
 
 import torch
 
 import treespec
 from treespec.bench.datasets import encode_prompt, load_prompts
+from treespec.bench.timing import Wall
 from treespec.loading.models import load_pair
 
 
@@ -35,10 +35,10 @@ class ForwardTimer:
 
         def pre(_m, args, kwargs):
             x = kwargs.get("input_ids", args[0] if args else None)
-            started["n"], started["t"] = x.shape[1], time.perf_counter()
+            started["n"], started["wall"] = x.shape[1], Wall(x.device).start()
 
         def post(_m, _args, _kwargs, _out):
-            self.calls[name].append((started["n"], time.perf_counter() - started["t"]))
+            self.calls[name].append((started["n"], started["wall"].stop()))
 
         self._handles += [
             model.register_forward_pre_hook(pre, with_kwargs=True),
@@ -60,7 +60,7 @@ class ForwardTimer:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m treespec.bench.linear_vs_hf_assisted", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="bfcl")
     ap.add_argument("--index", type=int, default=1)
     ap.add_argument("--k", type=int, default=7)
@@ -79,18 +79,17 @@ def main() -> None:
     gc.num_assistant_tokens, gc.num_assistant_tokens_schedule, gc.assistant_confidence_threshold = args.k, "constant", 0.0
     timer = ForwardTimer(target=target, draft=draft)
     for rep in range(args.reps):
-        t0 = time.perf_counter()
-        r = treespec.generate(target, draft, ids, max_new_tokens=args.max_new_tokens, method="linear", tree=[1] * args.k)
-        print(timer.report(f"rep {rep} treespec linear ({r.stats.new_tokens} tokens)", time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        with torch.no_grad():
+        with Wall() as w:
+            r = treespec.generate(target, draft, ids, max_new_tokens=args.max_new_tokens, method="linear", tree=[1] * args.k)
+        print(timer.report(f"rep {rep} treespec linear ({r.stats.new_tokens} tokens)", w.seconds))
+        with torch.no_grad(), Wall() as w:
             out = target.generate(
                 ids, attention_mask=torch.ones_like(ids), assistant_model=draft, max_new_tokens=args.max_new_tokens,
                 do_sample=False, temperature=None, top_k=None, top_p=None, pad_token_id=tok.eos_token_id,
             )  # fmt: skip
         new = out.shape[1] - ids.shape[1]
         same = torch.equal(out[0, ids.shape[1] :], r.sequences[0, ids.shape[1] :])
-        print(timer.report(f"rep {rep} hf assisted ({new} tokens, same tokens as treespec: {same})", time.perf_counter() - t0))
+        print(timer.report(f"rep {rep} hf assisted ({new} tokens, same tokens as treespec: {same})", w.seconds))
 
 
 if __name__ == "__main__":

@@ -3,16 +3,16 @@ on the real Qwen2.5-Coder 0.5B (draft) -> 1.5B (target) pair (the tau metric: ne
 target forward, bonus token included; tau does not depend on the machine).
 
     # here (tokenizer + dataset cache): token ids of the prompts, chat template applied
-    python benchmarks/tree_policies.py export [--out .xfer/tp/prompts.json] [--per-domain 16]
+    python -m treespec.bench.tree_policies export [--out .xfer/tp/prompts.json] [--per-domain 16]
     # on the GPU machine, after staging the GGUF pair (docs/gpu.md, ../shared/device/stage.sh)
-    python benchmarks/tree_policies.py run --gguf-dir /tmp/xfer --prompts .xfer/tp/prompts.json
+    python -m treespec.bench.tree_policies run --gguf-dir /tmp/xfer --prompts .xfer/tp/prompts.json
     # here again: the optimized trees as preset files (configs/presets/optimized_<domain>.yaml,
     # B=16; optimized_<domain>_b32.yaml, B=32), recomputed from the results' acceptance profiles
-    python benchmarks/tree_policies.py presets benchmarks/tree_policies_results/tree_policies.json
+    python -m treespec.bench.tree_policies presets benchmarks/results/tree_policies/tree_policies.json
 
 Per domain (code = HumanEval, text = MT-Bench first turns, structured = BFCL simple_python),
 the first half of the prompts is the collection set: the wide tree COLLECT_WIDTHS is run on it
-and its stats.accepted_ranks give the acceptance profile (treespec.optimize.profile_from_stats);
+and its stats.accepted_ranks give the acceptance profile (treespec.tree.profile.profile_from_stats);
 the second half is the held-out evaluation set, on which every policy runs:
   fixed      static widths lists with at most B draft nodes
   dynamic    DynamicTreeConfig(width, children, depth, budget=B)
@@ -29,12 +29,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+
+import treespec
+from treespec.backends.factory import make_backend
+from treespec.bench.config import CONFIG_DIR
+from treespec.bench.datasets import encode_prompt, load_prompts
+from treespec.bench.runner import environment
+from treespec.bench.timing import Wall
+from treespec.loading.cache import atomic_write
+from treespec.loading.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_model, load_tokenizer
+from treespec.tree.presets import write_preset
+from treespec.tree.profile import AcceptanceProfile, profile_from_stats
+from treespec.tree.sequoia import optimize_tree
+from treespec.tree.topology import TreeTopology
 
 DOMAINS = {"code": "humaneval", "text": "mtbench", "structured": "bfcl"}
 COLLECT_WIDTHS = [4, 3, 2, 2, 1, 1]  # 184 draft nodes
@@ -49,15 +59,11 @@ DYNAMIC_CONTROLS = {16: {}, 32: {"dynamic depth 8": dict(width=4, children=4, de
 DYNAMIC = {16: dict(width=4, children=4, depth=8), 32: dict(width=4, children=4, depth=10)}
 ADAPTIVE = {16: dict(widths=(2, 1), min_depth=1, max_depth=8), 32: dict(widths=(4, 1), min_depth=1, max_depth=8)}
 OPT_DEPTH = {16: 8, 32: 10}
-REPO = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- here
 def export(args) -> None:
-    from treespec.bench.datasets import encode_prompt, load_prompts
-    from treespec.loading.models import load_tokenizer
-
-    tok = load_tokenizer("qwen2.5-coder-1.5b-instruct")
+    tok = load_tokenizer(DEFAULT_TARGET)
     out = {"eos": tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])}
     for domain, name in DOMAINS.items():
         out[domain] = [{"id": p.id, "ids": encode_prompt(tok, p)[0].tolist()}
@@ -69,8 +75,6 @@ def export(args) -> None:
 
 
 def presets(args) -> None:
-    from treespec.tree.optimize import AcceptanceProfile, optimize_tree, write_preset
-
     res = json.loads(Path(args.results).read_text())
     for domain, d in res["domains"].items():
         if "profile" not in d:
@@ -82,27 +86,30 @@ def presets(args) -> None:
                 continue
             topo = optimize_tree(profile, budget=budget, max_depth=OPT_DEPTH[budget])
             assert list(topo.parents) == d["optimized_parents"][key], (domain, budget)
-            path = REPO / "configs" / "presets" / (f"optimized_{domain}.yaml" if budget == 16 else f"optimized_{domain}_b{budget}.yaml")
+            path = args.out_dir / (f"optimized_{domain}.yaml" if budget == 16 else f"optimized_{domain}_b{budget}.yaml")
             write_preset(topo, path, profile, name=path.stem, budget=budget)
-            print("wrote", path.relative_to(REPO), topo.describe())
+            print("wrote", path, topo.describe())
 
 
 # --------------------------------------------------------------------------- device
+def _load(spec: str, gguf_dir: Path, device: str) -> torch.nn.Module:
+    with Wall() as w:
+        model = load_model(str(gguf_dir / f"{spec}.gguf"), dtype=torch.bfloat16, device=device, cache_converted=False)
+    print(f"loaded {spec} in {w.seconds:.1f} s", flush=True)
+    return model
+
+
+def _save_json(name: str, data: dict) -> None:
+    with atomic_write(Path(os.environ.get("OUT", "outputs/gpu")) / name) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, default=str))
+
+
 def run(args) -> None:
-    import torch
-    from gpu_common import DEVICE, device_info, save_json, sync
-    from gpu_e2e import load
-
-    import treespec
-    from treespec.backends.factory import make_backend
-    from treespec.tree.optimize import optimize_tree, profile_from_stats
-    from treespec.tree.topology import TreeTopology
-
-    t_start = time.perf_counter()
+    clock = Wall().start()
     prompts = json.loads(Path(args.prompts).read_text())
     eos = prompts["eos"]
-    target, draft = load("target", args.gguf_dir), load("draft", args.gguf_dir)
-    backend = make_backend("auto", DEVICE, torch.bfloat16)
+    target, draft = _load(DEFAULT_TARGET, args.gguf_dir, args.device), _load(DEFAULT_DRAFT, args.gguf_dir, args.device)
+    backend = make_backend("auto", args.device, torch.bfloat16)
     # generate() sizes the caches for prompt + new tokens + budget + 1 nodes, but the dynamic
     # drafter's draft cache also holds (depth - 1) * width frontier nodes of scratch, which can
     # exceed that margin (KV cache full); one static cache of 1024 slots (longest prompt 335 +
@@ -110,22 +117,19 @@ def run(args) -> None:
     if hasattr(backend, "min_capacity"):
         backend.min_capacity = max(backend.min_capacity, 1024)
     budgets = [int(b) for b in args.budgets.split(",")]
-    res = dict(device=device_info(), dtype="bfloat16", backend=None, new_tokens=args.new_tokens, temperature=0.0,
+    res = dict(device=environment(), dtype="bfloat16", backend=None, new_tokens=args.new_tokens, temperature=0.0,
                collect_widths=COLLECT_WIDTHS, budgets=budgets, fixed={str(b): FIXED[b] for b in budgets},
                dynamic={str(b): DYNAMIC[b] for b in budgets}, adaptive={str(b): ADAPTIVE[b] for b in budgets},
                opt_depth={str(b): OPT_DEPTH[b] for b in budgets}, domains={}, incomplete=[])  # fmt: skip
 
     def gen(ids, tree):
-        prompt = torch.tensor([ids], device=DEVICE)
-        sync()
-        t0 = time.perf_counter()
-        with torch.no_grad():
+        prompt = torch.tensor([ids], device=args.device)
+        with torch.no_grad(), Wall(args.device) as w:
             out = treespec.generate(target, draft, prompt, max_new_tokens=args.new_tokens, method="tree", tree=tree,
                                     attention=backend, eos_token_id=eos)  # fmt: skip
-        sync()
         s = out.stats
         res["backend"] = s.backend
-        return s, time.perf_counter() - t0
+        return s, w.seconds
 
     def policy(plist, tree) -> dict:
         rows, stats = [], []
@@ -141,7 +145,7 @@ def run(args) -> None:
         return summary, stats
 
     def out_of_time() -> bool:
-        return time.perf_counter() - t_start > args.time_limit
+        return clock.stop() > args.time_limit
 
     half = args.collect
     end = args.collect + (args.evaluate or args.per_domain - args.collect)
@@ -184,9 +188,9 @@ def run(args) -> None:
                 print(f"{domain:10s} B={budget:2d} {label:36s} tau {summary['tau']:.3f} nodes/step "
                       f"{summary['nodes_per_step']:5.1f}  {summary['seconds']:5.1f} s", flush=True)  # fmt: skip
             d["budgets"][str(budget)] = row
-            save_json(args.name, strip(res))
-    res["seconds"] = time.perf_counter() - t_start
-    save_json(args.name, strip(res))
+            _save_json(args.name, strip(res))
+    res["seconds"] = clock.stop()
+    _save_json(args.name, strip(res))
     table(res)
 
 
@@ -210,13 +214,15 @@ def table(res: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(prog="python -m treespec.bench.tree_policies", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("export")
     p.add_argument("--out", type=Path, default=Path(".xfer/tp/prompts.json"))
     p.add_argument("--per-domain", type=int, default=16)
     p = sub.add_parser("run")
-    p.add_argument("--gguf-dir", type=Path, default=Path("/tmp/xfer"))
+    p.add_argument("--gguf-dir", type=Path, default=Path("/tmp/xfer"), help="holds <name>.gguf of the default pair")
+    p.add_argument("--device", default="cuda")
     p.add_argument("--prompts", type=Path, default=Path(".xfer/tp/prompts.json"))
     p.add_argument("--per-domain", type=int, default=16, help="prompts per domain in the prompts file to use")
     p.add_argument("--new-tokens", type=int, default=128)
@@ -228,6 +234,7 @@ def main() -> None:
     p.add_argument("--time-limit", type=float, default=480.0, help="seconds; later domain/budget cells are skipped")
     p = sub.add_parser("presets")
     p.add_argument("results")
+    p.add_argument("--out-dir", type=Path, default=CONFIG_DIR / "presets")
     args = parser.parse_args()
     {"export": export, "run": run, "presets": presets}[args.cmd](args)
 
