@@ -1,4 +1,4 @@
-"""The cascade split of tree attention (treespec/flash.py) against a dense reference, on the CPU:
+"""The cascade split of tree attention (treespec/backends/flash.py) against a dense reference, on the CPU:
 prefix part + masked block part, merged by log-sum-exp, equals one masked softmax over all keys."""
 
 import pytest

@@ -175,7 +175,7 @@ class _TreePolicyKeys:
     def __post_init__(self) -> None:
         _choice("tree.name", self.name, TREE_POLICIES)
         if self.name == "optimized" and self.preset_file and not Path(self.preset_file).exists():
-            raise ConfigError(f"tree.preset_file: {self.preset_file} does not exist (write one with python -m treespec.optimize)")
+            raise ConfigError(f"tree.preset_file: {self.preset_file} does not exist (write one with python -m treespec.bench.tree_tools)")
         if self.name in POLICY_CONFIGS:
             self.spec()  # the library config checks its own fields
 
@@ -193,7 +193,7 @@ class _TreePolicyKeys:
         if self.name == "optimized":
             path = Path(self.preset_file) if self.preset_file else CONFIG_DIR / "presets" / f"optimized_{domain}.yaml"
             if not path.exists():
-                raise ConfigError(f"tree.preset_file: {path} does not exist (write one with python -m treespec.optimize)")
+                raise ConfigError(f"tree.preset_file: {path} does not exist (write one with python -m treespec.bench.tree_tools)")
             return load_preset(path)
         return None
 
