@@ -22,7 +22,7 @@ S_max cache capacity, M kept-index length, V vocabulary).
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 from transformers import PreTrainedModel
@@ -43,6 +43,7 @@ def cache_full(capacity: int, used: int, asked: int) -> CacheFullError:
     )
 
 
+@runtime_checkable
 class TreeCache(Protocol):
     """The KV cache of one model for one generation (batch size 1); also a transformers `Cache`
     (the model calls its `update` once per layer)."""
@@ -77,6 +78,7 @@ class TreeCache(Protocol):
         """Accept every scratch entry (prefill, or tokens known to be accepted)."""
 
 
+@runtime_checkable
 class Backend(Protocol):
     """Runs a model over a block of tree nodes (one forward of the decode loop)."""
 
