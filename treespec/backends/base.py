@@ -91,15 +91,8 @@ class Backend(Protocol):
         """An empty cache of `model` with `capacity` slots that `forward` runs against.
         role: 'target' or 'draft' (a backend that keeps its caches holds one per role)."""
 
-    def forward(
-        self,
-        model: PreTrainedModel,
-        cache: TreeCache,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        block_mask: torch.Tensor,
-        last_only: bool = False,
-    ) -> torch.Tensor:
+    def forward(self, model: PreTrainedModel, cache: TreeCache, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                block_mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Run `model` on n new tokens and return their logits.
 
         input_ids, position_ids: LongTensor (1, n).
