@@ -130,3 +130,32 @@ def test_package_init_edges(tmp_path):
     assert cycles(_write(tmp_path, files)) == []
     files["pkg/sub/c.py"] = "def h():\n    from pkg import f\n"
     assert cycles(_write(tmp_path, files)) == [["pkg", "pkg.sub.a", "pkg.sub.b", "pkg.sub.c"]]
+
+
+def test_implementations_follow_the_protocols():
+    """Every backend, cache, drafter and tree policy has what its protocol states (members by
+    name: typing's runtime check), so the engine needs no getattr/hasattr to use them."""
+    import torch
+
+    from treespec.backends.base import Backend, TreeCache
+    from treespec.backends.cuda_graphs import GraphedBackend
+    from treespec.backends.flash import FlashBackend, reference_prefix_attention
+    from treespec.backends.sdpa import SdpaBackend
+    from treespec.backends.static_cache import StaticSdpaBackend
+    from treespec.drafting.base import Drafter, GreedyProposer
+    from treespec.drafting.policy import TreePolicy, resolve_policy
+    from treespec.stats import GenerationStats
+    from treespec.testing import tiny_model
+
+    model = tiny_model(0)
+    flash = FlashBackend(prefix_attention=reference_prefix_attention)
+    backends = [SdpaBackend(), StaticSdpaBackend(), flash, GraphedBackend(flash)]
+    for backend in backends:
+        assert isinstance(backend, Backend), type(backend).__name__
+        assert isinstance(backend.make_cache(model, 32), TreeCache), type(backend).__name__
+    for tree in ([2, 1], "dynamic", "adaptive"):
+        policy = resolve_policy(tree, "tree")
+        assert isinstance(policy, TreePolicy), type(policy).__name__
+        drafter = policy.make_drafter(model, SdpaBackend(), SdpaBackend().make_cache(model, 64), GreedyProposer(), GenerationStats())
+        assert isinstance(drafter, Drafter), type(drafter).__name__
+    assert not isinstance(torch.zeros(1), TreeCache)  # the check can fail

@@ -22,7 +22,7 @@ S_max cache capacity, M kept-index length, V vocabulary).
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 from transformers import PreTrainedModel
@@ -43,6 +43,7 @@ def cache_full(capacity: int, used: int, asked: int) -> CacheFullError:
     )
 
 
+@runtime_checkable
 class TreeCache(Protocol):
     """The KV cache of one model for one generation (batch size 1); also a transformers `Cache`
     (the model calls its `update` once per layer)."""
@@ -77,6 +78,7 @@ class TreeCache(Protocol):
         """Accept every scratch entry (prefill, or tokens known to be accepted)."""
 
 
+@runtime_checkable
 class Backend(Protocol):
     """Runs a model over a block of tree nodes (one forward of the decode loop)."""
 
@@ -89,15 +91,8 @@ class Backend(Protocol):
         """An empty cache of `model` with `capacity` slots that `forward` runs against.
         role: 'target' or 'draft' (a backend that keeps its caches holds one per role)."""
 
-    def forward(
-        self,
-        model: PreTrainedModel,
-        cache: TreeCache,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        block_mask: torch.Tensor,
-        last_only: bool = False,
-    ) -> torch.Tensor:
+    def forward(self, model: PreTrainedModel, cache: TreeCache, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                block_mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Run `model` on n new tokens and return their logits.
 
         input_ids, position_ids: LongTensor (1, n).

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 from transformers import PreTrainedModel
@@ -70,6 +70,7 @@ class SampledProposer:
 ChildProposer = GreedyProposer | SampledProposer
 
 
+@runtime_checkable
 class Drafter(Protocol):
     """Expands one step's tree below the root. Implementations: `TreeDrafter` (a static
     topology), `DynamicDrafter`, `AdaptiveDrafter`; each is made by its tree policy's

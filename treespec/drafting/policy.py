@@ -15,7 +15,7 @@ this module states what they share (`TreePolicy`) and resolves `tree=` (`resolve
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Protocol, Sequence, runtime_checkable
 
 from transformers import PreTrainedModel
 
@@ -30,6 +30,7 @@ from treespec.tree.topology import TreeTopology, resolve_tree
 __all__ = ["AdaptiveTreeConfig", "DynamicTreeConfig", "StaticTree", "TreePolicy", "resolve_policy"]
 
 
+@runtime_checkable
 class TreePolicy(Protocol):
     """How a generation's trees are shaped."""
 
