@@ -44,6 +44,7 @@ from typing import Callable
 import torch
 from transformers import PreTrainedModel
 
+from treespec.backends.compat import cache_kwargs
 from treespec.backends.sdpa import UnsupportedModelError
 
 ATTN_NAME = "treespec_tree_flash"  # the key registered with transformers' AttentionInterface
@@ -328,7 +329,7 @@ class FlashBackend:
                 # a 4D mask makes transformers skip building its own (which would inspect the
                 # tree's position ids); the attention function reads the mask from the metadata
                 attention_mask=block_mask[None, None],
-                past_key_values=cache,
+                **cache_kwargs(model, cache),
                 use_cache=True,
                 logits_to_keep=1 if last_only else 0,
                 tree_attention=meta,

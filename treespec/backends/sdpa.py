@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from treespec.backends.compat import cache_kwargs
 from treespec.backends.kv_cache import TreeKVCache
 
 SUPPORTED_ATTN = ("sdpa", "eager")
@@ -74,7 +75,7 @@ class SdpaBackend:
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=mask,
-            past_key_values=cache,
+            **cache_kwargs(model, cache),
             use_cache=True,
             logits_to_keep=1 if last_only else 0,
         )

@@ -35,6 +35,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from treespec.backends.compat import cache_kwargs
 from treespec.backends.sdpa import SdpaBackend
 
 
@@ -202,7 +203,7 @@ class StaticSdpaBackend(SdpaBackend):
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=cache.sdpa_mask(block_mask, model.dtype),  # (1, 1, n, S_max)
-            past_key_values=cache,
+            **cache_kwargs(model, cache),
             use_cache=True,
             logits_to_keep=1 if last_only else 0,
         )
