@@ -13,7 +13,7 @@ from treespec.testing import tiny_model
 
 V_P, V_Q = 12, 8  # target rows, draft rows: ids 8..11 exist for the target only
 PROMPT = torch.tensor([[3, 10, 7]])  # holds an id the draft does not have
-DRAWS = 1200
+DRAWS = 500
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +44,12 @@ def first_token_counts(target, draft, seed: int, draws: int) -> torch.Tensor:
 
 
 def pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    expected = probs.double() * counts.sum()
-    assert (expected >= 5).all(), "every id, padding included, needs enough expected draws"
-    return chisquare(counts.double().numpy(), expected.numpy() * counts.sum().item() / expected.sum().item()).pvalue
+    """Chi-square p-value over every id, padding included; cells expecting < 5 draws pooled."""
+    counts, expected = counts.double(), probs.double() * counts.sum()
+    small = expected < 5
+    obs = torch.cat([counts[~small], counts[small].sum()[None]])
+    exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    return chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +73,7 @@ def test_truncating_p_to_the_draft_range_fails_the_same_test(pair, p1, monkeypat
         return accept(self, tree, p_logits.masked_fill(torch.arange(V_P) >= V_Q, -float("inf")))
 
     monkeypatch.setattr(loop.SampledAcceptor, "accept", truncated)
-    counts = first_token_counts(*pair, seed=1, draws=400)
+    counts = first_token_counts(*pair, seed=1, draws=250)
     assert pvalue(counts, p1) < 1e-6
 
 

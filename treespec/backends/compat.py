@@ -47,3 +47,19 @@ def sliding_window(model: PreTrainedModel) -> int | None:
     if SLIDING not in layer_types(model):
         return None
     return model.config.get_text_config().sliding_window
+
+
+@functools.cache
+def _takes_mask_mapping(model_cls: type) -> bool:
+    try:
+        source = inspect.getsource(model_cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "attention_mask, dict)" in source
+
+
+def accepts_mask_mapping(model: PreTrainedModel) -> bool:
+    """Whether the model's decoder stack takes attention_mask as {layer type: mask} (transformers'
+    `if not isinstance(causal_mask_mapping := attention_mask, dict)` in every model with per-layer
+    attention types), read once per class from its source."""
+    return _takes_mask_mapping(type(model.base_model))

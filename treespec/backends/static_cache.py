@@ -36,7 +36,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from treespec.backends.compat import cache_kwargs
-from treespec.backends.sdpa import SdpaBackend
+from treespec.backends.sdpa import SdpaBackend, layer_masks
 
 
 class CacheFullError(RuntimeError):
@@ -202,7 +202,9 @@ class StaticSdpaBackend(SdpaBackend):
         out = model(
             input_ids=input_ids,
             position_ids=position_ids,
-            attention_mask=cache.sdpa_mask(block_mask, model.dtype),  # (1, 1, n, S_max)
+            attention_mask=layer_masks(  # (1, 1, n, S_max), or one per layer type
+                model, cache.sdpa_mask(block_mask, model.dtype), position_ids, block_mask, cache.committed_dev
+            ),
             **cache_kwargs(model, cache),
             use_cache=True,
             logits_to_keep=1 if last_only else 0,
