@@ -254,3 +254,24 @@ def test_interleave_rejects_bad_methods():
         to_bench_config(_compose(["interleave=[tree,beam]"]))
     with pytest.raises(ConfigError, match="twice"):
         to_bench_config(_compose(["interleave=[tree,tree]"]))
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("max_new_tokens=100000", "bad config: max_new_tokens=100000: prompt ("),
+        ("model.device=cuda", "bad config: model.device=cuda, but torch sees no CUDA device here; use model.device=cpu"),
+    ],
+)
+def test_values_only_the_run_can_judge_name_the_key(tmp_path, monkeypatch, override, message):
+    import torch
+
+    if "cuda" in override and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        _hydra_main(monkeypatch, ["model=tiny-random", "dataset.num_prompts=1", "warmup_tokens=0", "threads=1",
+                                  override, f"hydra.run.dir={tmp_path}"])  # fmt: skip
+    assert info.value.code == 2
+    log = (tmp_path / "run.log").read_text()
+    assert message in log and "Traceback" not in log

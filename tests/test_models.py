@@ -19,7 +19,7 @@ from treespec.loading.models import (
     IncompatibleModelsError,
     IncompatibleTokenizersError,
     ModelLoadError,
-    check_same_vocab_size,
+    check_vocab_sizes,
     check_same_vocabulary,
     load_model,
     load_pair,
@@ -97,10 +97,11 @@ def test_different_eos_is_rejected():
         check_same_vocabulary(tiny_tokenizer(), tiny_tokenizer(eos="<bos>"))
 
 
-def test_vocab_size_mismatch_is_rejected():
-    check_same_vocab_size(tiny_model(16), tiny_model(16, seed=1))
-    with pytest.raises(IncompatibleModelsError, match="vocab_size 16 != draft vocab_size 24"):
-        check_same_vocab_size(tiny_model(16), tiny_model(24))
+def test_padded_vocabularies_pair_but_a_larger_draft_is_rejected():
+    check_vocab_sizes(tiny_model(16), tiny_model(16, seed=1))
+    check_vocab_sizes(tiny_model(24), tiny_model(16, seed=1))  # same tokenizer, fewer padding rows
+    with pytest.raises(IncompatibleModelsError, match="draft vocab_size 24 > target vocab_size 16"):
+        check_vocab_sizes(tiny_model(16), tiny_model(24))
 
 
 # --- resolving and loading -------------------------------------------------------------------
@@ -273,6 +274,17 @@ def test_load_pair_from_local_checkpoints(checkpoint, tmp_path):
     pair = load_pair(str(path), str(draft_path))
     assert pair.target.config.vocab_size == pair.draft.config.vocab_size == 16
     assert set(pair.load_seconds) == {"target_tokenizer", "draft_tokenizer", "target", "draft"}
+
+
+def test_load_pair_accepts_a_padded_target_vocabulary(tmp_path):
+    # one tokenizer, the target's embedding padded to 24 rows, the draft's to 16 (Qwen2.5-7B / 0.5B)
+    for name, rows, seed in (("target", 24, 0), ("draft", 16, 1)):
+        tiny_model(rows, seed=seed).save_pretrained(tmp_path / name)
+        tiny_tokenizer().save_pretrained(tmp_path / name)
+    pair = load_pair(str(tmp_path / "target"), str(tmp_path / "draft"))
+    assert (pair.target.config.vocab_size, pair.draft.config.vocab_size) == (24, 16)
+    with pytest.raises(IncompatibleModelsError, match="draft vocab_size 24 > target vocab_size 16"):
+        load_pair(str(tmp_path / "draft"), str(tmp_path / "target"))
 
 
 def test_load_pair_rejects_mismatched_tokenizers_before_loading_models(checkpoint, tmp_path, monkeypatch):

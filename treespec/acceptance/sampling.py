@@ -25,7 +25,9 @@ __all__ = ["SamplingConfig", "logits_to_probs"]
 class SamplingConfig:
     """How tokens are sampled from logits.
 
-    temperature: 0 = greedy (argmax); otherwise logits are divided by it (> 0, finite).
+    temperature: 0 = greedy (argmax); otherwise logits are divided by it (> 0, finite; a
+        vanishing one such as 1e-40 samples the argmax, the limit, where transformers' NaN
+        probabilities raise).
     top_k: keep the top_k highest logits (ties with the k-th are kept, as in transformers);
         0 = off.
     top_p: nucleus sampling, keep the smallest set of top tokens whose mass reaches top_p
@@ -83,7 +85,11 @@ def logits_to_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
         probs = torch.zeros_like(scores).scatter_(-1, scores.argmax(dim=-1, keepdim=True), 1.0)
         return probs.reshape(shape)
     if cfg.temperature != 1.0:  # TemperatureLogitsWarper (generate skips it at 1.0)
-        scores = scores / cfg.temperature
+        # Shifted by the row maximum first (softmax does not change): logits / T overflows to inf,
+        # and softmax to NaN, once T < max|logit| / 3.4e38 (T = 1e-40 does); the shifted scores
+        # are <= 0 and at worst -inf, so every T > 0 works and a vanishing T gives the greedy
+        # limit (the argmax, shared evenly on exact ties) instead of garbage.
+        scores = (scores - scores.amax(dim=-1, keepdim=True)) / cfg.temperature
     if cfg.top_k > 0:  # TopKLogitsWarper(top_k, min_tokens_to_keep=1)
         k = min(max(cfg.top_k, 1), vocab)
         kth = torch.topk(scores, k)[0][..., -1, None]

@@ -45,6 +45,7 @@ import torch
 from transformers import PreTrainedModel
 
 from treespec.backends.base import TreeCache, UnsupportedModelError
+from treespec.backends.compat import FULL, cache_kwargs, layer_types
 from treespec.backends.kv_cache import TreeKVCache
 
 ATTN_NAME = "treespec_tree_flash"  # the key registered with transformers' AttentionInterface
@@ -272,11 +273,12 @@ class FlashBackend:
         config = model.config.get_text_config()
         if not getattr(config, "is_decoder", True) or model.config.is_encoder_decoder:
             raise UnsupportedModelError("only decoder-only causal LMs are supported")
-        layer_types = getattr(config, "layer_types", None) or []
-        if any(t != "full_attention" for t in layer_types):
+        types = set(layer_types(model))  # Mistral-style configs window every layer without layer_types
+        if types != {FULL}:
             raise UnsupportedModelError(
-                f"{type(model).__name__} has sliding-window or other non-full attention layers ({sorted(set(layer_types))}); "
-                "the flash tree backend supports full attention only: use attention='sdpa'"
+                f"{type(model).__name__} has sliding-window or other non-full attention layers ({sorted(types)}); "
+                "the flash tree backend supports full attention only: use attention='sdpa', which honours each "
+                "layer's window (with the static cache and CUDA graphs on a GPU too)"
             )
         if getattr(config, "attn_logit_softcapping", None):
             raise UnsupportedModelError("attention logit soft-capping is not supported by the flash tree backend; use attention='sdpa'")
@@ -329,7 +331,7 @@ class FlashBackend:
                 # a 4D mask makes transformers skip building its own (which would inspect the
                 # tree's position ids); the attention function reads the mask from the metadata
                 attention_mask=block_mask[None, None],
-                past_key_values=cache,
+                **cache_kwargs(model, cache),
                 use_cache=True,
                 logits_to_keep=1 if last_only else 0,
                 tree_attention=meta,

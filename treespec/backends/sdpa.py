@@ -25,6 +25,7 @@ import torch
 from transformers import PreTrainedModel
 
 from treespec.backends.base import TreeCache, UnsupportedModelError
+from treespec.backends.compat import FULL, SLIDING, accepts_mask_mapping, cache_kwargs, layer_types, sliding_window
 from treespec.backends.kv_cache import TreeKVCache
 
 SUPPORTED_ATTN = ("sdpa", "eager")
@@ -50,6 +51,7 @@ class SdpaBackend:
             )
         if not getattr(model.config.get_text_config(), "is_decoder", True) or model.config.is_encoder_decoder:
             raise UnsupportedModelError("only decoder-only causal LMs are supported")
+        check_layer_types(model)
 
     def forward(
         self,
@@ -66,9 +68,65 @@ class SdpaBackend:
         out = model(
             input_ids=input_ids,
             position_ids=position_ids,
-            attention_mask=cache.sdpa_mask(block_mask, model.dtype),  # (1, 1, n, K)
-            past_key_values=cache,
+            attention_mask=layer_masks(  # (1, 1, n, K), or one per layer type
+                model, cache.sdpa_mask(block_mask, model.dtype), position_ids, block_mask,
+                cache.committed_index(input_ids.device),
+            ),
+            **cache_kwargs(model, cache),
             use_cache=True,
             logits_to_keep=1 if last_only else 0,
         )
         return out.logits[0]  # (n, V)
+
+
+def check_layer_types(model: PreTrainedModel) -> None:
+    """Refuse layers the tree mask cannot express (chunked attention, state-space layers) and
+    per-layer windows the model would not take one mask for each."""
+    types = set(layer_types(model))
+    if not types <= {FULL, SLIDING}:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has {sorted(types - {FULL, SLIDING})} layers; treespec's tree mask serves "
+            "full and sliding-window attention layers only"
+        )
+    if types == {FULL, SLIDING} and not accepts_mask_mapping(model):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} mixes full and sliding-window layers but its forward does not take one mask per "
+            "layer type (a dict keyed by layer type), so its windows cannot be honoured"
+        )
+
+
+def window_keep(position_ids: torch.Tensor, block_mask: torch.Tensor, committed, slots: int, window: int) -> torch.Tensor:
+    """BoolTensor (n, slots): which cache slots lie inside each new token's sliding window
+    (key position > query position - window, as transformers' `sliding_window_overlay`).
+
+    position_ids: LongTensor (1, n); block_mask: BoolTensor (n, s); committed: int or LongTensor
+    (1,) (device-side, static cache). Committed slot j holds position j. A scratch entry a token
+    sees is one of its ancestors, and the ones it sees form a chain of consecutive positions
+    ending at its own (a tree path, or a causal block), so its distance from the token is the
+    number of entries the token sees after it. Slots outside both parts come out True: the
+    caller's mask hides them already.
+    """
+    n, s = block_mask.shape
+    pos = position_ids[0, :, None]  # (n, 1)
+    slot = torch.arange(slots, device=block_mask.device)  # (slots,)
+    rel = slot - committed  # (slots,) offset into the scratch region
+    seen = block_mask.long()
+    after = seen.flip(-1).cumsum(-1).flip(-1) - seen  # (n, s) entries seen after each scratch entry
+    dist = torch.where(rel < 0, pos - slot, after[:, rel.clamp(0, s - 1)])  # (n, slots)
+    return (dist < window) | (rel >= s)
+
+
+def layer_masks(model: PreTrainedModel, mask: torch.Tensor, position_ids: torch.Tensor, block_mask: torch.Tensor, committed):
+    """The attention_mask argument for `model`: the additive tree mask (1, 1, n, K) itself when no
+    layer is windowed; with a window, the mask with keys outside it hidden (every layer windowed,
+    as Mistral), or {layer type: mask} when full and windowed layers alternate (Gemma 2/3, Qwen2):
+    the models pick each layer's mask from such a mapping, which they skip building when given."""
+    window = sliding_window(model)
+    if window is None:
+        return mask
+    keep = window_keep(position_ids, block_mask, committed, mask.shape[-1], window)  # (n, K)
+    windowed = mask.masked_fill(~keep, torch.finfo(mask.dtype).min)
+    if FULL not in layer_types(model):
+        return windowed
+    return {FULL: mask, SLIDING: windowed}
+

@@ -83,6 +83,21 @@ def _check_no_extra_keys(node: DictConfig, prefix: str) -> None:
             _check_no_extra_keys(value, full + ".")
 
 
+# generate() arguments -> the config keys they come from
+CONFIG_KEYS = {"max_new_tokens": "max_new_tokens", "input_ids": "dataset.name", "eos_token_id": "ignore_eos"}
+
+
+def check_device(device: str) -> None:
+    """model.device names a device this machine has (torch's own error would be an AssertionError)."""
+    import torch
+
+    kind = device.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"model.device={device}, but torch sees no CUDA device here; use model.device=cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"model.device={device}, but MPS is not available here; use model.device=cpu")
+
+
 def write_results(results: dict, path: Path) -> None:
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(results, indent=1))
@@ -96,9 +111,19 @@ def main(cfg: DictConfig) -> float:
         log.error("bad config: %s", err)
         sys.exit(2)
     from treespec.bench.runner import run_interleaved  # torch/transformers only once the config is known to be good
+    from treespec.engine.checks import ArgumentError
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    by_method = run_interleaved(bench)
+    try:
+        check_device(bench.model.device)
+        by_method = run_interleaved(bench)
+    except ConfigError as err:
+        log.error("bad config: %s", err)
+        sys.exit(2)
+    except ArgumentError as err:  # a value only the models and prompts can judge (e.g. the context length)
+        key = CONFIG_KEYS.get(err.argument, err.argument)
+        log.error("bad config: %s=%s: %s", key, OmegaConf.select(cfg, key, default="?"), err)
+        sys.exit(2)
     for method, results in by_method.items():
         out = (run_dir / method if bench.interleave else run_dir) / bench.results_file
         write_results(results, out)

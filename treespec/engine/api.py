@@ -13,6 +13,9 @@ from typing import Iterator, Sequence
 import torch
 from transformers import PreTrainedModel
 
+from treespec.engine.checks import (
+    check_max_new_tokens, check_method, check_pair, check_prompt, check_prompt_for, eos_ids, generator_for,
+)
 from treespec.acceptance.sampling import SamplingConfig
 from treespec.backends.factory import make_backend
 from treespec.drafting.base import GreedyProposer, SampledProposer
@@ -20,8 +23,6 @@ from treespec.drafting.policy import TreePolicy, resolve_policy
 from treespec.engine.loop import GreedyAcceptor, SampledAcceptor, SpeculativeEngine
 from treespec.stats import GenerationStats
 from treespec.tree.topology import TreeTopology
-
-METHODS = ("tree", "linear", "autoregressive")
 
 
 @dataclass
@@ -40,8 +41,19 @@ class TokenStream:
     def __init__(self, engine: SpeculativeEngine, input_ids: torch.Tensor, streamer=None):
         self.engine, self.input_ids, self.streamer = engine, input_ids, streamer
         self.result: GenerationResult | None = None
+        self._started = False
 
     def __iter__(self) -> Iterator[list[int]]:
+        # the engine's caches hold this generation: a second pass would overrun them
+        if self._started:
+            raise RuntimeError(
+                "this stream was iterated already (one stream is one generation); call treespec.stream(...) "
+                "again for a new one, or read stream.result for this one's output"
+            )
+        self._started = True
+        return self._steps()
+
+    def _steps(self) -> Iterator[list[int]]:
         engine, stats = self.engine, self.engine.stats
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -82,11 +94,11 @@ def stream(
 ) -> TokenStream:
     """Like `generate`, but returns an iterator over the tokens of each step."""
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
-    spec = _check_and_resolve(target, draft, input_ids, max_new_tokens, method, tree)
+    spec, max_new_tokens = _check_and_resolve(target, draft, input_ids, max_new_tokens, method, tree)
     if sampling.greedy:
         proposer, acceptor = GreedyProposer(), GreedyAcceptor()
     else:
-        generator = _generator_for(target.device, generator)
+        generator = generator_for(target.device, generator)
         proposer, acceptor = SampledProposer(sampling, generator), SampledAcceptor(sampling, generator)
     backend = make_backend(attention, target.device, target.dtype)
     for model in (target, draft) if spec.has_drafts else (target,):
@@ -106,7 +118,7 @@ def stream(
         stats,
         prompt_len=input_ids.shape[1],
         max_new_tokens=max_new_tokens,
-        eos_token_ids=_eos_ids(target, eos_token_id),
+        eos_token_ids=eos_ids(target, eos_token_id),
     )
     return TokenStream(engine, input_ids, streamer)
 
@@ -172,85 +184,18 @@ def generate(
 
 
 # ---------------------------------------------------------------------- validation
-def _generator_for(device: torch.device, generator: torch.Generator | None) -> torch.Generator:
-    if generator is None:
-        seed = int(torch.randint(0, 2**62, (1,)))  # from the global RNG, like transformers' sampling
-        return torch.Generator(device=device).manual_seed(seed)
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    if torch.device(generator.device).type != device.type:
-        raise ValueError(
-            f"the generator is on {generator.device} but the models are on {device}; "
-            f"use torch.Generator(device='{device.type}').manual_seed(...)"
-        )
-    return generator
-
-
-TreeSpec = TreePolicy  # the tree policy `tree=` names (drafting/policy.py)
-
-
-def _resolve_spec(tree, method: str) -> TreeSpec:
-    return resolve_policy(tree, method)
-
-
-def _has_drafts(spec: TreeSpec) -> bool:
-    return spec.has_drafts
-
-
-def _check_and_resolve(target, draft, input_ids, max_new_tokens, method, tree) -> TreeSpec:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.long:
-        raise TypeError("input_ids must be a LongTensor of shape (1, T), e.g. tokenizer(text, return_tensors='pt').input_ids")
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must have shape (1, T), got {tuple(input_ids.shape)}; use input_ids[None] for one prompt")
-    if input_ids.shape[0] != 1:
-        raise ValueError(
-            f"batch size {input_ids.shape[0]} is not supported yet: treespec decodes one prompt at a time; "
-            "call generate once per prompt"
-        )
-    if input_ids.shape[1] == 0:
-        raise ValueError("the prompt is empty: give at least one token (e.g. the BOS token or a chat template)")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    spec = _resolve_spec(tree, method)
+def _check_and_resolve(target, draft, input_ids, max_new_tokens, method, tree) -> tuple[TreePolicy, int]:
+    """The tree policy and max_new_tokens as a plain int, after every argument check
+    (treespec.engine.checks), before any work."""
+    check_method(method)
+    check_prompt(input_ids)
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
+    spec = resolve_policy(tree, method)
     models = [("target", target)]
-    if _has_drafts(spec):
+    if spec.has_drafts:
         if draft is None:
             raise ValueError(f"method={method!r} needs a draft model; pass draft=... or use method='autoregressive'")
+        check_pair(target, draft)
         models.append(("draft", draft))
-        vt, vd = _vocab_size(target), _vocab_size(draft)
-        if vt != vd:
-            raise ValueError(
-                f"target and draft have different vocabulary sizes ({vt} vs {vd}); speculative decoding needs "
-                "one shared tokenizer (treespec.loading.models.check_same_vocabulary compares two tokenizers)"
-            )
-        if draft.device != target.device:
-            raise ValueError(f"target is on {target.device} but draft is on {draft.device}; put both on one device")
-    if input_ids.device != target.device:
-        raise ValueError(f"input_ids is on {input_ids.device} but the target is on {target.device}")
-    t = input_ids.shape[1]
-    for name, model in models:
-        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-        if limit is not None and t >= limit:
-            raise ValueError(f"the prompt has {t} tokens but the {name} model's context is {limit}")
-        if limit is not None and t + max_new_tokens > limit:
-            raise ValueError(
-                f"prompt ({t}) + max_new_tokens ({max_new_tokens}) exceed the {name} model's context of {limit} "
-                f"tokens; lower max_new_tokens to at most {limit - t}"
-            )
-    return spec
-
-
-def _vocab_size(model: PreTrainedModel) -> int:
-    return model.get_output_embeddings().weight.shape[0]
-
-
-def _eos_ids(target: PreTrainedModel, eos_token_id) -> set[int]:
-    if eos_token_id is None:
-        eos_token_id = getattr(target.generation_config, "eos_token_id", None)
-    if eos_token_id is None:
-        return set()
-    if isinstance(eos_token_id, int):
-        return {eos_token_id}
-    return {int(e) for e in eos_token_id}
+    check_prompt_for(input_ids, models, max_new_tokens)
+    return spec, max_new_tokens

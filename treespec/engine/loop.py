@@ -26,6 +26,7 @@ import torch
 from transformers import PreTrainedModel
 
 from treespec.acceptance.greedy import Acceptance, greedy_accept
+from treespec.engine.checks import vocab_size
 from treespec.acceptance.rejection import rejection_accept
 from treespec.acceptance.sampling import SamplingConfig, logits_to_probs
 from treespec.backends.base import Backend, TreeCache
@@ -53,7 +54,9 @@ class SampledAcceptor:
 
     def accept(self, tree: DraftTree, p_logits: torch.Tensor) -> Acceptance:
         p = logits_to_probs(p_logits, self.config)  # (N, V)
-        q = p if tree.q_logits is None else logits_to_probs(tree.q_logits, self.config)  # (N, V); unused without drafts
+        q = p if tree.q_logits is None else logits_to_probs(tree.q_logits, self.config)  # (N, V_q); unused without drafts
+        if q.shape[-1] < p.shape[-1]:  # a draft with fewer (padding) rows: q is 0 on the ids it lacks
+            q = torch.nn.functional.pad(q, (0, p.shape[-1] - q.shape[-1]))  # (N, V)
         return rejection_accept(
             tree.structure, tree.tokens, tree.valid, p, q,
             without_replacement=self.config.without_replacement, generator=self.generator,
@@ -119,6 +122,11 @@ class SpeculativeEngine:
         self.new_tokens = 0
         self.pending: torch.Tensor | None = None  # (1, m) accepted tokens the draft has not seen
         self._root_only = TreeTopology((-1,), (0,)).tensors(device)
+        # A draft with fewer rows than the target (same tokenizer, less padding) cannot embed the
+        # target's ids past its own range; it reads id 0 there instead. That only changes what the
+        # draft proposes, never the output distribution (docs/sampling.md, padded vocabularies).
+        draft_vocab = vocab_size(drafter.model) if drafter is not None else None
+        self._draft_vocab = draft_vocab if draft_vocab is not None and draft_vocab < vocab_size(target) else None
         self._steps = torch.arange(max_depth + 1, device=device)  # (D+1,)
 
     # ------------------------------------------------------------------ prefill
@@ -136,6 +144,8 @@ class SpeculativeEngine:
             for model, cache in caches:
                 for start in range(0, t - 1, PREFILL_CHUNK):
                     chunk = input_ids[:, start : min(start + PREFILL_CHUNK, t - 1)]  # (1, c)
+                    if model is not self.target:
+                        chunk = self._for_draft(chunk)
                     c = chunk.shape[1]
                     pos = torch.arange(start, start + c, device=chunk.device)[None]  # (1, c)
                     causal = torch.ones(c, c, dtype=torch.bool, device=chunk.device).tril()
@@ -159,9 +169,17 @@ class SpeculativeEngine:
         if self.drafter is None:  # target alone: the tree is just the root
             valid = torch.ones(1, dtype=torch.bool, device=self.out.device)
             return DraftTree(self._root_only, self.pending[0, -1:], valid, None)
-        tree = self.drafter.draft(self.pending, root_pos)
+        tree = self.drafter.draft(self._for_draft(self.pending), root_pos)
+        if self._draft_vocab is not None:  # the target runs the true root, not the draft's stand-in
+            tree.tokens[0] = self.pending[0, -1]
         self.stats.draft_forwards += self.drafter.forwards_per_step
         return tree
+
+    def _for_draft(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids the draft can embed: LongTensor like ids (the target's ids past the draft's rows -> 0)."""
+        if self._draft_vocab is None:
+            return ids
+        return torch.where(ids < self._draft_vocab, ids, 0)
 
     def verify(self, tree: DraftTree, root_pos: int) -> torch.Tensor:
         """Target logits at every node, in one forward: FloatTensor (N, V)."""

@@ -52,7 +52,7 @@ class IncompatibleTokenizersError(ValueError):
 
 
 class IncompatibleModelsError(ValueError):
-    """Target and draft models cannot be paired (different vocabulary size)."""
+    """Target and draft models cannot be paired (the draft scores ids the target does not)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,18 +382,20 @@ def check_same_vocabulary(
         )
 
 
-def check_same_vocab_size(target: PreTrainedModel, draft: PreTrainedModel) -> None:
-    """Raise IncompatibleModelsError unless both models score the same number of token ids.
+def check_vocab_sizes(target: PreTrainedModel, draft: PreTrainedModel) -> None:
+    """Raise IncompatibleModelsError unless the draft scores at most the target's token ids.
 
-    The engine compares target and draft distributions position by position over one vocabulary;
-    a draft with more (padded) rows could propose ids the target has no logit for.
+    With one tokenizer (checked first), embedding matrices often differ only in padding rows
+    (Qwen2.5-7B has 152,064, Qwen2.5-0.5B 151,936): the pair then runs on the shared id range,
+    the draft's q being 0 on the ids it lacks, which keeps the output exact (docs/sampling.md).
+    A draft with more rows than the target could propose ids the target has no logit for.
     """
-    t_size, d_size = target.config.vocab_size, draft.config.vocab_size
-    if t_size != d_size:
+    t_size, d_size = target.config.get_text_config().vocab_size, draft.config.get_text_config().vocab_size
+    if d_size > t_size:
         raise IncompatibleModelsError(
-            f"target vocab_size {t_size} != draft vocab_size {d_size} although the tokenizers agree. "
-            "The engine needs both models to produce logits over the same ids; use a draft whose "
-            "embedding matrix has the same number of rows as the target's."
+            f"draft vocab_size {d_size} > target vocab_size {t_size} although the tokenizers agree: the draft "
+            "could propose ids the target has no logit for. Use a draft with at most the target's embedding rows "
+            "(swap the two if the larger model is meant to be the target)."
         )
 
 
@@ -434,7 +436,7 @@ def load_pair(
 
     Raises:
         IncompatibleTokenizersError: the tokenizers map strings to ids differently.
-        IncompatibleModelsError: the models' vocab_size differ.
+        IncompatibleModelsError: the draft has more embedding rows than the target.
         ModelLoadError: a spec cannot be loaded.
     """
     times: dict[str, float] = {}
@@ -447,7 +449,7 @@ def load_pair(
     check_same_vocabulary(tokenizer, draft_tokenizer)
     target = _timed(lambda: _load_model(target_src, dtype, device, cache_converted), "target", times)
     draft = _timed(lambda: _load_model(draft_src, dtype, device, cache_converted), "draft", times)
-    check_same_vocab_size(target, draft)
+    check_vocab_sizes(target, draft)
     if len(tokenizer) > target.config.vocab_size:
         raise IncompatibleModelsError(
             f"the tokenizer has {len(tokenizer)} tokens but the models only {target.config.vocab_size} "

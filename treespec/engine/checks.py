@@ -1,0 +1,160 @@
+"""Argument checks of the public API: every bad input fails here, before any model work, with a
+message that names the argument and says what to do (never an error from deep inside torch).
+
+Integral numpy and torch scalars (`np.int64(64)`, `torch.tensor(64)`) are accepted wherever an
+int is, and turned into plain ints; strings, floats and bools are refused.
+
+`ArgumentError.argument` names the offending argument, so that a caller with its own names for
+them (the benchmark's config keys) can report its own key.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Sequence
+
+import torch
+from transformers import PreTrainedModel
+
+METHODS = ("tree", "linear", "autoregressive")
+
+
+class ArgumentError(ValueError):
+    """A bad argument of `generate` / `stream`; `argument` is its name."""
+
+    def __init__(self, argument: str, message: str):
+        super().__init__(message)
+        self.argument = argument
+
+
+def as_int(value) -> int | None:
+    """value as a plain int if it is an integral scalar (int, numpy integer, 0-d integer tensor),
+    else None. Bools are not ints here."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            return None
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numpy integers are Integral
+        return None
+    return int(value)
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ArgumentError("method", f"unknown method {method!r}; choose one of {METHODS}")
+
+
+def check_max_new_tokens(max_new_tokens) -> int:
+    """max_new_tokens as a plain int >= 1."""
+    value = as_int(max_new_tokens)
+    if value is None or value < 1:
+        raise ArgumentError(
+            "max_new_tokens", f"max_new_tokens must be a whole number >= 1 (an int), got {max_new_tokens!r}"
+        )
+    return value
+
+
+def check_prompt(input_ids) -> None:
+    """Type and shape of the prompt (its ids and device are checked against the models later)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.long:
+        raise TypeError("input_ids must be a LongTensor of shape (1, T), e.g. tokenizer(text, return_tensors='pt').input_ids")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (1, T), got {tuple(input_ids.shape)}; use input_ids[None] for one prompt")
+    if input_ids.shape[0] != 1:
+        raise ValueError(
+            f"batch size {input_ids.shape[0]} is not supported yet: treespec decodes one prompt at a time; "
+            "call generate once per prompt"
+        )
+    if input_ids.shape[1] == 0:
+        raise ValueError("the prompt is empty: give at least one token (e.g. the BOS token or a chat template)")
+
+
+def vocab_size(model: PreTrainedModel) -> int:
+    """Rows of the model's output embedding: the ids it has a logit for."""
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def check_pair(target: PreTrainedModel, draft: PreTrainedModel) -> None:
+    """Target and draft can work together: one device, and a draft vocabulary that is the target's
+    or a prefix of it (the same tokenizer with fewer padding rows, docs/sampling.md)."""
+    vt, vd = vocab_size(target), vocab_size(draft)
+    if vd > vt:
+        raise ValueError(
+            f"the draft scores {vd} token ids but the target only {vt}: the draft could propose ids the target has "
+            "no probability for. Use a draft with at most the target's vocabulary (the same tokenizer; fewer "
+            "padding rows are fine), or swap the models if the larger one is meant to be the target"
+        )
+    if draft.device != target.device:
+        raise ValueError(f"target is on {target.device} but draft is on {draft.device}; put both on one device")
+
+
+def check_prompt_for(input_ids: torch.Tensor, models: Sequence[tuple[str, PreTrainedModel]], max_new_tokens: int) -> None:
+    """The prompt fits the models: device, token ids in the target's vocabulary, context length.
+    models: [("target", target)] or [("target", target), ("draft", draft)]."""
+    target = models[0][1]
+    if input_ids.device != target.device:
+        raise ValueError(f"input_ids is on {input_ids.device} but the target is on {target.device}")
+    vocab = target.get_input_embeddings().weight.shape[0]
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab:
+        bad = low if low < 0 else high
+        raise ArgumentError(
+            "input_ids",
+            f"input_ids holds token id {bad}, outside the target's vocabulary 0..{vocab - 1}; the prompt must come "
+            "from the target's own tokenizer (tokenizer(text, return_tensors='pt').input_ids)",
+        )
+    t = input_ids.shape[1]
+    for name, model in models:
+        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        if limit is not None and t >= limit:
+            raise ArgumentError("input_ids", f"the prompt has {t} tokens but the {name} model's context is {limit}")
+        if limit is not None and t + max_new_tokens > limit:
+            raise ArgumentError(
+                "max_new_tokens",
+                f"prompt ({t}) + max_new_tokens ({max_new_tokens}) exceed the {name} model's context of {limit} "
+                f"tokens; lower max_new_tokens to at most {limit - t}",
+            )
+
+
+def eos_ids(target: PreTrainedModel, eos_token_id) -> set[int]:
+    """The stop ids: eos_token_id (an id, or a list / 1-d tensor of ids), or by default the target's
+    generation_config.eos_token_id, as transformers does."""
+    argument = eos_token_id
+    if eos_token_id is None:
+        argument = eos_token_id = getattr(target.generation_config, "eos_token_id", None)
+    if eos_token_id is None:
+        return set()
+    if isinstance(eos_token_id, torch.Tensor) and eos_token_id.dim() == 1:
+        eos_token_id = list(eos_token_id)
+    if isinstance(eos_token_id, Sequence) and not isinstance(eos_token_id, (str, bytes)):
+        items = list(eos_token_id)
+    else:
+        items = [eos_token_id]
+    values = [as_int(e) for e in items]
+    if any(isinstance(e, (str, bytes)) for e in items):
+        raise ArgumentError(
+            "eos_token_id",
+            f"eos_token_id must be a token id (an int) or a list of ids, got the string {argument!r}; "
+            "convert it first: tokenizer.convert_tokens_to_ids(...)",
+        )
+    if any(v is None for v in values):
+        raise ArgumentError(
+            "eos_token_id", f"eos_token_id must be a token id (an int) or a list of ids, got {argument!r}"
+        )
+    return set(values)
+
+
+def generator_for(device: torch.device, generator: torch.Generator | None) -> torch.Generator:
+    """The generator every random draw uses: the caller's (checked), or a fresh one seeded from
+    torch's global RNG (like transformers' sampling)."""
+    if generator is None:
+        seed = int(torch.randint(0, 2**62, (1,)))
+        return torch.Generator(device=device).manual_seed(seed)
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if torch.device(generator.device).type != device.type:
+        raise ValueError(
+            f"the generator is on {generator.device} but the models are on {device}; "
+            f"use torch.Generator(device='{device.type}').manual_seed(...)"
+        )
+    return generator
