@@ -121,3 +121,19 @@ def test_flash_refuses_windowed_models_and_names_sdpa():
     for family in ("mistral-windowed", "gemma3"):
         with pytest.raises(UnsupportedModelError, match="use attention='sdpa', which honours each layer's window"):
             FlashBackend().check_model(build(family, 0))
+
+
+@pytest.mark.parametrize("name", ["mistral-windowed", "gemma3", "qwen2-windowed"])
+def test_windows_with_the_static_cache(name):
+    """The static cache's device-built mask (the GPU path, run here without graph capture)."""
+    from treespec.backends.cuda_graphs import GraphedBackend
+    from treespec.backends.static_cache import StaticSdpaBackend
+
+    target, draft = build(name, 0), build(name, 1)
+    ref = target.generate(PROMPT, do_sample=False, max_new_tokens=NEW, eos_token_id=None, pad_token_id=0,
+                          attention_mask=torch.ones_like(PROMPT))  # fmt: skip
+    backend = GraphedBackend(StaticSdpaBackend())
+    for method, tree in (("autoregressive", None), ("tree", [3, 2, 2, 1])):
+        out = treespec.generate(target, draft, PROMPT, max_new_tokens=NEW, method=method, tree=tree,
+                                attention=backend, eos_token_id=[])  # fmt: skip
+        assert torch.equal(out.sequences, ref), (name, method)
