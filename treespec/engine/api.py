@@ -26,7 +26,6 @@ from treespec.stats import GenerationStats
 from treespec.tree.topology import TreeTopology, resolve_tree
 
 
-
 @dataclass
 class GenerationResult:
     """sequences: LongTensor (1, T + new) prompt followed by the generated tokens, as in
