@@ -49,8 +49,11 @@ class SdpaBackend:
                 f"{SUPPORTED_ATTN}. Load it with attn_implementation='sdpa' or call "
                 "model.set_attn_implementation('sdpa')."
             )
-        if not getattr(model.config.get_text_config(), "is_decoder", True) or model.config.is_encoder_decoder:
-            raise UnsupportedModelError("only decoder-only causal LMs are supported")
+        # not config.is_decoder: GPT-NeoX's config says False although it is a causal LM
+        if model.config.is_encoder_decoder or not model.can_generate():
+            raise UnsupportedModelError(
+                f"{type(model).__name__} is not a decoder-only causal LM (an ...ForCausalLM model); only those are supported"
+            )
         check_layer_types(model)
 
     def forward(

@@ -24,7 +24,6 @@ from treespec.engine.loop import GreedyAcceptor, SampledAcceptor, SpeculativeEng
 from treespec.stats import GenerationStats
 from treespec.tree.topology import TreeTopology
 
-
 @dataclass
 class GenerationResult:
     """sequences: LongTensor (1, T + new) prompt followed by the generated tokens, as in
