@@ -18,8 +18,14 @@ one launch instead of hundreds.
   and replay. The returned logits are the graph's output buffer: valid until the same shape
   is replayed again (the engine consumes them at once).
 
-Forwards with more than `max_graph_tokens` new tokens (prefill chunks) and forwards on the CPU
-run eagerly through the wrapped backend.
+Prompt chunks (prefill) and forwards with more than `max_graph_tokens` new tokens run eagerly
+through the wrapped backend; forwards on the CPU run without graphs.
+
+With compilation on (the default on CUDA) every graphed forward is the model's torch.compile'd forward
+(treespec/backends/compiled.py: inductor, fullgraph, static shapes): the warm-up call of a shape
+compiles it, the capture records the fused kernels. On the CPU, compile=True runs the compiled
+forward without graphs (inductor's C++ backend; what the CPU tests use); compile=False turns
+it off everywhere.
 
 Graphs hold raw pointers to the cache buffers, so the backend owns the caches: `make_cache`
 hands out one persistent StaticTreeKVCache per (model, role), reset for each generation, and
@@ -37,9 +43,14 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
+from treespec.backends.compiled import CompiledForwards
 from treespec.backends.static_cache import StaticTreeKVCache
 
 CAPACITY_ROUNDING = 256  # static caches are allocated in steps of this many slots
+# the decode loop's only last_only forward is the draft's first, over the 1 or 2 tokens it has
+# not cached yet; a last_only forward of more tokens is a prompt chunk, whose length follows the
+# prompt: capturing or compiling it would cost a capture (and a compilation) per prompt length
+MAX_PENDING = 2
 
 
 @dataclass
@@ -81,10 +92,31 @@ class GraphedBackend:
         tokens of a benchmark so that caches, and their graphs, are made once).
     max_graphs: shapes beyond this many run eagerly (trees whose shape changes every step
         would otherwise capture without end; each graph holds its own activation memory).
+    compile: run the model's torch.compile'd forward in the graphs (compiled.py); False keeps
+        the eager forward (the graphs then record transformers' own kernels); None (default)
+        compiles on CUDA only, True on the CPU too (inductor's C++ backend, no graphs).
+    compile_mode: inductor mode for compile=True (None: inductor's default).
+    compile_backend: torch.compile backend ('inductor'; CPU tests use 'aot_eager').
+    graphs: False runs every forward without capturing (compiled or eager, over the static
+        caches): what make_backend(graphs=False, compile=True) gives.
     """
 
-    def __init__(self, inner, *, max_graph_tokens: int = 256, min_capacity: int = 0, max_graphs: int = 128):
+    def __init__(
+        self,
+        inner,
+        *,
+        max_graph_tokens: int = 256,
+        min_capacity: int = 0,
+        max_graphs: int = 128,
+        compile: bool | None = None,
+        compile_mode: str | None = None,
+        compile_backend: str = "inductor",
+        graphs: bool = True,
+    ):
         self.inner = inner
+        self.graphs = graphs
+        self.compile = compile
+        self.compiler = CompiledForwards(compile_mode, compile_backend) if compile is not False else None
         self.max_graph_tokens = max_graph_tokens
         self.min_capacity = min_capacity
         self.max_graphs = max_graphs
@@ -115,6 +147,8 @@ class GraphedBackend:
 
     def reset(self) -> None:
         """Drop every graph and cache (frees their GPU memory)."""
+        if self.compiler is not None:
+            self.compiler.reset()
         self._graphs.clear()
         self._calls.clear()
         self._caches.clear()
@@ -137,8 +171,14 @@ class GraphedBackend:
         """Same contract as the wrapped backend's forward: input_ids, position_ids LongTensor
         (1, n), block_mask BoolTensor (n, s) -> logits (n, V), or (1, V) with last_only."""
         n, s = block_mask.shape
-        if input_ids.device.type != "cuda" or not isinstance(cache, StaticTreeKVCache) or n > self.max_graph_tokens:
+        prompt_chunk = last_only and n > MAX_PENDING
+        if not isinstance(cache, StaticTreeKVCache) or n > self.max_graph_tokens or prompt_chunk:
             self.stats.eager_calls += 1
+            return self.inner.forward(model, cache, input_ids, position_ids, block_mask, last_only)
+        if input_ids.device.type != "cuda" or not self.graphs:
+            self.stats.eager_calls += 1
+            if self.compile or (self.compile is None and input_ids.device.type == "cuda"):  # the CPU only when asked
+                return self._run(model, cache, input_ids, position_ids, block_mask, last_only)
             return self.inner.forward(model, cache, input_ids, position_ids, block_mask, last_only)
         key = (id(cache), id(model), n, s, last_only)
         captured = self._graphs.get(key)
@@ -146,7 +186,7 @@ class GraphedBackend:
             calls = self._calls[key] = self._calls.get(key, 0) + 1
             if calls == 1 or len(self._graphs) >= self.max_graphs:  # warm-up: lazy init must happen outside a capture
                 self.stats.eager_calls += 1
-                return self.inner.forward(model, cache, input_ids, position_ids, block_mask, last_only)
+                return self._run(model, cache, input_ids, position_ids, block_mask, last_only)
             captured = self._capture(model, cache, input_ids, position_ids, block_mask, last_only)
             self._graphs[key] = captured
         captured.feed(input_ids, position_ids, block_mask)
@@ -155,6 +195,12 @@ class GraphedBackend:
         self.stats.replays += 1
         return captured.logits
 
+    def _run(self, model, cache, input_ids, position_ids, block_mask, last_only) -> torch.Tensor:
+        """One forward of the wrapped backend, through the compiled model when compiling."""
+        if self.compiler is None:
+            return self.inner.forward(model, cache, input_ids, position_ids, block_mask, last_only)
+        return self.compiler.forward(self.inner, model, cache, input_ids, position_ids, block_mask, last_only)
+
     def _capture(self, model, cache: StaticTreeKVCache, input_ids, position_ids, block_mask, last_only) -> CapturedForward:
         t0 = time.perf_counter()
         static_ids, static_pos, static_mask = input_ids.clone(), position_ids.clone(), block_mask.clone()
@@ -162,7 +208,7 @@ class GraphedBackend:
         host = cache.host_state()
         torch.cuda.synchronize()
         with torch.cuda.graph(graph):
-            logits = self.inner.forward(model, cache, static_ids, static_pos, static_mask, last_only)
+            logits = self._run(model, cache, static_ids, static_pos, static_mask, last_only)
         # capturing ran the forward's Python once (host counters moved) but no kernel: undo
         # the host side; the caller replays the graph for real next
         cache.set_host_state(host)

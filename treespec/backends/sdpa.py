@@ -81,13 +81,29 @@ class SdpaBackend:
         return out.logits[0]  # (n, V)
 
 
-def make_backend(name, device: torch.device | str, dtype: torch.dtype | None = None, *, graphs: bool | None = None):
+# attention='auto' on CUDA: flash from this many context tokens (prompt + new tokens) on, sdpa
+# below, where flash's cascade (prefix + block + merge) costs more kernels than sdpa's masked
+# read of the whole static cache saves. Measured on the H200 (docs/gpu.md, "Choosing the backend").
+FLASH_MIN_CONTEXT = 2048
+
+
+def make_backend(
+    name,
+    device: torch.device | str,
+    dtype: torch.dtype | None = None,
+    *,
+    graphs: bool | None = None,
+    compile: bool | None = None,
+    context_length: int | None = None,
+):
     """The backend called `name`: 'auto', 'sdpa' or 'flash' (or a backend object, returned as is,
     so that one GraphedBackend and its captured graphs serve many generations).
 
-    'auto' is 'flash' on CUDA when flash_attn imports (and dtype, if given, is fp16/bf16), else
-    'sdpa'. On CUDA the backend is wrapped in a GraphedBackend (CUDA graphs over static caches)
-    unless graphs=False. docs/gpu.md describes the GPU path.
+    'auto' is 'flash' on CUDA when flash_attn imports, dtype (if given) is fp16/bf16 and the
+    context (prompt + new tokens, if given) reaches FLASH_MIN_CONTEXT; else 'sdpa'. On CUDA the
+    backend is wrapped in a GraphedBackend (CUDA graphs over static caches) unless graphs=False;
+    its forwards are torch.compile'd unless compile=False (compile=True compiles on the CPU too,
+    over static caches, without graphs). docs/gpu.md describes the GPU path.
     """
     if not isinstance(name, str):
         return name
@@ -96,19 +112,21 @@ def make_backend(name, device: torch.device | str, dtype: torch.dtype | None = N
     if name == "auto":
         from treespec.backends.flash import FLASH_DTYPES, flash_available  # lazy: flash.py imports this module
 
-        name = "flash" if cuda and flash_available() and dtype in (None, *FLASH_DTYPES) else "sdpa"
+        long_context = context_length is None or context_length >= FLASH_MIN_CONTEXT
+        name = "flash" if cuda and flash_available() and dtype in (None, *FLASH_DTYPES) and long_context else "sdpa"
+    static = cuda or bool(graphs) or bool(compile)  # a static cache: graph-safe and fixed-shape
     if name == "sdpa":
         from treespec.backends.static_cache import StaticSdpaBackend
 
-        inner = StaticSdpaBackend() if cuda else SdpaBackend()
+        inner = StaticSdpaBackend() if static else SdpaBackend()
     elif name == "flash":
         from treespec.backends.flash import FlashBackend
 
         inner = FlashBackend()
     else:
         raise ValueError(f"unknown attention backend {name!r}; choose 'auto', 'sdpa' or 'flash'")
-    if cuda if graphs is None else graphs:
+    if (cuda if graphs is None else graphs) or compile:
         from treespec.backends.cuda_graphs import GraphedBackend
 
-        return GraphedBackend(inner)
+        return GraphedBackend(inner, compile=compile, graphs=cuda if graphs is None else graphs)
     return inner
