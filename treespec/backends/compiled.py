@@ -87,7 +87,7 @@ class CompiledForwards:
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, accumulated_recompile_limit=RECOMPILE_LIMIT):
             logits = inner.forward(self.compiled(model), cache, input_ids, position_ids, block_mask, last_only)
         if _compiled_graphs() != graphs_before:
-            if input_ids.device.type == "cuda":
+            if input_ids.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
             n, s = block_mask.shape

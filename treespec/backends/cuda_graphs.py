@@ -10,10 +10,12 @@ one launch instead of hundreds.
 `GraphedBackend` wraps a backend whose forward is graph-safe with a `StaticTreeKVCache`
 (`FlashBackend`, `StaticSdpaBackend`: all positions and masks come from device tensors):
 
-- the first call of a shape (model, cache, n, s, last_only) runs eagerly: it warms up lazy
-  initialisation (cuBLAS handles, flash-attn's module load), which a capture cannot do;
-- the second call captures the forward into a graph with its own static input buffers
-  (ids (1, n), positions (1, n), block mask (n, s)) and output logits, then replays it;
+- the first call of a shape (model, cache, n, s, last_only) copies its inputs into the shape's
+  static buffers (ids (1, n), positions (1, n), block mask (n, s)) and runs on them outside
+  any capture: it warms up lazy initialisation (cuBLAS handles, flash-attn's module load) and
+  compiles the shape, which a capture cannot do;
+- the second call captures the forward on the same buffers (so a compiled forward's guards
+  hold and nothing recompiles mid-capture), keeps its output logits, then replays it;
 - later calls copy their inputs into the static buffers, advance the cache's host counter,
   and replay. The returned logits are the graph's output buffer: valid until the same shape
   is replayed again (the engine consumes them at once).
@@ -122,7 +124,7 @@ class GraphedBackend:
         self.max_graphs = max_graphs
         self.stats = GraphStats()
         self._graphs: dict[tuple, CapturedForward] = {}
-        self._calls: dict[tuple, int] = {}
+        self._static: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # warmed-up inputs
         self._caches: dict[tuple[int, str], tuple[PreTrainedModel, StaticTreeKVCache]] = {}
 
     @property
@@ -150,14 +152,14 @@ class GraphedBackend:
         if self.compiler is not None:
             self.compiler.reset()
         self._graphs.clear()
-        self._calls.clear()
+        self._static.clear()
         self._caches.clear()
 
     def _drop_graphs(self, cache: StaticTreeKVCache) -> None:
         for key in [k for k in self._graphs if k[0] == id(cache)]:
             del self._graphs[key]
-        for key in [k for k in self._calls if k[0] == id(cache)]:
-            del self._calls[key]
+        for key in [k for k in self._static if k[0] == id(cache)]:
+            del self._static[key]
 
     def forward(
         self,
@@ -183,11 +185,18 @@ class GraphedBackend:
         key = (id(cache), id(model), n, s, last_only)
         captured = self._graphs.get(key)
         if captured is None:
-            calls = self._calls[key] = self._calls.get(key, 0) + 1
-            if calls == 1 or len(self._graphs) >= self.max_graphs:  # warm-up: lazy init must happen outside a capture
+            if len(self._graphs) >= self.max_graphs:
                 self.stats.eager_calls += 1
                 return self._run(model, cache, input_ids, position_ids, block_mask, last_only)
-            captured = self._capture(model, cache, input_ids, position_ids, block_mask, last_only)
+            static = self._static.get(key)
+            if static is None:
+                # warm-up, outside any capture: lazy initialisation, and the compilation of the
+                # shape. It runs on the very buffers the capture will use, so that the compiled
+                # forward's guards (shapes, strides) hold then and nothing compiles mid-capture.
+                static = self._static[key] = tuple(x.clone(memory_format=torch.contiguous_format) for x in (input_ids, position_ids, block_mask))
+                self.stats.eager_calls += 1
+                return self._run(model, cache, *static, last_only)
+            captured = self._capture(model, cache, *static, last_only)
             self._graphs[key] = captured
         captured.feed(input_ids, position_ids, block_mask)
         cache.reserve(n)  # the host half of begin_forward; the device half is in the graph
@@ -201,9 +210,9 @@ class GraphedBackend:
             return self.inner.forward(model, cache, input_ids, position_ids, block_mask, last_only)
         return self.compiler.forward(self.inner, model, cache, input_ids, position_ids, block_mask, last_only)
 
-    def _capture(self, model, cache: StaticTreeKVCache, input_ids, position_ids, block_mask, last_only) -> CapturedForward:
+    def _capture(self, model, cache: StaticTreeKVCache, static_ids, static_pos, static_mask, last_only) -> CapturedForward:
+        """Capture the forward on the static input buffers the warm-up call ran on."""
         t0 = time.perf_counter()
-        static_ids, static_pos, static_mask = input_ids.clone(), position_ids.clone(), block_mask.clone()
         graph = torch.cuda.CUDAGraph()
         host = cache.host_state()
         torch.cuda.synchronize()

@@ -188,7 +188,7 @@ def step_breakdown(target, draft, method, tree, backend, prompt_len: int, new_to
                 non_forward_share=1 - fwd / wall if wall else 0.0, tau=stats.tau, warmup_s=warmup_s)  # fmt: skip
 
 
-METHODS = [("autoregressive", None), ("linear", "chain-4"), ("tree", [4, 2, 2, 1]), ("tree", [8, 2, 1])]
+METHODS = [("autoregressive", None), ("linear", "chain-4"), ("tree", [4, 2, 2, 1])]
 
 
 def section_steps(models: dict, prompt_len: int, new_tokens: int, bnames: list[str], eager: bool) -> list[dict]:
@@ -218,15 +218,15 @@ def section_steps(models: dict, prompt_len: int, new_tokens: int, bnames: list[s
     return rows
 
 
-def section_crossover(models: dict, prefixes: list[int], sizes: list[int], iters: int) -> list[dict]:
-    """Compiled + graphed verification latency of sdpa and flash against the cached context."""
+def section_crossover(models: dict, prefixes: list[int], sizes: list[int], iters: int, compile: bool) -> list[dict]:
+    """Graphed (compiled or not) verification latency of sdpa and flash against the cached context."""
     rows = []
     name = [k for k in models if k != "0.5b"][0]
     model = models[name]
     for prefix in prefixes:
         ctx = torch.randint(2, VOCAB, (1, prefix), device=DEVICE)
         for bname in backends():
-            backend = graphed_backend(bname, compile=True)
+            backend = graphed_backend(bname, compile=compile)
             cache = backend.make_cache(model, prefix + 256)
             with torch.no_grad():
                 prefill(backend.inner, model, cache, ctx)
@@ -235,29 +235,32 @@ def section_crossover(models: dict, prefixes: list[int], sizes: list[int], iters
                     pos = (prefix + topo.depth)[None].to(DEVICE)
                     wall, dev, _ = time_forward(backend, model, cache, topo.num_nodes, topo.num_nodes,
                                                 topo.ancestors.to(DEVICE), pos, False, iters)  # fmt: skip
-                    rows.append(dict(model=name, backend=bname, prefix=prefix, n=size, ms=wall, device_ms=dev))
-                    print(f"  {name:4s} context {prefix:5d} verify N={size:3d} {bname:5s} compiled+graph {wall:7.3f} ms "
+                    rows.append(dict(model=name, backend=bname, prefix=prefix, n=size, ms=wall, device_ms=dev, compiled=compile))
+                    print(f"  {name:4s} context {prefix:5d} verify N={size:3d} {bname:5s} {'compiled+' if compile else ''}graph {wall:7.3f} ms "
                           f"(device {dev:7.3f})", flush=True)  # fmt: skip
             del cache, backend
     return rows
 
 
 def section_warmup(args) -> list[dict]:
-    """Two fresh processes warm up the same compiled tree configuration: the first with an
-    empty inductor cache directory, the second with what the first left there."""
-    cache_dir = out_dir() / "inductor_cache_probe"
+    """A fresh process warms up the compiled tree configuration with inductor's on-disk cache
+    as this process left it (run after `steps`, which compiled the same shapes); with
+    --warmup-cold, first another one with an empty cache directory."""
     rows = []
-    for run in ("empty cache", "on-disk cache"):
+    cold_dir = "/tmp/treespec_inductor_cold"
+    for run in (["empty cache"] if args.warmup_cold else []) + ["on-disk cache"]:
         cmd = [sys.executable, "-m", "treespec.bench.gpu_step_timings", "--sections", "warmup_child",
                "--targets", args.targets.split(",")[0], "--draft", args.draft, "--backends", args.backends.split(",")[0]]  # fmt: skip
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_dir), OUT=str(out_dir() / "warmup_child"))
+        env = dict(os.environ, OUT="/tmp/treespec_warmup_child")
+        if run == "empty cache":
+            env["TORCHINDUCTOR_CACHE_DIR"] = cold_dir
         t0 = time.perf_counter()
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         line = [x for x in done.stdout.splitlines() if x.startswith("WARMUP ")]
         rows.append(dict(run=run, process_s=time.perf_counter() - t0, returncode=done.returncode,
                          result=line[-1][7:] if line else done.stderr[-2000:]))  # fmt: skip
         print(f"  {run}: {rows[-1]['result']} (whole process {rows[-1]['process_s']:.1f} s)", flush=True)
-    subprocess.run(["rm", "-rf", str(cache_dir)])
+    subprocess.run(["rm", "-rf", cold_dir])
     return rows
 
 
@@ -320,7 +323,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,16,64", help="verification sizes of the forwards section")
     parser.add_argument("--prefixes", default="512,2048,4096,8192", help="contexts of the crossover section")
     parser.add_argument("--crossover-sizes", default="1,45")
+    parser.add_argument("--crossover-no-compile", action="store_true", help="crossover with graphs of eager forwards")
     parser.add_argument("--eager-steps", action="store_true", help="steps: also the eager reference")
+    parser.add_argument("--warmup-cold", action="store_true", help="warmup: also a process with an empty inductor cache")
     parser.add_argument("--targets", default="1.5b,7b")
     parser.add_argument("--draft", default="0.5b")
     parser.add_argument("--prefix", type=int, default=512)
@@ -348,7 +353,9 @@ def main() -> None:
             elif section == "steps":
                 results["steps"] = section_steps(models, args.prefix, args.new_tokens, bnames, args.eager_steps)
             elif section == "crossover":
-                results["crossover"] = section_crossover(models, ints(args.prefixes), ints(args.crossover_sizes), args.iters)
+                results["crossover"] = section_crossover(
+                    models, ints(args.prefixes), ints(args.crossover_sizes), args.iters, not args.crossover_no_compile
+                )
             elif section == "warmup":
                 results["warmup"] = section_warmup(args)
             elif section == "warmup_child":
