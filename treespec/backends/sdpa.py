@@ -84,7 +84,7 @@ class SdpaBackend:
 # attention='auto' on CUDA: flash from this many context tokens (prompt + new tokens) on, sdpa
 # below, where flash's cascade (prefix + block + merge) costs more kernels than sdpa's masked
 # read of the whole static cache saves. Measured on the H200 (docs/gpu.md, "Choosing the backend").
-FLASH_MIN_CONTEXT = 2048
+FLASH_MIN_CONTEXT = 4096
 
 
 def make_backend(
