@@ -135,8 +135,10 @@ _BACKENDS: dict[tuple, Any] = {}
 
 def _backend(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, max_new: int):
     """One treespec backend per (attention, compile, device, dtype) for the whole process, so
-    that every prompt of a run replays the CUDA graphs (and compiled forwards) captured for the
-    first; its static caches are sized for this dataset's prompts up front (min_capacity)."""
+    that every prompt of a run replays the CUDA graphs (and compiled forwards) made for the
+    first. Its static caches get room for twice the first prompt's need (min_capacity), so that
+    a longer prompt later rarely reallocates them: a new capacity is a new shape, with new
+    graphs and new compilations."""
     from treespec.backends.sdpa import make_backend
 
     m = cfg.method
