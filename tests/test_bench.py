@@ -49,7 +49,7 @@ def test_every_group_has_options():
     for g in GROUPS:
         assert _options(g), f"configs/{g}/ has no yaml"
     assert {"code", "text", "structured"} <= set(_options("domain"))
-    assert {"tree", "linear", "autoregressive", "hf_assisted"} == set(_options("method"))
+    assert {"tree", "linear", "autoregressive", "hf_assisted", "hf_generate", "hf_static", "hf_prompt_lookup"} == set(_options("method"))
 
 
 @pytest.mark.parametrize("domain,dataset", [("code", "humaneval"), ("text", "mtbench"), ("structured", "bfcl")])
@@ -147,7 +147,7 @@ def test_run_cell_in_process_all_methods():
     from treespec.bench.runner import run_cell
 
     outs = {}
-    for method in ("autoregressive", "linear", "tree", "hf_assisted"):
+    for method in ("autoregressive", "linear", "tree", "hf_assisted", "hf_generate", "hf_static", "hf_prompt_lookup"):
         cfg = default_config(max_new_tokens=6)
         cfg.method.name = method
         cfg.dataset.num_prompts = 1
@@ -156,12 +156,13 @@ def test_run_cell_in_process_all_methods():
         assert agg["prompts"] == 1 and agg["new_tokens"] > 0 and agg["tau"] >= 1.0
         rec = PromptRecord.from_dict(res["prompts"][0])
         assert aggregate([rec])["tau"] == agg["tau"]
-        if method != "autoregressive":
+        if method in ("linear", "tree", "hf_assisted"):
             assert rec.draft_tokens_proposed > 0
             assert sum(a + 1 for a in rec.accepted_lengths) >= rec.new_tokens
         json.dumps(res)  # JSON-ready
         outs[method] = rec.output_ids
     assert outs["linear"] == outs["autoregressive"] == outs["tree"]
+    assert outs["hf_generate"] == outs["autoregressive"]  # fp32 greedy: transformers' own output
 
 
 def _hydra_main(monkeypatch, args: list[str]) -> None:

@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import treespec
-from treespec.backends.factory import make_backend
+from treespec.backends.factory import FLASH_MIN_CONTEXT, make_backend
 from treespec.backends.cuda_graphs import GraphedBackend
 from treespec.backends.flash import FlashBackend, flash_available
 from treespec.backends.kv_cache import TreeKVCache
@@ -122,7 +122,7 @@ def test_graph_replay_equals_eager(backend_name, dtype, method, tree):
     target = random_model("qwen2.5-1.5b", dtype, seed=1)
     draft = target  # self-drafting: long accepted paths, both caches of one model
     gen = torch.Generator(device="cuda").manual_seed(5)
-    graphed = make_backend(backend_name, "cuda", dtype, graphs=True)
+    graphed = make_backend(backend_name, "cuda", dtype, graphs=True, compile=False)
     assert isinstance(graphed, GraphedBackend)
     # eager on the same static caches (max_graph_tokens=0: nothing is captured), so that both
     # runs have identical shapes; TreeKVCache's shorter key length may round differently
@@ -141,10 +141,58 @@ def test_graph_replay_equals_eager(backend_name, dtype, method, tree):
 
 
 @needs_flash
-def test_auto_picks_flash_on_cuda_and_records_it():
+def test_auto_picks_by_context_on_cuda_and_records_it():
     model = random_model("qwen2.5-0.5b")
     prompt = torch.randint(2, VOCAB, (1, 20), device="cuda")
-    out = treespec.generate(model, model, prompt, max_new_tokens=8, method="tree", tree=[2, 1], eos_token_id=[])
+    short = treespec.generate(model, model, prompt, max_new_tokens=8, method="tree", tree=[2, 1], eos_token_id=[])
+    assert short.stats.backend == "sdpa"  # below the measured crossover
+    long_backend = make_backend("auto", "cuda", torch.bfloat16, context_length=FLASH_MIN_CONTEXT)
+    out = treespec.generate(model, model, prompt, max_new_tokens=8, method="tree", tree=[2, 1], eos_token_id=[], attention=long_backend)
     assert out.stats.backend == "flash"
     fp32 = treespec.generate(model.float(), None, prompt, max_new_tokens=8, method="autoregressive", eos_token_id=[])
     assert fp32.stats.backend == "sdpa"  # flash-attn has no fp32 kernels
+
+
+@pytest.mark.parametrize("method,tree", [("autoregressive", None), ("linear", "chain-4"), ("tree", [4, 2, 2, 1]), ("tree", "dynamic")])
+def test_compiled_graphs_equal_target_greedy_fp32(method, tree):
+    """inductor-compiled forwards captured in graphs: in float32 the tokens are the target's own
+    greedy output, across generations that replay the graphs of earlier ones."""
+    target = random_model("qwen2.5-1.5b", torch.float32, seed=1)
+    draft = random_model("qwen2.5-0.5b", torch.float32, seed=2)
+    backend = make_backend("sdpa", "cuda", torch.float32)
+    assert isinstance(backend, GraphedBackend) and backend.compiler is not None  # compiled by default
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    for i in range(2):
+        prompt = torch.randint(2, VOCAB, (1, 30 + 11 * i), device="cuda", generator=gen)
+        out = treespec.generate(target, None if method == "autoregressive" else draft, prompt, max_new_tokens=32,
+                                method=method, tree=tree, attention=backend, eos_token_id=[])  # fmt: skip
+        ref = target.generate(prompt, do_sample=False, max_new_tokens=32, eos_token_id=None, pad_token_id=0)
+        assert torch.equal(out.sequences, ref), f"generation {i}"
+    assert backend.compiler.stats.shapes >= 1 and backend.stats.replays > 0
+
+
+@pytest.mark.parametrize("backend_name", ["sdpa", "flash"])
+@pytest.mark.parametrize("size", [1, 45])
+def test_compiled_graph_forward_matches_eager_bf16(backend_name, size):
+    """A compiled + captured tree forward (fused kernels, other reduction orders) against the
+    eager forward of the same backend on the same cache state, in bf16; and with fewer kernels."""
+    if backend_name == "flash" and not flash_available():
+        pytest.skip("flash_attn is not installed")
+    model = random_model("qwen2.5-1.5b")
+    backend = make_backend(backend_name, "cuda", torch.bfloat16)
+    cache = backend.make_cache(model, 512)
+    prompt = torch.randint(2, VOCAB, (1, 300), device="cuda")
+    causal = torch.ones(299, 299, dtype=torch.bool, device="cuda").tril()
+    topo = TreeTopology.from_widths(TREES[size])
+    tokens, pos, anc = torch.randint(2, VOCAB, (1, topo.num_nodes), device="cuda"), (299 + topo.depth.cuda())[None], topo.ancestors.cuda()
+    drop = torch.zeros(1, dtype=torch.long, device="cuda")
+    with torch.no_grad():
+        backend.inner.forward(model, cache, prompt[:, :-1], torch.arange(299, device="cuda")[None], causal, last_only=True)
+        cache.commit_all()
+        ref = backend.inner.forward(model, cache, tokens, pos, anc).clone()
+        cache.commit(drop, 0)
+        for _ in range(3):  # compile, capture, replay
+            got = backend.forward(model, cache, tokens, pos, anc)
+            cache.commit(drop, 0)
+    assert backend.stats.replays >= 1 and backend.compiler.stats.shapes >= 1
+    assert rel_err(got, ref) < 2e-2

@@ -10,16 +10,24 @@ one launch instead of hundreds.
 `GraphedBackend` wraps a backend whose forward is graph-safe with a `StaticTreeKVCache`
 (`FlashBackend`, `StaticSdpaBackend`: all positions and masks come from device tensors):
 
-- the first call of a shape (model, cache, n, s, last_only) runs eagerly: it warms up lazy
-  initialisation (cuBLAS handles, flash-attn's module load), which a capture cannot do;
-- the second call captures the forward into a graph with its own static input buffers
-  (ids (1, n), positions (1, n), block mask (n, s)) and output logits, then replays it;
+- the first call of a shape (model, cache, n, s, last_only) copies its inputs into the shape's
+  static buffers (ids (1, n), positions (1, n), block mask (n, s)) and runs on them outside
+  any capture: it warms up lazy initialisation (cuBLAS handles, flash-attn's module load) and
+  compiles the shape, which a capture cannot do;
+- the second call captures the forward on the same buffers (so a compiled forward's guards
+  hold and nothing recompiles mid-capture), keeps its output logits, then replays it;
 - later calls copy their inputs into the static buffers, advance the cache's host counter,
   and replay. The returned logits are the graph's output buffer: valid until the same shape
   is replayed again (the engine consumes them at once).
 
-Forwards with more than `max_graph_tokens` new tokens (prefill chunks) and forwards on the CPU
-run eagerly through the wrapped backend.
+Prompt chunks (prefill) and forwards with more than `max_graph_tokens` new tokens run eagerly
+through the wrapped backend; forwards on the CPU run without graphs.
+
+With compilation on (the default on CUDA) every graphed forward is the model's torch.compile'd forward
+(treespec/backends/compiled.py: inductor, fullgraph, static shapes): the warm-up call of a shape
+compiles it, the capture records the fused kernels. On the CPU, compile=True runs the compiled
+forward without graphs (inductor's C++ backend; what the CPU tests use); compile=False turns
+it off everywhere.
 
 Graphs hold raw pointers to the cache buffers, so the backend owns the caches: `make_cache`
 hands out one persistent StaticTreeKVCache per (model, role), reset for each generation, and
@@ -38,9 +46,14 @@ import torch
 from transformers import PreTrainedModel
 
 from treespec.backends.base import Backend, TreeCache
+from treespec.backends.compiled import CompiledForwards
 from treespec.backends.static_cache import StaticTreeKVCache
 
 CAPACITY_ROUNDING = 256  # static caches are allocated in steps of this many slots
+# the decode loop's only last_only forward is the draft's first, over the 1 or 2 tokens it has
+# not cached yet; a last_only forward of more tokens is a prompt chunk, whose length follows the
+# prompt: capturing or compiling it would cost a capture (and a compilation) per prompt length
+MAX_PENDING = 2
 
 
 @dataclass
@@ -82,16 +95,37 @@ class GraphedBackend:
         tokens of a benchmark so that caches, and their graphs, are made once).
     max_graphs: shapes beyond this many run eagerly (trees whose shape changes every step
         would otherwise capture without end; each graph holds its own activation memory).
+    compile: run the model's torch.compile'd forward in the graphs (compiled.py); False keeps
+        the eager forward (the graphs then record transformers' own kernels); None (default)
+        compiles on CUDA only, True on the CPU too (inductor's C++ backend, no graphs).
+    compile_mode: inductor mode for compile=True (None: inductor's default).
+    compile_backend: torch.compile backend ('inductor'; CPU tests use 'aot_eager').
+    graphs: False runs every forward without capturing (compiled or eager, over the static
+        caches): what make_backend(graphs=False, compile=True) gives.
     """
 
-    def __init__(self, inner: Backend, *, max_graph_tokens: int = 256, min_capacity: int = 0, max_graphs: int = 128):
+    def __init__(
+        self,
+        inner: Backend,
+        *,
+        max_graph_tokens: int = 256,
+        min_capacity: int = 0,
+        max_graphs: int = 128,
+        compile: bool | None = None,
+        compile_mode: str | None = None,
+        compile_backend: str = "inductor",
+        graphs: bool = True,
+    ):
         self.inner = inner
+        self.graphs = graphs
+        self.compile = compile
+        self.compiler = CompiledForwards(compile_mode, compile_backend) if compile is not False else None
         self.max_graph_tokens = max_graph_tokens
         self.min_capacity = min_capacity
         self.max_graphs = max_graphs
         self.stats = GraphStats()
         self._graphs: dict[tuple, CapturedForward] = {}
-        self._calls: dict[tuple, int] = {}
+        self._static: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # warmed-up inputs
         self._caches: dict[tuple[int, str], tuple[PreTrainedModel, StaticTreeKVCache]] = {}
 
     @property
@@ -116,15 +150,17 @@ class GraphedBackend:
 
     def reset(self) -> None:
         """Drop every graph and cache (frees their GPU memory)."""
+        if self.compiler is not None:
+            self.compiler.reset()
         self._graphs.clear()
-        self._calls.clear()
+        self._static.clear()
         self._caches.clear()
 
     def _drop_graphs(self, cache: StaticTreeKVCache) -> None:
         for key in [k for k in self._graphs if k[0] == id(cache)]:
             del self._graphs[key]
-        for key in [k for k in self._calls if k[0] == id(cache)]:
-            del self._calls[key]
+        for key in [k for k in self._static if k[0] == id(cache)]:
+            del self._static[key]
 
     def forward(
         self,
@@ -139,17 +175,30 @@ class GraphedBackend:
         (1, n), block_mask BoolTensor (n, s) -> logits (n, V), or (1, V) with last_only.
         Only static caches (the ones make_cache hands out) are captured; any other runs eagerly."""
         n, s = block_mask.shape
-        if input_ids.device.type != "cuda" or not isinstance(cache, StaticTreeKVCache) or n > self.max_graph_tokens:
+        prompt_chunk = last_only and n > MAX_PENDING
+        if not isinstance(cache, StaticTreeKVCache) or n > self.max_graph_tokens or prompt_chunk:
             self.stats.eager_calls += 1
+            return self.inner.forward(model, cache, input_ids, position_ids, block_mask, last_only)
+        if input_ids.device.type != "cuda" or not self.graphs:
+            self.stats.eager_calls += 1
+            if self.compile or (self.compile is None and input_ids.device.type == "cuda"):  # the CPU only when asked
+                return self._run(model, cache, input_ids, position_ids, block_mask, last_only)
             return self.inner.forward(model, cache, input_ids, position_ids, block_mask, last_only)
         key = (id(cache), id(model), n, s, last_only)
         captured = self._graphs.get(key)
         if captured is None:
-            calls = self._calls[key] = self._calls.get(key, 0) + 1
-            if calls == 1 or len(self._graphs) >= self.max_graphs:  # warm-up: lazy init must happen outside a capture
+            if len(self._graphs) >= self.max_graphs:
                 self.stats.eager_calls += 1
-                return self.inner.forward(model, cache, input_ids, position_ids, block_mask, last_only)
-            captured = self._capture(model, cache, input_ids, position_ids, block_mask, last_only)
+                return self._run(model, cache, input_ids, position_ids, block_mask, last_only)
+            static = self._static.get(key)
+            if static is None:
+                # warm-up, outside any capture: lazy initialisation, and the compilation of the
+                # shape. It runs on the very buffers the capture will use, so that the compiled
+                # forward's guards (shapes, strides) hold then and nothing compiles mid-capture.
+                static = self._static[key] = tuple(x.clone(memory_format=torch.contiguous_format) for x in (input_ids, position_ids, block_mask))
+                self.stats.eager_calls += 1
+                return self._run(model, cache, *static, last_only)
+            captured = self._capture(model, cache, *static, last_only)
             self._graphs[key] = captured
         captured.feed(input_ids, position_ids, block_mask)
         cache.reserve(n)  # the host half of begin_forward; the device half is in the graph
@@ -157,14 +206,20 @@ class GraphedBackend:
         self.stats.replays += 1
         return captured.logits
 
-    def _capture(self, model, cache: StaticTreeKVCache, input_ids, position_ids, block_mask, last_only) -> CapturedForward:
+    def _run(self, model, cache, input_ids, position_ids, block_mask, last_only) -> torch.Tensor:
+        """One forward of the wrapped backend, through the compiled model when compiling."""
+        if self.compiler is None:
+            return self.inner.forward(model, cache, input_ids, position_ids, block_mask, last_only)
+        return self.compiler.forward(self.inner, model, cache, input_ids, position_ids, block_mask, last_only)
+
+    def _capture(self, model, cache: StaticTreeKVCache, static_ids, static_pos, static_mask, last_only) -> CapturedForward:
+        """Capture the forward on the static input buffers the warm-up call ran on."""
         t0 = time.perf_counter()
-        static_ids, static_pos, static_mask = input_ids.clone(), position_ids.clone(), block_mask.clone()
         graph = torch.cuda.CUDAGraph()
         host = cache.host_state()
         torch.cuda.synchronize()
         with torch.cuda.graph(graph):
-            logits = self.inner.forward(model, cache, static_ids, static_pos, static_mask, last_only)
+            logits = self._run(model, cache, static_ids, static_pos, static_mask, last_only)
         # capturing ran the forward's Python once (host counters moved) but no kernel: undo
         # the host side; the caller replays the graph for real next
         cache.set_host_state(host)

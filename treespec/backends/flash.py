@@ -37,6 +37,7 @@ H query heads, H_kv key/value heads, Dh head size, S_max cache capacity, V vocab
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 from dataclasses import dataclass, field
 from typing import Callable
@@ -166,13 +167,32 @@ def flash_available() -> bool:
 def flash_prefix_attention(q, k_cache, v_cache, cache_seqlens, scale):
     """`flash_attn_with_kvcache` over the committed prefix; same signature as
     `reference_prefix_attention`. k_cache may be a strided view (only its last dim must be
-    contiguous), so the transformers-layout cache buffer is read in place."""
+    contiguous), so the transformers-layout cache buffer is read in place. Goes through a torch
+    custom op, so that torch.compile keeps it as one opaque call (flash-attn calls its kv-cache
+    kernel from Python, which dynamo cannot trace) instead of breaking the graph."""
+    return _flash_prefix_op()(q, k_cache, v_cache, cache_seqlens, scale)
+
+
+@functools.cache
+def _flash_prefix_op():
+    """Register `treespec::flash_prefix` (once, on first use: nothing is registered at import)."""
     from flash_attn import flash_attn_with_kvcache
 
-    out, lse = flash_attn_with_kvcache(
-        q, k_cache, v_cache, cache_seqlens=cache_seqlens, softmax_scale=scale, causal=False, return_softmax_lse=True
-    )
-    return out, lse
+    @torch.library.custom_op("treespec::flash_prefix", mutates_args=(), device_types="cuda")
+    def flash_prefix(
+        q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = flash_attn_with_kvcache(
+            q, k_cache, v_cache, cache_seqlens=cache_seqlens, softmax_scale=scale, causal=False, return_softmax_lse=True
+        )
+        return out.contiguous(), lse.contiguous()  # (1, n, H, Dh), (1, H, n)
+
+    @flash_prefix.register_fake
+    def _(q, k_cache, v_cache, cache_seqlens, scale):
+        b, n, h, dh = q.shape
+        return q.new_empty(b, n, h, dh), q.new_empty(b, h, n, dtype=torch.float32)
+
+    return torch.ops.treespec.flash_prefix.default  # the op itself: what dynamo traces as one node
 
 
 # --------------------------------------------------------------------------- the attention function
@@ -267,7 +287,8 @@ class FlashBackend:
         return TreeKVCache.for_model(model, capacity)
 
     def _prefix(self) -> PrefixAttention:
-        return self.prefix_attention or flash_prefix_attention
+        # resolved here, outside any compiled region, so that a compiled forward sees the op
+        return self.prefix_attention or _flash_prefix_op()
 
     def check_model(self, model: PreTrainedModel) -> None:
         config = model.config.get_text_config()

@@ -26,7 +26,7 @@ MISSING = "???"  # omegaconf.MISSING, spelled out so that this module does not i
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs/ (editable install)
 
-METHODS = ("tree", "linear", "autoregressive", "hf_assisted")
+METHODS = ("tree", "linear", "autoregressive", "hf_assisted", "hf_generate", "hf_static", "hf_prompt_lookup")
 TREE_POLICIES = ("preset", "dynamic", "adaptive", "optimized")
 MODEL_SOURCES = ("pretrained", "tiny-random")
 DATASET_NAMES = ("humaneval", "mtbench", "gsm8k", "bfcl", "synthetic")
@@ -92,12 +92,17 @@ class MethodConfig:
         chain of domain.linear_k drafts), 'autoregressive' (the target alone, through treespec's
         engine: the speedup denominator) or 'hf_assisted' (transformers'
         generate(assistant_model=draft) with num_assistant_tokens = domain.linear_k, constant
-        schedule, no confidence threshold).
-    attention: treespec attention backend ('auto' or 'sdpa'); ignored by hf_assisted.
+        schedule, no confidence threshold); the other transformers baselines: 'hf_generate'
+        (plain generate, eager), 'hf_static' (generate(cache_implementation="static"), which
+        compiles the forward itself on CUDA), 'hf_prompt_lookup'
+        (generate(prompt_lookup_num_tokens=domain.linear_k)).
+    attention: treespec attention backend ('auto', 'sdpa' or 'flash'); ignored by the hf_* methods.
+    compile: torch.compile treespec's forwards inside the CUDA graphs (None: on CUDA only).
     """
 
     name: str = MISSING
     attention: str = "auto"
+    compile: Optional[bool] = None
 
     def __post_init__(self) -> None:
         _choice("method.name", self.name, METHODS)

@@ -115,14 +115,37 @@ def draft_nodes(cfg: BenchConfig) -> int:
     """Draft tokens proposed per step (the tree size; k for linear and hf_assisted; the most
     a dynamic or adaptive policy can propose)."""
     method = cfg.method.name
-    if method == "autoregressive":
+    if method in ("autoregressive", "hf_generate", "hf_static"):
         return 0
-    if method == "hf_assisted":
+    if method in ("hf_assisted", "hf_prompt_lookup"):
         return cfg.domain.linear_k
     return resolve_policy(tree_for(cfg), method).draft_nodes(cfg.sampling.greedy)
 
 
 # ------------------------------------------------------------------------------------ methods
+_BACKENDS: dict[tuple, Any] = {}
+
+
+def _backend(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, max_new: int):
+    """One treespec backend per (attention, compile, device, dtype) for the whole process, so
+    that every prompt of a run replays the CUDA graphs (and compiled forwards) made for the
+    first. Its static caches get room for twice the first prompt's need (min_capacity), so that
+    a longer prompt later rarely reallocates them: a new capacity is a new shape, with new
+    graphs and new compilations."""
+    from treespec.backends.cuda_graphs import GraphedBackend
+    from treespec.backends.factory import make_backend
+
+    m = cfg.method
+    key = (m.attention, m.compile, str(ids.device), pair.target.dtype)
+    if key not in _BACKENDS:
+        _BACKENDS[key] = make_backend(m.attention, ids.device, pair.target.dtype, compile=m.compile,
+                                      context_length=ids.shape[1] + max_new)  # fmt: skip
+    backend = _BACKENDS[key]
+    if isinstance(backend, GraphedBackend):
+        backend.min_capacity = max(backend.min_capacity, 2 * (ids.shape[1] + max_new) + 256)
+    return backend
+
+
 def _generate_treespec(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, max_new: int, seed: int):
     import treespec
 
@@ -140,7 +163,7 @@ def _generate_treespec(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, ma
         method=method,
         tree=tree_for(cfg),
         eos_token_id=[] if cfg.ignore_eos else None,
-        attention=cfg.method.attention,
+        attention=_backend(cfg, pair, ids, max_new),
         **kwargs,
     )
     st = result.stats
@@ -174,19 +197,38 @@ class _StepRecorder:
         pass
 
 
-def _generate_hf_assisted(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, max_new: int, seed: int):
-    """transformers' assisted generation, like for like with method=linear: num_assistant_tokens
-    = domain.linear_k with a constant schedule and no confidence early stop. Target forwards are
-    counted with a forward pre-hook (the first one prefills the prompt and verifies the first
-    candidates in one pass, so it counts as a step); per-step emitted tokens come from a streamer."""
-    target, draft = pair.target, pair.draft
+HF_METHODS = ("hf_generate", "hf_static", "hf_assisted", "hf_prompt_lookup")
+
+
+def _hf_method_kwargs(cfg: BenchConfig, pair: LoadedPair) -> dict[str, Any]:
+    """generate() kwargs of each transformers baseline (what a GPU user would pick instead)."""
     k = cfg.domain.linear_k
+    return {
+        "hf_generate": {},  # eager, DynamicCache
+        "hf_static": {"cache_implementation": "static"},  # transformers compiles the forward itself on CUDA
+        "hf_assisted": {"assistant_model": pair.draft},
+        "hf_prompt_lookup": {"prompt_lookup_num_tokens": k},  # n-gram drafts from the prompt, no draft model
+    }[cfg.method.name]
+
+
+def _generate_hf(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, max_new: int, seed: int):
+    """A transformers baseline (HF_METHODS). hf_assisted is like for like with method=linear:
+    num_assistant_tokens = domain.linear_k with a constant schedule and no confidence early stop.
+    Target forwards are counted with a forward pre-hook (the first one prefills the prompt and
+    verifies the first candidates in one pass, so it counts as a step), except for hf_static,
+    whose compiled forward a Python hook would break: there one forward per new token; per-step
+    emitted tokens come from a streamer."""
+    target, draft = pair.target, pair.draft
+    method = cfg.method.name
     s = cfg.sampling
     saved = {}
     gc = draft.generation_config
-    for name, value in (("num_assistant_tokens", k), ("num_assistant_tokens_schedule", "constant"), ("assistant_confidence_threshold", 0.0)):
-        saved[name] = getattr(gc, name, None)
-        setattr(gc, name, value)
+    if method == "hf_assisted":
+        settings = (("num_assistant_tokens", cfg.domain.linear_k), ("num_assistant_tokens_schedule", "constant"),
+                    ("assistant_confidence_threshold", 0.0))  # fmt: skip
+        for name, value in settings:
+            saved[name] = getattr(gc, name, None)
+            setattr(gc, name, value)
     target_inputs: list[int] = []
     draft_calls = [0]
 
@@ -199,8 +241,11 @@ def _generate_hf_assisted(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor,
     def count_draft(_module, _args, _kwargs):
         draft_calls[0] += 1
 
-    h1 = target.register_forward_pre_hook(count_target, with_kwargs=True)
-    h2 = draft.register_forward_pre_hook(count_draft, with_kwargs=True)
+    hooks = []
+    if method != "hf_static":
+        hooks.append(target.register_forward_pre_hook(count_target, with_kwargs=True))
+    if method == "hf_assisted":
+        hooks.append(draft.register_forward_pre_hook(count_draft, with_kwargs=True))
     recorder = _StepRecorder()
     eos = target.generation_config.eos_token_id
     pad = target.generation_config.pad_token_id
@@ -211,6 +256,7 @@ def _generate_hf_assisted(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor,
         do_sample=not s.greedy,
         pad_token_id=pad,
         repetition_penalty=1.0,
+        **_hf_method_kwargs(cfg, pair),
     )
     if s.greedy:
         gen_kwargs.update(temperature=None, top_k=None, top_p=None)
@@ -221,21 +267,21 @@ def _generate_hf_assisted(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor,
         gen_kwargs["min_new_tokens"] = max_new  # transformers has no "never stop": mask EOS instead
     try:
         with torch.no_grad(), Wall(ids.device) as wall:
-            out = target.generate(
-                ids, attention_mask=torch.ones_like(ids), assistant_model=draft, streamer=recorder, **gen_kwargs
-            )
+            out = target.generate(ids, attention_mask=torch.ones_like(ids), streamer=recorder, **gen_kwargs)
         elapsed = wall.seconds
     finally:
-        h1.remove()
-        h2.remove()
+        for hook in hooks:
+            hook.remove()
         for name, value in saved.items():
             setattr(gc, name, value)
     t = ids.shape[1]
+    new = out.shape[1] - t
     steps = recorder.calls[1:]  # the first put() is the prompt
+    if method == "hf_static":
+        target_inputs = [t] + [1] * max(new - 1, 0)
     proposed = 0
     for i, n in enumerate(target_inputs):
         proposed += (n - t) if i == 0 else (n - 1)
-    new = out.shape[1] - t
     return out, PromptRecord(
         id="",
         prompt_tokens=t,
@@ -251,8 +297,8 @@ def _generate_hf_assisted(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor,
 
 def generate_one(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, max_new: int, seed: int):
     """(sequences (1, T+new), PromptRecord without id/outputs) for one prompt."""
-    if cfg.method.name == "hf_assisted":
-        return _generate_hf_assisted(cfg, pair, ids, max_new, seed)
+    if cfg.method.name in HF_METHODS:
+        return _generate_hf(cfg, pair, ids, max_new, seed)
     return _generate_treespec(cfg, pair, ids, max_new, seed)
 
 
@@ -265,7 +311,7 @@ def cell_info(cfg: BenchConfig) -> dict:
         "dataset": cfg.dataset.name,
         "domain": cfg.domain.name,
         "tree": tree_label(cfg),
-        "linear_k": cfg.domain.linear_k if cfg.method.name in ("linear", "hf_assisted") else None,
+        "linear_k": cfg.domain.linear_k if cfg.method.name in ("linear", "hf_assisted", "hf_prompt_lookup") else None,
         "draft_nodes": draft_nodes(cfg),
         "sampling": cfg.sampling.name,
         "temperature": float(cfg.sampling.temperature),

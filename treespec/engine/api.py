@@ -89,6 +89,7 @@ def stream(
     eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     attention: str = "auto",
+    compile: bool | None = None,
     streamer=None,
 ) -> TokenStream:
     """Like `generate`, but returns an iterator over the tokens of each step."""
@@ -99,7 +100,9 @@ def stream(
     else:
         generator = generator_for(target.device, generator)
         proposer, acceptor = SampledProposer(sampling, generator), SampledAcceptor(sampling, generator)
-    backend = make_backend(attention, target.device, target.dtype)
+    backend = make_backend(
+        attention, target.device, target.dtype, compile=compile, context_length=input_ids.shape[1] + max_new_tokens
+    )
     for model in (target, draft) if spec.has_drafts else (target,):
         backend.check_model(model)
     stats = GenerationStats(method=method, backend=backend.name)
@@ -136,6 +139,7 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     attention: str = "auto",
+    compile: bool | None = None,
     streamer=None,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens after `input_ids` with speculative decoding.
@@ -156,8 +160,12 @@ def generate(
             generation_config.eos_token_id, as transformers does.
         generator: the torch.Generator (on the models' device) for every random draw when
             sampling; None seeds a fresh one from torch's global RNG.
-        attention: attention backend ('auto', 'sdpa' or 'flash'), or a backend object from
-            `treespec.backends.factory.make_backend` reused across calls (keeps its CUDA graphs).
+        attention: attention backend ('auto', 'sdpa' or 'flash'; 'auto' picks flash on CUDA
+            from FLASH_MIN_CONTEXT tokens of prompt + max_new_tokens on), or a backend object from
+            `treespec.backends.factory.make_backend` reused across calls (keeps its CUDA graphs and
+            compiled forwards).
+        compile: torch.compile the fixed-shape forwards inside the CUDA graphs (None: on CUDA
+            only; False: never; True: also on the CPU). Ignored for a backend object.
         streamer: a transformers streamer (e.g. TextStreamer) fed as tokens are accepted.
     Returns:
         GenerationResult with sequences (1, T + new) and stats.
@@ -175,6 +183,7 @@ def generate(
         eos_token_id=eos_token_id,
         generator=generator,
         attention=attention,
+        compile=compile,
         streamer=streamer,
     )
     for _ in token_stream:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from gpu_common import DEVICE, TimedBackend, device_info, random_qwen, save_json, sync
+from treespec.bench.gpu_common import DEVICE, TimedBackend, device_info, random_qwen, save_json, sync
 
 import treespec
 from treespec.backends.cuda_graphs import GraphedBackend

@@ -1,25 +1,22 @@
 """Shared pieces of the GPU benchmarks: real-architecture random-weight models, timers, and a
 backend wrapper that times each forward on the device.
 
-Run from the repository root (the scripts put it on sys.path). Dimension letters:
-docs/dimensions.md.
+Timers come from treespec/bench/timing.py. Dimension letters: docs/dimensions.md.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from treespec.bench import timing
 
 # Qwen2.5 / Qwen2.5-Coder architecture shapes (config.json of the published checkpoints). The
 # 7B's vocabulary is set to the small models' 151936 (it has 152064) so that it can be paired
@@ -83,31 +80,27 @@ def random_qwen(shape: str, seed: int, dtype: torch.dtype = torch.bfloat16) -> Q
 
 
 def median_ms(fn, iters: int, warmup: int = 2) -> float:
-    """Median wall time of fn() in ms, the GPU synchronised before and after each call (the
-    latency a decode loop with one sync per step sees)."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """timing.median_ms on DEVICE: median synchronised wall ms of fn()."""
+    return timing.median_ms(fn, iters, warmup=warmup, device=DEVICE)
 
 
 def device_ms(fn, iters: int) -> float:
-    """Median device time of fn() in ms between two CUDA events (launch gaps included)."""
-    times = []
-    for _ in range(iters):
-        a, b = event(), event()
-        a.record()
+    """timing.device_ms on CUDA (event time, launch gaps included); wall time on CPU smoke runs."""
+    return timing.device_ms(fn, iters) if DEVICE == "cuda" else median_ms(fn, iters, warmup=0)
+
+
+def kernel_count(fn) -> int | None:
+    """CUDA kernels one call of fn() launches (graph replays included), by torch.profiler."""
+    if DEVICE != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+        sync()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
 @dataclass

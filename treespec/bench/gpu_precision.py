@@ -1,7 +1,7 @@
 """bf16 tree-forward error of each backend against a float32 reference, and transformers'
 compiled static-cache generate as a fused-kernel speed reference.
 
-    python benchmarks/gpu_precision.py [--sections precision,hf_compiled]
+    python -m treespec.bench.gpu_precision [--sections precision,hf_compiled]
 
 precision    random-weight decoders with real attention shapes (2 layers), prefixes 0/1/1000/8000,
              trees of 1 to 128 nodes: ||logits - ref|| / ||ref|| for flash (static cache), sdpa
@@ -20,7 +20,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from gpu_common import DEVICE, device_info, random_qwen, save_json, sync
+from treespec.bench.gpu_common import DEVICE, device_info, random_qwen, save_json, sync
 
 from treespec.backends.flash import FlashBackend, reference_prefix_attention
 from treespec.backends.kv_cache import TreeKVCache

@@ -2,7 +2,7 @@
 no tokenizer): HumanEval and MT-Bench (first turn) through the Qwen2.5-Coder chat template, plus
 one long prompt (HumanEval problems concatenated past 8,300 tokens, then one request).
 
-    python benchmarks/gpu_prompts.py [--out .xfer/prompts/prompts.json] [--limit 24]
+    python -m treespec.bench.gpu_prompts [--out .xfer/prompts/prompts.json] [--limit 24]
 
 Writes {"humaneval": [{"id", "ids"}], "mtbench": [...], "long": [...], "eos": [...]}.
 """
@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from treespec.bench.datasets import Prompt, encode_prompt, load_prompts  # noqa: E402
-from treespec.loading.models import load_tokenizer  # noqa: E402
+from treespec.bench.datasets import Prompt, encode_prompt, load_prompts
+from treespec.loading.models import load_tokenizer
 
 LONG_TOKENS = 8300
 
