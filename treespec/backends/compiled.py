@@ -41,6 +41,9 @@ log = logging.getLogger("treespec")
 # forward): a tree configuration of two models has 10-20, more than dynamo's default limit of 8,
 # past which it would silently run the forward eagerly. Raised only around treespec's own calls.
 RECOMPILE_LIMIT = 512
+# inductor modes that leave CUDA graphs to GraphedBackend ('reduce-overhead' and 'max-autotune'
+# would capture their own, around treespec's capture)
+GRAPH_FREE_MODES = (None, "default", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -65,8 +68,10 @@ class CompiledForwards:
     """
 
     def __init__(self, mode: str | None = None, backend: str = "inductor"):
-        if mode is not None and "cudagraphs" in mode and "no-cudagraphs" not in mode:
-            raise ValueError(f"compile mode {mode!r} captures its own CUDA graphs; use None or a '-no-cudagraphs' mode")
+        if mode not in GRAPH_FREE_MODES:
+            raise ValueError(
+                f"compile mode {mode!r} captures its own CUDA graphs (or is unknown); use one of {GRAPH_FREE_MODES}"
+            )
         self.mode, self.backend = mode, backend
         self.stats = CompileStats()
         self._modules: dict[int, tuple[PreTrainedModel, torch.nn.Module]] = {}
