@@ -1,6 +1,7 @@
 """treespec: lossless tree-based speculative decoding for transformers causal LMs."""
 
 from treespec.drafting.dynamic import AdaptiveTreeConfig, DynamicTreeConfig
+from treespec.drafting.lookup import LookupConfig
 from treespec.engine.api import GenerationResult, TokenStream, generate, stream
 from treespec.acceptance.sampling import SamplingConfig
 from treespec.stats import GenerationStats
@@ -12,6 +13,7 @@ __all__ = [
     "DynamicTreeConfig",
     "GenerationResult",
     "GenerationStats",
+    "LookupConfig",
     "SamplingConfig",
     "TokenStream",
     "TreeShapeError",

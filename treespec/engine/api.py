@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 from treespec.backends.sdpa import make_backend
 from treespec.drafting.base import GreedyProposer, SampledProposer, TreeDrafter
 from treespec.drafting.dynamic import AdaptiveDrafter, AdaptiveTreeConfig, DynamicDrafter, DynamicTreeConfig
+from treespec.drafting.lookup import LookupConfig, LookupDrafter, resolve_lookup
 from treespec.engine.loop import GreedyAcceptor, SampledAcceptor, SpeculativeEngine
 from treespec.backends.kv_cache import TreeKVCache
 from treespec.acceptance.sampling import SamplingConfig
@@ -80,10 +81,15 @@ def stream(
     generator: torch.Generator | None = None,
     attention: str = "auto",
     streamer=None,
+    lookup: bool | LookupConfig = False,
 ) -> TokenStream:
     """Like `generate`, but returns an iterator over the tokens of each step."""
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     spec = _check_and_resolve(target, draft, input_ids, max_new_tokens, method, tree)
+    lookup_config = resolve_lookup(lookup)
+    if lookup_config is not None and not _has_drafts(spec):
+        raise ValueError("lookup=True merges context n-gram branches into a draft model's tree; "
+                         "use method='tree' or 'linear' with a draft model")
     if sampling.greedy:
         proposer, acceptor = GreedyProposer(), GreedyAcceptor()
     else:
@@ -95,6 +101,8 @@ def stream(
         backend.check_model(model)
     stats = GenerationStats(method=method, backend=backend.name)
     capacity = input_ids.shape[1] + max_new_tokens + _max_nodes(spec, sampling) + 2
+    if lookup_config is not None:  # extra tree slots, and accepted lookup tokens fed to the draft next step
+        capacity += lookup_config.slots + lookup_config.length
     # a backend may own its caches (GraphedBackend: static buffers its CUDA graphs point to)
     make_cache = getattr(backend, "make_cache", lambda model, size, role: TreeKVCache.for_model(model, size))
     drafter = None
@@ -106,6 +114,8 @@ def stream(
             drafter = AdaptiveDrafter(draft, spec, backend, draft_cache, proposer, stats)
         else:
             drafter = TreeDrafter(draft, spec, backend, draft_cache, proposer)
+        if lookup_config is not None:
+            drafter = LookupDrafter(drafter, lookup_config)
     stats.tree = drafter.describe() if drafter is not None else "root only"
     engine = SpeculativeEngine(
         target,
@@ -118,6 +128,8 @@ def stream(
         max_new_tokens=max_new_tokens,
         eos_token_ids=_eos_ids(target, eos_token_id),
     )
+    if isinstance(drafter, LookupDrafter):
+        drafter.attach(engine.out)
     return TokenStream(engine, input_ids, streamer)
 
 
@@ -136,6 +148,7 @@ def generate(
     generator: torch.Generator | None = None,
     attention: str = "auto",
     streamer=None,
+    lookup: bool | LookupConfig = False,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens after `input_ids` with speculative decoding.
 
@@ -158,6 +171,9 @@ def generate(
         attention: attention backend ('auto', 'sdpa' or 'flash'), or a backend object from
             `treespec.attention.make_backend` reused across calls (keeps its CUDA graphs).
         streamer: a transformers streamer (e.g. TextStreamer) fed as tokens are accepted.
+        lookup: True or a `LookupConfig`: each step, continuations of the context's last n-gram
+            copied from earlier in the context join the draft tree as extra branches (free
+            drafts when the output repeats the input; docs/lookup.md). Needs a draft model.
     Returns:
         GenerationResult with sequences (1, T + new) and stats.
     """
@@ -175,6 +191,7 @@ def generate(
         generator=generator,
         attention=attention,
         streamer=streamer,
+        lookup=lookup,
     )
     for _ in token_stream:
         pass

@@ -53,6 +53,7 @@ class SampledAcceptor:
         return rejection_accept(
             tree.structure, tree.tokens, tree.valid, p, q,
             without_replacement=self.config.without_replacement, generator=self.generator,
+            point_mass=tree.lookup,  # lookup nodes: q = delta at their token (docs/sampling.md)
         )
 
 
@@ -155,20 +156,24 @@ class SpeculativeEngine:
         emitted = torch.where(self._steps[: d + 1] == acc.num_accepted, acc.next_token, emitted)  # (D+1,)
         proposed = tree.valid[1:].sum()
         ranks = s.ranks[acc.path[1:]]  # (D,)
-        last_ran = s.draft_slot[acc.path[acc.num_accepted]] >= 0  # did the draft run the last accepted node?
+        on_path = self._steps[:d] < acc.num_accepted  # (D,) which entries of path[1:] were accepted
+        # accepted nodes the draft ran: a prefix of the path (below it come leaves and lookup nodes)
+        kept = ((s.draft_slot[acc.path[1:]] >= 0) & on_path).sum()
+        from_lookup = (tree.lookup[acc.path[1:]] & on_path).sum() if tree.lookup is not None else kept * 0
         # The one host synchronisation of the step: everything below is bookkeeping on ints.
-        info = torch.cat([acc.num_accepted[None], proposed[None], last_ran[None], emitted, ranks]).tolist()
-        a, proposed, last_ran, tokens = info[0], info[1], info[2], info[3 : info[0] + 4]
-        self.stats.accepted_ranks.append(info[d + 4 : d + 4 + a])
+        info = torch.cat([acc.num_accepted[None], proposed[None], kept[None], from_lookup[None], emitted, ranks]).tolist()
+        a, proposed, kept, from_lookup, tokens = info[0], info[1], info[2], info[3], info[4 : info[0] + 5]
+        self.stats.accepted_ranks.append(info[d + 5 : d + 5 + a])
+        self.stats.accepted_from_lookup += from_lookup
+        self.stats.accepted_from_model += a - from_lookup
 
         self.target_cache.commit(acc.path, a + 1)
         if self.drafter is not None:
-            # the draft keeps the accepted nodes it ran; an accepted node it never ran (a leaf)
-            # is the last one on the path, and is fed to it next step with the new root
-            kept = a if last_ran or a == 0 else a - 1
+            # the draft keeps the accepted nodes it ran; the accepted nodes it never ran (a leaf,
+            # lookup nodes) end the path and are fed to it next step with the new root
             self.drafter.cache.commit(s.draft_slot[acc.path[1:]], kept)
             self.drafter.observe(a)
-            self.pending = emitted[None, a - 1 : a + 1] if kept < a else emitted[None, a : a + 1]
+            self.pending = emitted[None, kept : a + 1]  # (1, a - kept + 1)
         else:
             self.pending = emitted[None, :1]
 
