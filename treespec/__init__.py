@@ -2,6 +2,7 @@
 
 from treespec.drafting.adaptive import AdaptiveTreeConfig
 from treespec.drafting.dynamic import DynamicTreeConfig
+from treespec.drafting.lookup import LookupConfig
 from treespec.engine.api import GenerationResult, TokenStream, generate, stream
 from treespec.acceptance.sampling import SamplingConfig
 from treespec.stats import GenerationStats
@@ -13,6 +14,7 @@ __all__ = [
     "DynamicTreeConfig",
     "GenerationResult",
     "GenerationStats",
+    "LookupConfig",
     "SamplingConfig",
     "TokenStream",
     "TreeShapeError",

@@ -47,6 +47,9 @@ class GenerationStats(SpeculationRates):
     accepted_lengths: per step, how many draft tokens the target accepted (0..D).
     accepted_ranks: per step, the sibling rank (0 = the draft's best child) of each accepted
         node from depth 1 down; the tree optimizer estimates acceptance profiles from these.
+    accepted_from_model, accepted_from_lookup: accepted draft tokens proposed by the draft model
+        and by prompt lookup (a lookup token that equals a model node is merged into it and
+        counts as the model's); they sum to sum(accepted_lengths).
     tau: new_tokens / target_forwards, the mean tokens emitted per target forward, bonus token
         included (1.0 for the target alone).
     """
@@ -61,6 +64,8 @@ class GenerationStats(SpeculationRates):
     draft_tokens_proposed: int = 0
     accepted_lengths: list[int] = field(default_factory=list)
     accepted_ranks: list[list[int]] = field(default_factory=list)
+    accepted_from_model: int = 0
+    accepted_from_lookup: int = 0
     tree_choices: list[int] = field(default_factory=list)
     time_prefill: float = 0.0
     time_draft: float = 0.0

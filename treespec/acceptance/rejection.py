@@ -98,6 +98,7 @@ def rejection_accept(
     *,
     without_replacement: bool = True,
     generator: torch.Generator | None,
+    point_mass: torch.Tensor | None = None,
 ) -> Acceptance:
     """Walk the tree from the root, accepting children by (recursive) rejection sampling.
 
@@ -110,6 +111,11 @@ def rejection_accept(
     p: FloatTensor (B, N, V) or (N, V): p[:, i] = target distribution of the token after node i.
     q: FloatTensor like p: q[:, i] = the draft distribution node i's children were drawn from
         (i.i.d. or without replacement, in rank order, as `sample_children` does).
+    point_mass: BoolTensor like tokens, or None: nodes proposed deterministically (prompt
+        lookup), whose proposal law is q = delta at their token. Such a child x is accepted with
+        probability r[x], a rejection updates r = norm(max(r - delta_x, 0)) (r without x) and
+        leaves qc alone. A node's point-mass children must come after its q-drawn children in
+        rank order (docs/sampling.md, "Deterministic candidates").
 
     At the current node u: r = p[u], qc = q[u]; the children are tried in rank order, a child
     with token x being accepted with probability min(1, r[x] / qc[x]). On acceptance the walk
@@ -124,6 +130,7 @@ def rejection_accept(
     unbatched = tokens.dim() == 1
     if unbatched:
         tokens, valid, p, q = tokens[None], valid[None], p[None], q[None]
+        point_mass = None if point_mass is None else point_mass[None]
     p, q = _as_float(p), _as_float(q)
     batch = tokens.shape[0]
     device = tokens.device
@@ -140,7 +147,7 @@ def rejection_accept(
     path = [node]
     for d in range(max_depth):
         node, alive, r = _depth_step(
-            children, tokens, valid, p, q, rows, node, alive, r, coins[:, d], without_replacement
+            children, tokens, valid, p, q, rows, node, alive, r, coins[:, d], without_replacement, point_mass
         )
         path.append(node)
     # the walk stopped at `node`: r is its residual after the rejections (or p[node] itself
@@ -164,6 +171,7 @@ def _depth_step(
     r: torch.Tensor,
     coins: torch.Tensor,
     without_replacement: bool,
+    point_mass: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One level: try the children of `node` in rank order. Returns (node, alive, r) after it:
     where a child was accepted, node = that child, alive stays True and r = p[child]; elsewhere
@@ -178,7 +186,8 @@ def _depth_step(
         safe = child.clamp(min=0)
         x = tokens[rows, safe]  # (B,)
         tried = alive & ~accepted & (child >= 0) & valid[rows, safe]
-        accepted, chosen, r, qc = _sibling_step(tried, accepted, chosen, safe, x, r, qc, coins[:, rank], without_replacement)
+        pm = None if point_mass is None else point_mass[rows, safe]  # (B,)
+        accepted, chosen, r, qc = _sibling_step(tried, accepted, chosen, safe, x, r, qc, coins[:, rank], without_replacement, pm)
     r = torch.where(accepted[:, None], p[rows, chosen], r)
     return chosen, accepted, r
 
@@ -193,9 +202,13 @@ def _sibling_step(
     qc: torch.Tensor,
     coin: torch.Tensor,
     without_replacement: bool,
+    pm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Try one child (token x, drawn from qc) against the residual r where `tried`."""
+    """Try one child (token x, drawn from qc, or a point mass where pm) against the residual
+    r where `tried`."""
     qx = qc.gather(-1, x[:, None])[:, 0]
+    if pm is not None:  # q = delta_x: q[x] = 1
+        qx = torch.where(pm, 1.0, qx)
     rx = r.gather(-1, x[:, None])[:, 0]
     # qx == 0: x cannot have been drawn from qc (a caller's invalid slot, or a duplicate that
     # was removed): treat it as absent rather than divide by zero.
@@ -206,7 +219,11 @@ def _sibling_step(
     accepted = accepted | acc
     chosen = torch.where(acc, child, chosen)
     # the residual uses qc *before* removing x: it is the distribution x was drawn from
-    r = torch.where(rej[:, None], _residual(r, qc), r)
+    if pm is None:
+        r = torch.where(rej[:, None], _residual(r, qc), r)
+    else:  # norm(max(r - delta_x, 0)) is r without x; the q-drawn siblings' qc is untouched
+        r = torch.where((rej & pm)[:, None], _remove_token(r, x), torch.where(rej[:, None], _residual(r, qc), r))
+        rej = rej & ~pm
     if without_replacement:
         qc = torch.where(rej[:, None], _remove_token(qc, x), qc)
     return accepted, chosen, r, qc

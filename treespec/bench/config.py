@@ -29,7 +29,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's
 METHODS = ("tree", "linear", "autoregressive", "hf_assisted", "hf_generate", "hf_static", "hf_prompt_lookup")
 TREE_POLICIES = ("preset", "dynamic", "adaptive", "optimized")
 MODEL_SOURCES = ("pretrained", "tiny-random")
-DATASET_NAMES = ("humaneval", "mtbench", "gsm8k", "bfcl", "synthetic")
+DATASET_NAMES = ("humaneval", "mtbench", "gsm8k", "bfcl", "humaneval_edit", "mtbench_rewrite", "synthetic")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -276,6 +276,8 @@ class BenchConfig:
     progress: tqdm progress bar over the prompts.
     keep_outputs: store each prompt's generated token ids (and text) in the results.
     results_file: name of the JSON written in the run's output directory.
+    lookup: merge prompt-lookup branches into the tree (treespec.LookupConfig's defaults;
+        methods tree and linear only; docs/lookup.md).
     interleave: methods to run prompt by prompt, back to back (e.g. [autoregressive, linear,
         tree, hf_assisted]); empty = just `method`. Each method still gets its own cell and
         results file (in <run dir>/<method>/), but its prompts run right next to the other
@@ -297,9 +299,14 @@ class BenchConfig:
     keep_outputs: bool = True
     results_file: str = "results.json"
     interleave: List[str] = field(default_factory=list)
+    lookup: bool = False
 
     def __post_init__(self) -> None:
         _int("max_new_tokens", self.max_new_tokens, 1)
+        if not isinstance(self.lookup, bool):
+            raise ConfigError(f"lookup must be true or false, got {self.lookup!r}")
+        if self.lookup and {self.method.name, *self.interleave} - {"tree", "linear"}:
+            raise ConfigError("lookup=true needs treespec's draft tree: use method (or interleave) tree and/or linear only")
         for i, m in enumerate(self.interleave):
             _choice(f"interleave[{i}]", m, METHODS)
         if len(set(self.interleave)) != len(self.interleave):

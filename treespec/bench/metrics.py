@@ -39,6 +39,7 @@ class PromptRecord(SpeculationRates):
     prefill_forwards: int = 0
     draft_tokens_proposed: int = 0
     accepted_lengths: list[int] = field(default_factory=list)
+    accepted_from_lookup: int = 0  # of the accepted drafts, those copied from the context
     time_total: float = 0.0
     time_prefill: float = 0.0
     time_draft: float = 0.0
@@ -79,6 +80,7 @@ def aggregate(records: list[PromptRecord]) -> dict:
         "draft_forwards": sum(r.draft_forwards for r in records),
         "draft_tokens_proposed": proposed,
         "accepted_tokens": accepted,
+        "accepted_from_lookup": sum(r.accepted_from_lookup for r in records),
         "tau": new / fwd if fwd else 0.0,
         "tau_mean_per_prompt": sum(r.tau for r in records) / n if n else 0.0,
         "acceptance_rate": accepted / proposed if proposed else 0.0,

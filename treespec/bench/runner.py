@@ -164,6 +164,7 @@ def _generate_treespec(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, ma
         tree=tree_for(cfg),
         eos_token_id=[] if cfg.ignore_eos else None,
         attention=_backend(cfg, pair, ids, max_new),
+        lookup=cfg.lookup,
         **kwargs,
     )
     st = result.stats
@@ -176,6 +177,7 @@ def _generate_treespec(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, ma
         prefill_forwards=st.prefill_forwards,
         draft_tokens_proposed=st.draft_tokens_proposed,
         accepted_lengths=list(st.accepted_lengths),
+        accepted_from_lookup=st.accepted_from_lookup,
         time_total=st.time_total,
         time_prefill=st.time_prefill,
         time_draft=st.time_draft,
@@ -321,6 +323,7 @@ def cell_info(cfg: BenchConfig) -> dict:
         "num_prompts": cfg.dataset.num_prompts,
         "offset": cfg.dataset.offset,
         "ignore_eos": cfg.ignore_eos,
+        "lookup": cfg.lookup,
     }
 
 

@@ -35,12 +35,15 @@ class DraftTree:
     valid: BoolTensor (N,) False for padding nodes that carry no real proposal.
     q_logits: FloatTensor (N, V) raw draft logits at each node with children (rows of leaves
         are 0); None when there is no draft (the target alone).
+    lookup: BoolTensor (N,) True for nodes copied from the context (`treespec.drafting.lookup`):
+        point-mass proposals, verified with q = delta at their token; None when there are none.
     """
 
     structure: TreeTensors
     tokens: torch.Tensor
     valid: torch.Tensor
     q_logits: torch.Tensor | None
+    lookup: torch.Tensor | None = None
 
 
 class GreedyProposer:

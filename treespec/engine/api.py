@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 from treespec.engine.checks import (
     check_max_new_tokens, check_method, check_pair, check_prompt, check_prompt_for, eos_ids, generator_for,
 )
+from treespec.drafting.lookup import LookupDrafter, resolve_lookup
 from treespec.acceptance.sampling import SamplingConfig
 from treespec.backends.factory import make_backend
 from treespec.drafting.base import GreedyProposer, SampledProposer
@@ -91,10 +92,15 @@ def stream(
     attention: str = "auto",
     compile: bool | None = None,
     streamer=None,
+    lookup: bool | LookupConfig = False,
 ) -> TokenStream:
     """Like `generate`, but returns an iterator over the tokens of each step."""
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     spec, max_new_tokens = _check_and_resolve(target, draft, input_ids, max_new_tokens, method, tree)
+    lookup_config = resolve_lookup(lookup)
+    if lookup_config is not None and not spec.has_drafts:
+        raise ValueError("lookup=True merges context n-gram branches into a draft model's tree; "
+                         "use method='tree' or 'linear' with a draft model")
     if sampling.greedy:
         proposer, acceptor = GreedyProposer(), GreedyAcceptor()
     else:
@@ -107,9 +113,13 @@ def stream(
         backend.check_model(model)
     stats = GenerationStats(method=method, backend=backend.name)
     capacity = input_ids.shape[1] + max_new_tokens + spec.max_nodes(sampling.greedy) + 2
+    if lookup_config is not None:  # extra tree slots, and accepted lookup tokens fed to the draft next step
+        capacity += lookup_config.slots + lookup_config.length
     drafter = None
     if spec.has_drafts:
         drafter = spec.make_drafter(draft, backend, backend.make_cache(draft, capacity, "draft"), proposer, stats)
+        if lookup_config is not None:
+            drafter = LookupDrafter(drafter, lookup_config)
     stats.tree = drafter.describe() if drafter is not None else "root only"
     engine = SpeculativeEngine(
         target,
@@ -122,6 +132,10 @@ def stream(
         max_new_tokens=max_new_tokens,
         eos_token_ids=eos_ids(target, eos_token_id),
     )
+    if isinstance(drafter, LookupDrafter):
+        drafter.attach(engine.out)
+    if isinstance(drafter, LookupDrafter):
+        drafter.attach(engine.out)  # the n-gram match reads the engine's token buffer
     return TokenStream(engine, input_ids, streamer)
 
 
@@ -141,6 +155,7 @@ def generate(
     attention: str = "auto",
     compile: bool | None = None,
     streamer=None,
+    lookup: bool | LookupConfig = False,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens after `input_ids` with speculative decoding.
 
@@ -167,6 +182,9 @@ def generate(
         compile: torch.compile the fixed-shape forwards inside the CUDA graphs (None: on CUDA
             only; False: never; True: also on the CPU). Ignored for a backend object.
         streamer: a transformers streamer (e.g. TextStreamer) fed as tokens are accepted.
+        lookup: True or a `LookupConfig`: each step, continuations of the context's last n-gram
+            copied from earlier in the context join the draft tree as extra branches (free
+            drafts when the output repeats the input; docs/lookup.md). Needs a draft model.
     Returns:
         GenerationResult with sequences (1, T + new) and stats.
     """
@@ -185,6 +203,7 @@ def generate(
         attention=attention,
         compile=compile,
         streamer=streamer,
+        lookup=lookup,
     )
     for _ in token_stream:
         pass

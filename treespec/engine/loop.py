@@ -60,6 +60,7 @@ class SampledAcceptor:
         return rejection_accept(
             tree.structure, tree.tokens, tree.valid, p, q,
             without_replacement=self.config.without_replacement, generator=self.generator,
+            point_mass=tree.lookup,  # lookup nodes: q = delta at their token (docs/sampling.md)
         )
 
 
@@ -71,14 +72,17 @@ class StepRead:
     """What the one host sync of a step reads (host ints).
 
     num_accepted: a, the accepted drafts (0..D). proposed: real draft nodes in the tree.
-    last_ran: whether the draft ran the last accepted node (False for an accepted leaf).
+    kept: how many accepted nodes the draft ran (a prefix of the path: below it come an
+        accepted leaf and lookup nodes, which the draft is fed next step).
+    from_lookup: accepted nodes that came from lookup branches.
     tokens: the a + 1 emitted tokens (accepted drafts, then the target's next token).
     ranks: sibling rank of each accepted node, depth 1 down.
     """
 
     num_accepted: int
     proposed: int
-    last_ran: bool
+    kept: int
+    from_lookup: int
     tokens: list[int]
     ranks: list[int]
 
@@ -192,7 +196,7 @@ class SpeculativeEngine:
         tokens (trimmed at EOS and max_new_tokens), record the step."""
         emitted = self._emitted(tree, acc)  # (D+1,)
         read = self._read(tree, acc, emitted)
-        self._commit_caches(tree, acc, read.num_accepted, read.last_ran, emitted)
+        self._commit_caches(tree, acc, read, emitted)
         tokens = self._emit(read.tokens, emitted)
         self._record(read)
         finished = self.new_tokens >= self.max_new_tokens or (len(tokens) > 0 and tokens[-1] in self.eos_token_ids)
@@ -212,25 +216,27 @@ class SpeculativeEngine:
         s, d = tree.structure, tree.structure.max_depth
         proposed = tree.valid[1:].sum()
         ranks = s.ranks[acc.path[1:]]  # (D,)
-        last_ran = s.draft_slot[acc.path[acc.num_accepted]] >= 0  # did the draft run the last accepted node?
-        info = torch.cat([acc.num_accepted[None], proposed[None], last_ran[None], emitted, ranks]).tolist()
+        on_path = self._steps[:d] < acc.num_accepted  # (D,) which entries of path[1:] were accepted
+        kept = ((s.draft_slot[acc.path[1:]] >= 0) & on_path).sum()
+        from_lookup = (tree.lookup[acc.path[1:]] & on_path).sum() if tree.lookup is not None else kept * 0
+        info = torch.cat([acc.num_accepted[None], proposed[None], kept[None], from_lookup[None], emitted, ranks]).tolist()
         a = info[0]
-        return StepRead(num_accepted=a, proposed=info[1], last_ran=bool(info[2]),
-                        tokens=info[3 : a + 4], ranks=info[d + 4 : d + 4 + a])
+        return StepRead(num_accepted=a, proposed=info[1], kept=info[2], from_lookup=info[3],
+                        tokens=info[4 : a + 5], ranks=info[d + 5 : d + 5 + a])
 
-    def _commit_caches(self, tree: DraftTree, acc: Acceptance, a: int, last_ran: bool, emitted: torch.Tensor) -> None:
+    def _commit_caches(self, tree: DraftTree, acc: Acceptance, read: StepRead, emitted: torch.Tensor) -> None:
         """Both caches keep the accepted path; the drafter hears how far it got; `pending` gets
         the accepted tokens the draft has not run yet."""
+        a, kept = read.num_accepted, read.kept
         self.target_cache.commit(acc.path, a + 1)
         if self.drafter is None:
             self.pending = emitted[None, :1]
             return
-        # the draft keeps the accepted nodes it ran; an accepted node it never ran (a leaf)
-        # is the last one on the path, and is fed to it next step with the new root
-        kept = a if last_ran or a == 0 else a - 1
+        # the draft keeps the accepted nodes it ran; the accepted nodes it never ran (a leaf,
+        # lookup nodes) end the path and are fed to it next step with the new root
         self.drafter.cache.commit(tree.structure.draft_slot[acc.path[1:]], kept)
         self.drafter.observe(a)
-        self.pending = emitted[None, a - 1 : a + 1] if kept < a else emitted[None, a : a + 1]
+        self.pending = emitted[None, kept : a + 1]  # (1, a - kept + 1)
 
     def _emit(self, tokens: list[int], emitted: torch.Tensor) -> list[int]:
         """Append the step's tokens to the output, up to max_new_tokens and the first EOS;
@@ -249,6 +255,8 @@ class SpeculativeEngine:
         self.stats.accepted_lengths.append(read.num_accepted)
         self.stats.accepted_ranks.append(read.ranks)
         self.stats.draft_tokens_proposed += read.proposed
+        self.stats.accepted_from_lookup += read.from_lookup
+        self.stats.accepted_from_model += read.num_accepted - read.from_lookup
 
     @property
     def sequences(self) -> torch.Tensor:
