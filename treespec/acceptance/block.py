@@ -87,7 +87,7 @@ def block_accept(
     stops = reach & (coins < h)
     stops[:, 0] = True  # h_0 = 1 up to rounding
     steps = torch.arange(n, device=device)  # (N,)
-    last = torch.where(stops, steps, -1).amax(dim=-1)  # (B,) the deepest stop
+    last = _deepest(stops)  # (B,)
     rows = torch.arange(batch, device=device)
     resid = torch.where(has_child[rows, last, None], diff[rows, last], p[rows, last])  # (B, V)
     next_token = _sample_categorical(resid, generator)
@@ -96,6 +96,14 @@ def block_accept(
     if unbatched:
         out = Acceptance(path=out.path[0], num_accepted=out.num_accepted[0], next_token=out.next_token[0])
     return out
+
+
+def _deepest(stops: torch.Tensor) -> torch.Tensor:
+    """LongTensor (B,): the deepest node whose coin passed (B, N). Deepest, not first: the
+    decisions run backwards from the leaf, so a passing node is only reached if every deeper
+    one failed."""
+    steps = torch.arange(stops.shape[-1], device=stops.device)
+    return torch.where(stops, steps, -1).amax(dim=-1)
 
 
 def _residual(w: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+from treespec.acceptance.schemes import ACCEPTANCES
+
 MISSING = "???"  # omegaconf.MISSING, spelled out so that this module does not import omegaconf
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs/ (editable install)
@@ -230,13 +232,16 @@ class DatasetConfig:
 @dataclass
 class SamplingSettings:
     """temperature 0 = greedy; otherwise sampled (lossless speculative sampling), with top_k
-    (0 = off) and top_p (1 = off). seed: prompt i uses torch.Generator seeded with seed + i."""
+    (0 = off) and top_p (1 = off). seed: prompt i uses torch.Generator seeded with seed + i.
+    acceptance: the stochastic verifier (rejection, traversal, block; block needs
+    method=linear); no effect when greedy."""
 
     name: str = MISSING
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    acceptance: str = "rejection"
 
     def __post_init__(self) -> None:
         t, p = self.temperature, self.top_p
@@ -246,6 +251,7 @@ class SamplingSettings:
         if isinstance(p, bool) or not isinstance(p, (int, float)) or math.isnan(p) or not 0 < p <= 1:
             raise ConfigError(f"sampling.top_p must be in (0, 1] (1 = off), got {p!r}")
         _int("sampling.seed", self.seed, 0)
+        _choice("sampling.acceptance", self.acceptance, ACCEPTANCES)
 
     @property
     def greedy(self) -> bool:
@@ -296,6 +302,11 @@ class BenchConfig:
         _int("threads", self.threads, 0)
         if not self.results_file or "/" in self.results_file:
             raise ConfigError(f"results_file must be a plain file name, got {self.results_file!r}")
+        if self.sampling.acceptance == "block" and self.method.name != "linear":
+            raise ConfigError(
+                f"sampling.acceptance=block verifies a chain: use method=linear (got method={self.method.name}), "
+                "or sampling.acceptance=traversal for trees"
+            )
         if self.method.name == "tree" and self.tree.name == "optimized":
             self.tree.spec(self.domain.name)  # the domain's optimized preset must exist
 

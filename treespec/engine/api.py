@@ -19,6 +19,7 @@ from treespec.drafting.dynamic import AdaptiveDrafter, AdaptiveTreeConfig, Dynam
 from treespec.engine.loop import GreedyAcceptor, SampledAcceptor, SpeculativeEngine
 from treespec.backends.kv_cache import TreeKVCache
 from treespec.acceptance.sampling import SamplingConfig
+from treespec.acceptance.schemes import check_acceptance
 from treespec.stats import GenerationStats
 from treespec.tree.topology import TreeTopology, resolve_tree
 
@@ -80,15 +81,17 @@ def stream(
     generator: torch.Generator | None = None,
     attention: str = "auto",
     streamer=None,
+    acceptance: str = "rejection",
 ) -> TokenStream:
     """Like `generate`, but returns an iterator over the tokens of each step."""
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     spec = _check_and_resolve(target, draft, input_ids, max_new_tokens, method, tree)
+    check_acceptance(acceptance, spec)
     if sampling.greedy:
         proposer, acceptor = GreedyProposer(), GreedyAcceptor()
     else:
         generator = _generator_for(target.device, generator)
-        proposer, acceptor = SampledProposer(sampling, generator), SampledAcceptor(sampling, generator)
+        proposer, acceptor = SampledProposer(sampling, generator), SampledAcceptor(sampling, generator, acceptance)
     backend = make_backend(attention, target.device, target.dtype)
     drafting = _has_drafts(spec)
     for model in (target, draft) if drafting else (target,):
@@ -136,6 +139,7 @@ def generate(
     generator: torch.Generator | None = None,
     attention: str = "auto",
     streamer=None,
+    acceptance: str = "rejection",
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens after `input_ids` with speculative decoding.
 
@@ -158,6 +162,10 @@ def generate(
         attention: attention backend ('auto', 'sdpa' or 'flash'), or a backend object from
             `treespec.attention.make_backend` reused across calls (keeps its CUDA graphs).
         streamer: a transformers streamer (e.g. TextStreamer) fed as tokens are accepted.
+        acceptance: the stochastic verifier when sampling: 'rejection' (token-level, default),
+            'traversal' (leaf-to-root, sequence-level; any tree) or 'block' (chains only:
+            method='linear'). All are lossless (docs/sampling.md); at temperature 0 all are
+            greedy verification and the option has no effect.
     Returns:
         GenerationResult with sequences (1, T + new) and stats.
     """
@@ -175,6 +183,7 @@ def generate(
         generator=generator,
         attention=attention,
         streamer=streamer,
+        acceptance=acceptance,
     )
     for _ in token_stream:
         pass

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 from treespec.backends.sdpa import SdpaBackend
 from treespec.drafting.base import DraftTree, Drafter
 from treespec.backends.kv_cache import TreeKVCache
-from treespec.acceptance.rejection import rejection_accept
+from treespec.acceptance.schemes import VERIFIERS
 from treespec.acceptance.sampling import SamplingConfig, logits_to_probs
 from treespec.stats import GenerationStats, Stopwatch
 from treespec.tree.topology import TreeTopology
@@ -42,15 +42,17 @@ class GreedyAcceptor:
 
 @dataclass
 class SampledAcceptor:
-    """Temperature > 0: multi-path rejection sampling, lossless for the processed p."""
+    """Temperature > 0: a lossless stochastic verifier for the processed p, chosen by
+    `acceptance` ("rejection", "traversal" or "block": treespec.acceptance.schemes)."""
 
     config: SamplingConfig
     generator: torch.Generator
+    acceptance: str = "rejection"
 
     def accept(self, tree: DraftTree, p_logits: torch.Tensor) -> Acceptance:
         p = logits_to_probs(p_logits, self.config)  # (N, V)
         q = p if tree.q_logits is None else logits_to_probs(tree.q_logits, self.config)  # (N, V); unused without drafts
-        return rejection_accept(
+        return VERIFIERS[self.acceptance](
             tree.structure, tree.tokens, tree.valid, p, q,
             without_replacement=self.config.without_replacement, generator=self.generator,
         )
