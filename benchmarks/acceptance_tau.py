@@ -1,17 +1,22 @@
 """tau of the stochastic verifiers (rejection, traversal, block) on the real pair, per domain.
 
-Two measurements per (domain, temperature, method) cell, over the same prompts and seeds:
+One generation per (domain, temperature, prompt), driven by the default verifier (token-level
+rejection sampling) on a static tree (default widths [3, 2, 1, 1]). At every step the step's
+tree (tokens, p, q) is also verified by every scheme and E[accepted | tree] is recorded:
 
-* realised tau: each scheme generates on its own (`generate(acceptance=...)`), emitted tokens
-  per target forward, as the bench reports it;
-* paired expected acceptance: during the default scheme's run, every step's tree (tokens, p, q)
-  is also verified by every scheme, and E[accepted | tree] is recorded per scheme: exactly for
-  traversal and block (their stop probabilities are functions of the tree alone), by 64 draws
-  for rejection. All schemes are lossless, so the trees along the run have the same law under
-  every scheme, and 1 + mean E[accepted] is an unbiased estimate of each scheme's tau with far
-  less noise than comparing separate runs (the same trees are scored).
+* tree_rejection: token-level verification of the whole tree (64 draws);
+* tree_traversal: traversal verification of the whole tree (exact: its stop probabilities are
+  functions of the tree alone);
+* chain_rejection / chain_block / chain_traversal: the tree's rank-0 path, which is distributed
+  exactly as a linear draft of the same depth (the first draw without replacement is a draw
+  from q), verified token-level (64 draws), by block verification and by traversal (exact).
 
-    python3 benchmarks/acceptance_tau.py --prompts 5 --max-new 64 --out benchmarks/results/acceptance_tau.json
+All schemes are lossless, so the contexts along the run have the target's law whichever scheme
+drives it, and 1 + mean E[accepted] estimates each scheme's tau on the same trees: a paired
+comparison with far less noise than separate runs. (A linear run's steps start at different
+positions than a tree run's; the comparison between chain schemes is on the same chains.)
+
+    PYTHONPATH=. python3 benchmarks/acceptance_tau.py --prompts 5 --max-new 64 --out benchmarks/results/acceptance_tau.json
 
 CPU, fp32; tau does not depend on wall time, so a busy machine is fine.
 """

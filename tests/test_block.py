@@ -186,7 +186,7 @@ def test_generate_linear_with_block_follows_the_target():
     cfg = SamplingConfig(temperature=1.0, top_k=6)
     g = torch.Generator().manual_seed(22)
     counts = torch.zeros(V, V)
-    for _ in range(1000):
+    for _ in range(700):
         out = treespec.generate(target, draft, PROMPT, max_new_tokens=2, method="linear", tree="chain-3", eos_token_id=[],
                                 temperature=1.0, top_k=6, generator=g, acceptance="block")
         x1, x2 = out.sequences[0, PROMPT.shape[1]:].tolist()

@@ -302,9 +302,9 @@ class BenchConfig:
         _int("threads", self.threads, 0)
         if not self.results_file or "/" in self.results_file:
             raise ConfigError(f"results_file must be a plain file name, got {self.results_file!r}")
-        if self.sampling.acceptance == "block" and self.method.name != "linear":
+        if self.sampling.acceptance == "block" and "tree" in (self.interleave or [self.method.name]):
             raise ConfigError(
-                f"sampling.acceptance=block verifies a chain: use method=linear (got method={self.method.name}), "
+                "sampling.acceptance=block verifies a chain: use method=linear (not tree, also not in interleave), "
                 "or sampling.acceptance=traversal for trees"
             )
         if self.method.name == "tree" and self.tree.name == "optimized":
