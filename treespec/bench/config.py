@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from treespec.acceptance.sampling import SamplingConfig
+from treespec.acceptance.schemes import ACCEPTANCES
 from treespec.drafting.adaptive import AdaptiveTreeConfig
 from treespec.drafting.dynamic import DynamicTreeConfig
 from treespec.tree.topology import TreeShapeError
@@ -244,13 +245,16 @@ class DatasetConfig:
 @dataclass
 class SamplingSettings:
     """temperature 0 = greedy; otherwise sampled (lossless speculative sampling), with top_k
-    (0 = off) and top_p (1 = off). seed: prompt i uses torch.Generator seeded with seed + i."""
+    (0 = off) and top_p (1 = off). seed: prompt i uses torch.Generator seeded with seed + i.
+    acceptance: the stochastic verifier (rejection, traversal, block; block needs
+    method=linear); no effect when greedy."""
 
     name: str = MISSING
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    acceptance: str = "rejection"
 
     def __post_init__(self) -> None:
         try:  # SamplingConfig's checks; its messages start with the key
@@ -258,6 +262,7 @@ class SamplingSettings:
         except ValueError as err:
             raise ConfigError(f"sampling.{err}") from None
         _int("sampling.seed", self.seed, 0)
+        _choice("sampling.acceptance", self.acceptance, ACCEPTANCES)
 
     @property
     def greedy(self) -> bool:
@@ -315,6 +320,11 @@ class BenchConfig:
         _int("threads", self.threads, 0)
         if not self.results_file or "/" in self.results_file:
             raise ConfigError(f"results_file must be a plain file name, got {self.results_file!r}")
+        if self.sampling.acceptance == "block" and "tree" in (self.interleave or [self.method.name]):
+            raise ConfigError(
+                "sampling.acceptance=block verifies a chain: use method=linear (not tree, also not in interleave), "
+                "or sampling.acceptance=traversal for trees"
+            )
         if self.method.name == "tree" and self.tree.name == "optimized":
             self.tree.spec(self.domain.name)  # the domain's optimized preset must exist
 

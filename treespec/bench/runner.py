@@ -154,7 +154,8 @@ def _generate_treespec(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, ma
     gen = torch.Generator(device=ids.device).manual_seed(seed) if not s.greedy else None
     kwargs = {}
     if not s.greedy:
-        kwargs.update(temperature=float(s.temperature), top_k=s.top_k, top_p=float(s.top_p), generator=gen)
+        kwargs.update(temperature=float(s.temperature), top_k=s.top_k, top_p=float(s.top_p), generator=gen,
+                      acceptance=s.acceptance)
     result = treespec.generate(
         pair.target,
         None if method == "autoregressive" else pair.draft,
@@ -319,6 +320,7 @@ def cell_info(cfg: BenchConfig) -> dict:
         "temperature": float(cfg.sampling.temperature),
         "top_k": cfg.sampling.top_k,
         "top_p": float(cfg.sampling.top_p),
+        "acceptance": cfg.sampling.acceptance,
         "max_new_tokens": cfg.max_new_tokens,
         "num_prompts": cfg.dataset.num_prompts,
         "offset": cfg.dataset.offset,

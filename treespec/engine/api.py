@@ -18,6 +18,7 @@ from treespec.engine.checks import (
 )
 from treespec.drafting.lookup import LookupDrafter, resolve_lookup
 from treespec.acceptance.sampling import SamplingConfig
+from treespec.acceptance.schemes import check_acceptance
 from treespec.backends.factory import make_backend
 from treespec.drafting.base import GreedyProposer, SampledProposer
 from treespec.drafting.policy import TreePolicy, resolve_policy
@@ -93,19 +94,24 @@ def stream(
     compile: bool | None = None,
     streamer=None,
     lookup: bool | LookupConfig = False,
+    acceptance: str = "rejection",
 ) -> TokenStream:
     """Like `generate`, but returns an iterator over the tokens of each step."""
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     spec, max_new_tokens = _check_and_resolve(target, draft, input_ids, max_new_tokens, method, tree)
+    check_acceptance(acceptance, spec)
     lookup_config = resolve_lookup(lookup)
     if lookup_config is not None and not spec.has_drafts:
         raise ValueError("lookup=True merges context n-gram branches into a draft model's tree; "
                          "use method='tree' or 'linear' with a draft model")
+    if lookup_config is not None and not sampling.greedy and acceptance != "rejection":
+        raise ValueError(f"lookup branches are verified as point masses by acceptance='rejection' only; "
+                         f"acceptance={acceptance!r} does not handle them: use acceptance='rejection' or lookup=False")
     if sampling.greedy:
         proposer, acceptor = GreedyProposer(), GreedyAcceptor()
     else:
         generator = generator_for(target.device, generator)
-        proposer, acceptor = SampledProposer(sampling, generator), SampledAcceptor(sampling, generator)
+        proposer, acceptor = SampledProposer(sampling, generator), SampledAcceptor(sampling, generator, acceptance)
     backend = make_backend(
         attention, target.device, target.dtype, compile=compile, context_length=input_ids.shape[1] + max_new_tokens
     )
@@ -156,6 +162,7 @@ def generate(
     compile: bool | None = None,
     streamer=None,
     lookup: bool | LookupConfig = False,
+    acceptance: str = "rejection",
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens after `input_ids` with speculative decoding.
 
@@ -185,6 +192,10 @@ def generate(
         lookup: True or a `LookupConfig`: each step, continuations of the context's last n-gram
             copied from earlier in the context join the draft tree as extra branches (free
             drafts when the output repeats the input; docs/lookup.md). Needs a draft model.
+        acceptance: the stochastic verifier when sampling: 'rejection' (token-level, default),
+            'traversal' (leaf-to-root, sequence-level; any tree) or 'block' (chains only:
+            method='linear'). All are lossless (docs/sampling.md); at temperature 0 all are
+            greedy verification and the option has no effect.
     Returns:
         GenerationResult with sequences (1, T + new) and stats.
     """
@@ -204,6 +215,7 @@ def generate(
         compile=compile,
         streamer=streamer,
         lookup=lookup,
+        acceptance=acceptance,
     )
     for _ in token_stream:
         pass

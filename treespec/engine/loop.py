@@ -26,8 +26,8 @@ import torch
 from transformers import PreTrainedModel
 
 from treespec.acceptance.greedy import Acceptance, greedy_accept
+from treespec.acceptance.schemes import VERIFIERS
 from treespec.engine.checks import vocab_size
-from treespec.acceptance.rejection import rejection_accept
 from treespec.acceptance.sampling import SamplingConfig, logits_to_probs
 from treespec.backends.base import Backend, TreeCache
 from treespec.drafting.base import DraftTree, Drafter
@@ -47,20 +47,24 @@ class GreedyAcceptor:
 
 @dataclass
 class SampledAcceptor:
-    """Temperature > 0: multi-path rejection sampling, lossless for the processed p."""
+    """Temperature > 0: a lossless stochastic verifier for the processed p, chosen by
+    `acceptance` ("rejection", "traversal" or "block": treespec.acceptance.schemes)."""
 
     config: SamplingConfig
     generator: torch.Generator
+    acceptance: str = "rejection"
 
     def accept(self, tree: DraftTree, p_logits: torch.Tensor) -> Acceptance:
         p = logits_to_probs(p_logits, self.config)  # (N, V)
         q = p if tree.q_logits is None else logits_to_probs(tree.q_logits, self.config)  # (N, V_q); unused without drafts
         if q.shape[-1] < p.shape[-1]:  # a draft with fewer (padding) rows: q is 0 on the ids it lacks
             q = torch.nn.functional.pad(q, (0, p.shape[-1] - q.shape[-1]))  # (N, V)
-        return rejection_accept(
+        # lookup nodes: q = delta at their token (docs/sampling.md); only token-level rejection
+        # takes them, which `stream` checks before any work
+        lookup = {} if tree.lookup is None else {"point_mass": tree.lookup}
+        return VERIFIERS[self.acceptance](
             tree.structure, tree.tokens, tree.valid, p, q,
-            without_replacement=self.config.without_replacement, generator=self.generator,
-            point_mass=tree.lookup,  # lookup nodes: q = delta at their token (docs/sampling.md)
+            without_replacement=self.config.without_replacement, generator=self.generator, **lookup,
         )
 
 

@@ -1,0 +1,66 @@
+"""Which stochastic verifier a sampled step runs: the `acceptance=` option.
+
+* "rejection" (default): token-level multi-path rejection sampling, top-down
+  (`treespec.acceptance.rejection`).
+* "traversal": traversal verification, leaf-to-root with sequence-level ratios, any tree
+  (`treespec.acceptance.traversal`).
+* "block": block verification, chains only (method="linear"; `treespec.acceptance.block`).
+
+All three are lossless for children drawn i.i.d. or without replacement (docs/sampling.md). At
+temperature 0 every scheme is greedy verification (`greedy_accept`): the option is accepted and
+has no effect, because with one-hot p and q every lossless verifier accepts exactly the
+target's argmax path.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from treespec.acceptance.block import block_accept
+from treespec.acceptance.greedy import Acceptance
+from treespec.acceptance.rejection import rejection_accept
+from treespec.acceptance.traversal import traversal_accept
+from treespec.tree.topology import TreeTensors, TreeTopology
+
+__all__ = ["TreeVerifier", "VERIFIERS", "ACCEPTANCES", "check_acceptance"]
+
+
+class TreeVerifier(Protocol):
+    """A pure stochastic verifier: (tree, tokens (B?, N), valid (B?, N), p (B?, N, V),
+    q (B?, N, V)) -> Acceptance, no host synchronisation."""
+
+    def __call__(
+        self,
+        tree: TreeTensors | TreeTopology,
+        tokens: torch.Tensor,
+        valid: torch.Tensor,
+        p: torch.Tensor,
+        q: torch.Tensor,
+        *,
+        without_replacement: bool = True,
+        generator: torch.Generator | None,
+    ) -> Acceptance: ...
+
+
+VERIFIERS: dict[str, TreeVerifier] = {
+    "rejection": rejection_accept,
+    "traversal": traversal_accept,
+    "block": block_accept,
+}
+ACCEPTANCES = tuple(VERIFIERS)
+
+
+def check_acceptance(acceptance: str, tree: object) -> None:
+    """Fail before any work: an unknown scheme, or block verification of anything but a chain.
+    tree: the resolved tree spec (a TreeTopology, or a dynamic/adaptive tree config)."""
+    if acceptance not in VERIFIERS:
+        raise ValueError(f"unknown acceptance {acceptance!r}; choose one of {ACCEPTANCES}")
+    if acceptance == "block":
+        chain = isinstance(tree, TreeTopology) and tree.children.shape[1] == 1 and tree.num_nodes == tree.max_depth + 1
+        if not chain:
+            raise ValueError(
+                "acceptance='block' verifies a single chain only; use method='linear' (e.g. tree='chain-4'), "
+                "or acceptance='traversal' for trees"
+            )
