@@ -60,3 +60,27 @@ def test_tree_sweep_replay_counts_greedy_steps():
     assert replay([0, 0, 0, 1, 0, 0], [1, 1]) == (3, [2, 0, 1])
     # a width-2 first level also accepts the rank-1 token
     assert replay([0, 0, 0, 1, 0, 0], [2, 1]) == (2, [2, 2])
+
+
+def test_tree_policies_run_on_tiny_models(tmp_path, monkeypatch):
+    """The device run end to end on the CPU: collection, profile, optimized tree, every policy cell."""
+    import json
+
+    from treespec.bench import tree_policies
+    from treespec.testing import tiny_model
+
+    # draft = a copy of the target, so drafts are accepted and the profile is not all zeros
+    monkeypatch.setattr(tree_policies, "_load", lambda spec, gguf_dir, device: tiny_model(0))
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    prompts = {"eos": []} | {d: [{"id": f"{d}/{i}", "ids": [2 + i, 3, 4]} for i in range(2)] for d in tree_policies.DOMAINS}
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    argv = ["tree_policies", "run", "--device", "cpu", "--prompts", str(tmp_path / "prompts.json"), "--per-domain", "2",
+            "--collect", "1", "--new-tokens", "4", "--budgets", "16", "--name", "tp.json"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    tree_policies.main()
+    res = json.loads((tmp_path / "out" / "tp.json").read_text())
+    assert res["incomplete"] == [] and set(res["domains"]) == set(tree_policies.DOMAINS)
+    for d in res["domains"].values():
+        row = d["budgets"]["16"]
+        assert {"dynamic", "adaptive", "optimized"} <= set(row) and row["optimized"]["num_drafts"] <= 16
+        assert all(cell["new_tokens"] == 4 and cell["tau"] >= 1.0 for cell in row.values())

