@@ -22,6 +22,7 @@ from treespec.acceptance.schemes import check_acceptance
 from treespec.backends.factory import make_backend
 from treespec.drafting.base import GreedyProposer, SampledProposer
 from treespec.drafting.policy import TreePolicy, resolve_policy
+from treespec.drafting.static import StaticTree
 from treespec.engine.loop import GreedyAcceptor, SampledAcceptor, SpeculativeEngine
 from treespec.stats import GenerationStats
 from treespec.tree.topology import TreeTopology
@@ -99,7 +100,7 @@ def stream(
     """Like `generate`, but returns an iterator over the tokens of each step."""
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     spec, max_new_tokens = _check_and_resolve(target, draft, input_ids, max_new_tokens, method, tree)
-    check_acceptance(acceptance, spec)
+    check_acceptance(acceptance, spec.topology if isinstance(spec, StaticTree) else spec)
     lookup_config = resolve_lookup(lookup)
     if lookup_config is not None and not spec.has_drafts:
         raise ValueError("lookup=True merges context n-gram branches into a draft model's tree; "
