@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 import treespec
+from treespec.backends.cuda_graphs import GraphedBackend
 from treespec.backends.factory import make_backend
 from treespec.bench.config import CONFIG_DIR
 from treespec.bench.datasets import encode_prompt, load_prompts
@@ -114,7 +115,7 @@ def run(args) -> None:
     # drafter's draft cache also holds (depth - 1) * width frontier nodes of scratch, which can
     # exceed that margin (KV cache full); one static cache of 1024 slots (longest prompt 335 +
     # 128 new + 185 collection nodes) sidesteps it on the GPU path.
-    if hasattr(backend, "min_capacity"):
+    if isinstance(backend, GraphedBackend):
         backend.min_capacity = max(backend.min_capacity, 1024)
     budgets = [int(b) for b in args.budgets.split(",")]
     res = dict(device=environment(), dtype="bfloat16", backend=None, new_tokens=args.new_tokens, temperature=0.0,
