@@ -1,6 +1,7 @@
 """treespec: lossless tree-based speculative decoding for transformers causal LMs."""
 
 from treespec.drafting.adaptive import AdaptiveTreeConfig
+from treespec.drafting.ahead import OverlapConfig
 from treespec.drafting.dynamic import DynamicTreeConfig
 from treespec.drafting.lookup import LookupConfig
 from treespec.engine.api import GenerationResult, TokenStream, generate, stream
@@ -15,6 +16,7 @@ __all__ = [
     "GenerationResult",
     "GenerationStats",
     "LookupConfig",
+    "OverlapConfig",
     "SamplingConfig",
     "TokenStream",
     "TreeShapeError",

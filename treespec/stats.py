@@ -52,6 +52,11 @@ class GenerationStats(SpeculationRates):
         counts as the model's); they sum to sum(accepted_lengths).
     tau: new_tokens / target_forwards, the mean tokens emitted per target forward, bonus token
         included (1.0 for the target alone).
+    draft_forwards: draft forwards on the critical path (before each verification).
+    With overlap (drafting/ahead.py): ahead_steps steps drafted ahead, ahead_hits of them ended
+        where the draft guessed; draft_forwards_ahead ran beside verification (a second CUDA
+        stream), and draft_forwards_saved were skipped on the critical path thanks to hits.
+    time_ahead: host time spent queuing the ahead work (on the CPU: running it).
     """
 
     method: str = "tree"
@@ -67,11 +72,21 @@ class GenerationStats(SpeculationRates):
     accepted_from_model: int = 0
     accepted_from_lookup: int = 0
     tree_choices: list[int] = field(default_factory=list)
+    ahead_steps: int = 0
+    ahead_hits: int = 0
+    draft_forwards_ahead: int = 0
+    draft_forwards_saved: int = 0
     time_prefill: float = 0.0
     time_draft: float = 0.0
+    time_ahead: float = 0.0
     time_verify: float = 0.0
     time_other: float = 0.0
     time_total: float = 0.0
+
+    @property
+    def ahead_hit_rate(self) -> float:
+        """Steps whose next tree was drafted ahead / steps that drafted ahead."""
+        return self.ahead_hits / self.ahead_steps if self.ahead_steps else 0.0
 
     @property
     def acceptance_by_depth(self) -> list[float]:
@@ -85,7 +100,8 @@ class GenerationStats(SpeculationRates):
         return rates
 
     def as_dict(self) -> dict:
-        return asdict(self) | self.rates() | {"acceptance_by_depth": self.acceptance_by_depth}
+        return asdict(self) | self.rates() | {"acceptance_by_depth": self.acceptance_by_depth,
+                                              "ahead_hit_rate": self.ahead_hit_rate}
 
     def summary(self) -> str:
         return (
@@ -93,6 +109,8 @@ class GenerationStats(SpeculationRates):
             f"{self.tokens_per_second:.2f} tokens/s ({self.time_total:.2f} s: prefill {self.time_prefill:.2f}, "
             f"draft {self.time_draft:.2f}, verify {self.time_verify:.2f}, other {self.time_other:.2f}); "
             f"method {self.method}, tree {self.tree}, backend {self.backend}"
+            + (f"; drafted ahead: {self.ahead_hits}/{self.ahead_steps} hits, {self.draft_forwards_ahead} draft "
+               f"forwards beside verification, {self.draft_forwards_saved} saved" if self.ahead_steps else "")
         )
 
 

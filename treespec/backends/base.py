@@ -13,8 +13,9 @@ caller chooses a cache class. Implementations:
 `make_backend` (backends/factory.py) picks one from a name.
 
 Cache layout, shared by both caches: `[committed | scratch | free]` along the slot axis. A
-forward writes its n entries after the scratch; `commit(keep, count)` moves the accepted
-scratch entries next to the committed ones with `compact_scratch` and drops the rest.
+forward writes its n entries after the scratch; `commit(keep, count, retain)` moves the accepted
+scratch entries next to the committed ones with `compact_scratch`, keeps `retain` more after
+them as the next step's first scratch entries, and drops the rest.
 
 Dimension letters: docs/dimensions.md (n new tokens, C committed, s scratch incl. the new ones,
 S_max cache capacity, M kept-index length, V vocabulary).
@@ -70,9 +71,11 @@ class TreeCache(Protocol):
         TreeKVCache, S_max for StaticTreeKVCache): every committed entry, plus the scratch
         entries block_mask (n, s) allows; 0 where visible, dtype's min where not."""
 
-    def commit(self, keep: torch.Tensor, count: int) -> None:
-        """Keep scratch entries keep[:count] (offsets into the scratch, ascending) right after
-        the committed ones and drop the rest. keep: LongTensor (M,), padded past count."""
+    def commit(self, keep: torch.Tensor, count: int, retain: int = 0) -> None:
+        """Keep scratch entries keep[:count] (offsets into the scratch) right after the
+        committed ones; keep[count : count + retain] follow them as the new scratch's first
+        entries (a tree drafted ahead, drafting/ahead.py); drop the rest. keep: LongTensor (M,),
+        padded past count + retain."""
 
     def commit_all(self) -> None:
         """Accept every scratch entry (prefill, or tokens known to be accepted)."""

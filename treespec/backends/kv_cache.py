@@ -55,14 +55,15 @@ class TreeKVLayer(CacheLayerMixin):
         self.seen = end
         return self.keys[:, :, :end], self.values[:, :, :end]
 
-    def commit(self, keep: torch.Tensor, count: int) -> None:
-        """Keep scratch entries `keep[:count]` (offsets into the scratch region, ascending) and
-        drop the rest. keep: LongTensor (M,), padded past `count`."""
-        if count:
-            compact_scratch(self.keys, 2, self.committed, keep[:count])
-            compact_scratch(self.values, 2, self.committed, keep[:count])
+    def commit(self, keep: torch.Tensor, count: int, retain: int = 0) -> None:
+        """Keep scratch entries `keep[:count]` (offsets into the scratch region) and drop the
+        rest, but for keep[count : count + retain], which become the new scratch's first
+        entries. keep: LongTensor (M,), padded past `count + retain`."""
+        if count + retain:
+            compact_scratch(self.keys, 2, self.committed, keep[: count + retain])
+            compact_scratch(self.values, 2, self.committed, keep[: count + retain])
         self.committed += count
-        self.seen = self.committed
+        self.seen = self.committed + retain
 
     def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
         return self.seen + query_length, 0
@@ -115,10 +116,11 @@ class TreeKVCache(Cache):
         mask[0, 0, :, committed:].masked_fill_(~block_mask, torch.finfo(dtype).min)
         return mask
 
-    def commit(self, keep: torch.Tensor, count: int) -> None:
-        """Move scratch entries keep[:count] into place after the committed tokens."""
+    def commit(self, keep: torch.Tensor, count: int, retain: int = 0) -> None:
+        """Move scratch entries keep[:count] into place after the committed tokens, and
+        keep[count : count + retain] right after them as the new scratch (TreeCache.commit)."""
         for layer in self.layers:
-            layer.commit(keep, count)
+            layer.commit(keep, count, retain)
 
     def commit_all(self) -> None:
         """Accept every scratch entry (prefill, or tokens known to be accepted)."""

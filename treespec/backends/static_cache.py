@@ -134,19 +134,20 @@ class StaticTreeKVCache(Cache):
         self.write_slots = self.seen_dev + self._arange[:n]  # (n,)
         self.seen_dev += n
 
-    def commit(self, keep: torch.Tensor, count: int) -> None:
-        """Keep scratch entries keep[:count] (offsets into the scratch region, ascending) right
-        after the committed tokens and drop the rest. keep: LongTensor (M,), padded past count
-        with any offsets (the whole fixed-size index is copied; slots past count are scratch)."""
+    def commit(self, keep: torch.Tensor, count: int, retain: int = 0) -> None:
+        """Keep scratch entries keep[:count] (offsets into the scratch region) right after the
+        committed tokens, and keep[count : count + retain] right after those as the new
+        scratch; drop the rest. keep: LongTensor (M,), padded past count + retain with any
+        offsets (the whole fixed-size index is copied; slots past count + retain are scratch)."""
         m = min(keep.shape[0], self.capacity - self._committed)
-        if count > m:
-            raise ValueError(f"commit count {count} exceeds the {m} kept entries given")
+        if count + retain > m:
+            raise ValueError(f"commit count {count} + retain {retain} exceeds the {m} kept entries given")
         if m:
             compact_scratch(self.kv, 3, self.committed_dev, keep[:m].clamp(min=0))  # every layer at once
         self.committed_dev += count
-        self.seen_dev.copy_(self.committed_dev)
+        self.seen_dev.copy_(self.committed_dev + retain)
         self._committed += count
-        self._seen = self._committed
+        self._seen = self._committed + retain
 
     def committed_index(self, device: torch.device) -> torch.Tensor:
         """committed_dev, LongTensor (1,): the counter itself, so a graph reads its current value."""

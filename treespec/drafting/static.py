@@ -11,12 +11,14 @@ Dimension letters: docs/dimensions.md (N nodes incl. the root, D depth, F_d node
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
 
 from treespec.backends.base import Backend, TreeCache
+from treespec.drafting.ahead import AheadPlan
 from treespec.drafting.base import ChildProposer, Drafter, DraftTree, feed_pending
 from treespec.stats import GenerationStats
 from treespec.tree.topology import TreeTopology
@@ -69,18 +71,42 @@ class TreeDrafter:
         self._tokens = torch.zeros(n, dtype=torch.long, device=device)  # (N,) every entry rewritten each step
         self._valid = torch.ones(n, dtype=torch.bool, device=device)  # (N,) the root's stays True
         self._q_logits: torch.Tensor | None = None  # (N, V) made at the first step (V, dtype from the logits); leaf rows stay 0
+        self.plan: AheadPlan | None = None
+        self._resume: torch.Tensor | None = None  # (1,) guess the next tree starts from (drafted ahead)
+
+    def enable_ahead(self, plan: AheadPlan) -> None:
+        """Draft ahead below this tree by `plan` (drafting/ahead.py; the draft cache must hold
+        its slots_used entries after the tree's)."""
+        if plan.topo != self.topo:
+            raise ValueError("the ahead plan was made for another tree")
+        self.plan = plan
+        slot = self.structure.draft_slot.clone()
+        slot[plan.leaf_nodes] = plan.leaf_slots  # the end points are run too, after T's nodes
+        self.structure = dataclasses.replace(self.structure, draft_slot=slot)
+        self._ahead_tokens: list[torch.Tensor] = []  # per group (n,)
+        self._ahead_valid: list[torch.Tensor] = []
+        self._ahead_q: list[torch.Tensor] = []  # per run group (n, V)
 
     def draft(self, pending: torch.Tensor, root_pos: int) -> DraftTree:
         """See `Drafter.draft`. The returned tree's tensors are this drafter's buffers: valid
         until its next step (the engine consumes them within the step)."""
         topo = self.topo
-        logits = feed_pending(self.backend, self.model, self.cache, pending, root_pos)  # (1, V)
-        if self._q_logits is None:
-            self._q_logits = logits.new_zeros(topo.num_nodes, logits.shape[-1])
-        tokens, valid, q_logits = self._tokens, self._valid, self._q_logits
+        tokens, valid = self._tokens, self._valid
         tokens[0] = pending[0, -1]
-        q_logits[0] = logits[0]
-        for d in range(topo.max_depth):
+        if self._resume is not None:  # the first levels were drafted ahead; the root is cached
+            known = self._restore(self._resume)
+            self._resume = None
+        else:
+            logits = feed_pending(self.backend, self.model, self.cache, pending, root_pos)  # (1, V)
+            if self._q_logits is None:
+                self._q_logits = logits.new_zeros(topo.num_nodes, logits.shape[-1])
+            self._q_logits[0] = logits[0]
+            known = 0
+        q_logits = self._q_logits
+        # levels 1..known have their tokens, levels 0..known-1 their q (and draft KV entries)
+        if 0 < known < topo.max_depth:
+            q_logits[topo.level(known)] = self._run_level(known, root_pos)
+        for d in range(known, topo.max_depth):
             level, kids = topo.level(d), topo.level(d + 1)
             par, rank = self._children[d]  # (F_{d+1},) each
             child_tokens, child_valid = self.proposer.propose(q_logits[level], self._widths[d])  # (F_d, k)
@@ -88,10 +114,62 @@ class TreeDrafter:
             valid[kids] = child_valid[par, rank] & valid[level][par]
             if d + 1 == topo.max_depth:
                 break
-            ids = tokens[kids][None]  # (1, F_{d+1})
-            pos = (root_pos + d + 1) + torch.zeros_like(ids)  # (1, F_{d+1})
-            q_logits[kids] = self.backend.forward(self.model, self.cache, ids, pos, self._level_masks[d])
+            q_logits[kids] = self._run_level(d + 1, root_pos)
         return DraftTree(structure=self.structure, tokens=tokens, valid=valid, q_logits=q_logits)
+
+    def _run_level(self, d: int, root_pos: int) -> torch.Tensor:
+        """The draft forward of level d (>= 1): FloatTensor (F_d, V) q logits at its nodes."""
+        ids = self._tokens[self.topo.level(d)][None]  # (1, F_d)
+        pos = (root_pos + d) + torch.zeros_like(ids)  # (1, F_d)
+        return self.backend.forward(self.model, self.cache, ids, pos, self._level_masks[d - 1])
+
+    # ------------------------------------------------------------------ drafting ahead
+    def draft_ahead(self, root_pos: int) -> torch.Tensor:
+        """Below the tree just drafted: the plan's end points, K guesses each, and the next
+        tree's first levels below every guess (drafting/ahead.py). Returns the guesses'
+        tokens, LongTensor (G,); their validity is `ahead_guesses_valid`."""
+        plan = self.plan
+        tokens_prev = self._tokens[plan.leaf_nodes]  # (E,)
+        valid_prev = self._valid[plan.leaf_nodes]
+        toks, vals, qs = [tokens_prev], [valid_prev], []
+        q_prev = None
+        for i, group in enumerate(plan.groups):
+            if i > 0:  # propose this group's tokens below the previous group's nodes
+                child_tokens, child_valid = self.proposer.propose(q_prev, group.width)  # (rows, k)
+                tokens_prev = child_tokens[group.parent_row, group.rank]  # (n,)
+                valid_prev = child_valid[group.parent_row, group.rank] & vals[-1][group.parent_row]
+                toks.append(tokens_prev)
+                vals.append(valid_prev)
+            if group.runs:
+                ids = tokens_prev[None]  # (1, n)
+                pos = (root_pos + group.depth) + torch.zeros_like(ids)  # (1, n)
+                q_prev = self.backend.forward(self.model, self.cache, ids, pos, group.block_mask)  # (n, V)
+                qs.append(q_prev)
+        self._ahead_tokens, self._ahead_valid, self._ahead_q = toks, vals, qs
+        return toks[1]
+
+    @property
+    def ahead_guesses_valid(self) -> torch.Tensor:
+        return self._ahead_valid[1]  # (G,)
+
+    def resume(self, guess: torch.Tensor) -> None:
+        """The next step starts from guess `guess` (LongTensor (1,)): its tree's first levels
+        were drafted ahead and their draft KV entries retained by the commit."""
+        self._resume = guess
+
+    def _restore(self, guess: torch.Tensor) -> int:
+        """Copy the drafted-ahead levels below `guess` into this step's buffers; returns how
+        many levels below the root are known."""
+        plan, g = self.plan, self.plan.num_guesses
+        self._q_logits[0] = self._ahead_q[1].index_select(0, guess)[0]  # q at the guess, now the root
+        for j, size in enumerate(plan.level_sizes, start=1):
+            level = self.topo.level(j)
+            self._tokens[level] = self._ahead_tokens[j + 1].view(g, size).index_select(0, guess)[0]
+            self._valid[level] = self._ahead_valid[j + 1].view(g, size).index_select(0, guess)[0]
+            if j < len(plan.level_sizes):
+                q = self._ahead_q[j + 1]
+                self._q_logits[level] = q.view(g, size, q.shape[-1]).index_select(0, guess)[0]
+        return len(plan.level_sizes)
 
     @property
     def forwards_per_step(self) -> int:

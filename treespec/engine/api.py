@@ -14,8 +14,10 @@ import torch
 from transformers import PreTrainedModel
 
 from treespec.engine.checks import (
-    check_max_new_tokens, check_method, check_pair, check_prompt, check_prompt_for, eos_ids, generator_for,
+    check_max_new_tokens, check_method, check_overlap, check_pair, check_prompt, check_prompt_for, eos_ids,
+    generator_for,
 )
+from treespec.drafting.ahead import AheadPlan, OverlapConfig, resolve_overlap
 from treespec.drafting.lookup import LookupDrafter, resolve_lookup
 from treespec.acceptance.sampling import SamplingConfig
 from treespec.acceptance.schemes import check_acceptance
@@ -96,6 +98,7 @@ def stream(
     streamer=None,
     lookup: bool | LookupConfig = False,
     acceptance: str = "rejection",
+    overlap: bool | OverlapConfig = False,
 ) -> TokenStream:
     """Like `generate`, but returns an iterator over the tokens of each step."""
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -108,6 +111,9 @@ def stream(
     if lookup_config is not None and not sampling.greedy and acceptance != "rejection":
         raise ValueError(f"lookup branches are verified as point masses by acceptance='rejection' only; "
                          f"acceptance={acceptance!r} does not handle them: use acceptance='rejection' or lookup=False")
+    overlap_config = resolve_overlap(overlap)
+    check_overlap(overlap_config, spec, lookup_config)
+    plan = AheadPlan(spec.topology, overlap_config, target.device) if overlap_config is not None else None
     if sampling.greedy:
         proposer, acceptor = GreedyProposer(), GreedyAcceptor()
     else:
@@ -122,9 +128,12 @@ def stream(
     capacity = input_ids.shape[1] + max_new_tokens + spec.max_nodes(sampling.greedy) + 2
     if lookup_config is not None:  # extra tree slots, and accepted lookup tokens fed to the draft next step
         capacity += lookup_config.slots + lookup_config.length
+    draft_capacity = capacity + (plan.slots_used if plan is not None else 0)
     drafter = None
     if spec.has_drafts:
-        drafter = spec.make_drafter(draft, backend, backend.make_cache(draft, capacity, "draft"), proposer, stats)
+        drafter = spec.make_drafter(draft, backend, backend.make_cache(draft, draft_capacity, "draft"), proposer, stats)
+        if plan is not None:
+            drafter.enable_ahead(plan)
         if lookup_config is not None:
             drafter = LookupDrafter(drafter, lookup_config)
     stats.tree = drafter.describe() if drafter is not None else "root only"
@@ -138,9 +147,8 @@ def stream(
         prompt_len=input_ids.shape[1],
         max_new_tokens=max_new_tokens,
         eos_token_ids=eos_ids(target, eos_token_id),
+        ahead=drafter if plan is not None else None,
     )
-    if isinstance(drafter, LookupDrafter):
-        drafter.attach(engine.out)
     if isinstance(drafter, LookupDrafter):
         drafter.attach(engine.out)  # the n-gram match reads the engine's token buffer
     return TokenStream(engine, input_ids, streamer)
@@ -164,6 +172,7 @@ def generate(
     streamer=None,
     lookup: bool | LookupConfig = False,
     acceptance: str = "rejection",
+    overlap: bool | OverlapConfig = False,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens after `input_ids` with speculative decoding.
 
@@ -197,6 +206,10 @@ def generate(
             'traversal' (leaf-to-root, sequence-level; any tree) or 'block' (chains only:
             method='linear'). All are lossless (docs/sampling.md); at temperature 0 all are
             greedy verification and the option has no effect.
+        overlap: True or an `OverlapConfig`: while the target verifies a tree, the draft drafts
+            the next tree's first levels below the nodes where it expects verification to end,
+            on a second CUDA stream (in order on the CPU); when it guessed right, the next step
+            starts with those levels done (docs/overlap.md). Static trees and chains only.
     Returns:
         GenerationResult with sequences (1, T + new) and stats.
     """
@@ -217,6 +230,7 @@ def generate(
         streamer=streamer,
         lookup=lookup,
         acceptance=acceptance,
+        overlap=overlap,
     )
     for _ in token_stream:
         pass

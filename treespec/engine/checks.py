@@ -16,6 +16,8 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedModel
 
+from treespec.drafting.ahead import OverlapConfig
+from treespec.drafting.static import StaticTree
 METHODS = ("tree", "linear", "autoregressive")
 
 
@@ -158,3 +160,20 @@ def generator_for(device: torch.device, generator: torch.Generator | None) -> to
             f"use torch.Generator(device='{device.type}').manual_seed(...)"
         )
     return generator
+
+
+def check_overlap(config: OverlapConfig | None, spec, lookup_config) -> None:
+    """overlap= needs a static tree with drafts (drafting/ahead.py) and no lookup branches.
+    spec: the resolved tree policy; lookup_config: LookupConfig | None."""
+    if config is None:
+        return
+    if not isinstance(spec, StaticTree) or not spec.has_drafts:
+        kind = type(spec).__name__ if not isinstance(spec, StaticTree) else "the target alone"
+        raise ArgumentError("overlap", f"overlap=True drafts ahead below a static tree (widths, a preset, a TreeTopology, or "
+                         f"method='linear'); this generation uses {kind}: pass a static tree or overlap=False")
+    if lookup_config is not None:
+        raise ArgumentError("overlap", "overlap=True and lookup=True cannot be combined yet (lookup branches change the tree "
+                         "every step); use one of them")
+    if config.levels > spec.topology.max_depth:
+        raise ArgumentError("overlap", f"OverlapConfig(levels={config.levels}) exceeds the tree's depth "
+                         f"{spec.topology.max_depth}; use levels <= {spec.topology.max_depth}")

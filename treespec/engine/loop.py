@@ -4,9 +4,13 @@ One step, for a tree of N nodes and depth D below the root (the last accepted to
 
     draft   the draft model expands the tree, one batched forward per level       -> tokens (N,)
     verify  the target scores every node in one forward with a tree mask          -> p logits (N, V)
+    ahead   with overlap: the draft drafts the next tree's first levels below the
+            nodes where it expects verification to end, on a second CUDA stream
+            beside verify (drafting/ahead.py, engine/streams.py)                  -> guesses (G,)
     accept  a pure function picks the longest accepted path and the next token    -> Acceptance
     commit  ONE host sync reads how many tokens were accepted; both KV caches keep
-            only the accepted path; the emitted tokens are appended to the output
+            only the accepted path (and, when verification ended where the draft
+            guessed, the next tree's first levels); the tokens are appended to the output
 
 Shapes are fixed for a given tree and the only device-to-host transfer inside a step is the one
 in `commit` (the documented sync point, `_read`). Allocated once per generation: the output
@@ -31,6 +35,8 @@ from treespec.engine.checks import vocab_size
 from treespec.acceptance.sampling import SamplingConfig, logits_to_probs
 from treespec.backends.base import Backend, TreeCache
 from treespec.drafting.base import DraftTree, Drafter
+from treespec.drafting.static import TreeDrafter
+from treespec.engine.streams import SideStream
 from treespec.stats import GenerationStats, Stopwatch
 from treespec.tree.topology import TreeTopology
 
@@ -81,6 +87,7 @@ class StepRead:
     from_lookup: accepted nodes that came from lookup branches.
     tokens: the a + 1 emitted tokens (accepted drafts, then the target's next token).
     ranks: sibling rank of each accepted node, depth 1 down.
+    ahead_hit: verification ended at a drafted-ahead end point with one of its guesses.
     """
 
     num_accepted: int
@@ -89,6 +96,7 @@ class StepRead:
     from_lookup: int
     tokens: list[int]
     ranks: list[int]
+    ahead_hit: bool = False
 
 
 @dataclass
@@ -116,10 +124,15 @@ class SpeculativeEngine:
         max_new_tokens: int,
         eos_token_ids: set[int],
         sync_cuda_timing: bool = False,
+        ahead: TreeDrafter | None = None,
     ):
         """drafter: expands each step's tree (None: the target alone, the tree is the root).
-        target_cache must hold prompt_len + max_new_tokens + the drafter's max_nodes entries."""
+        target_cache must hold prompt_len + max_new_tokens + the drafter's max_nodes entries.
+        ahead: the drafter again, when it drafts ahead (its `plan` is set: overlap on)."""
         self.target, self.target_cache, self.drafter = target, target_cache, drafter
+        self.ahead = ahead
+        self.side = SideStream(target.device) if ahead is not None else None
+        self._resumed = False  # this step's tree starts from levels drafted ahead
         self.backend, self.acceptor = backend, acceptor
         self.stats, self.stopwatch = stats, Stopwatch(stats, sync_cuda_timing)
         self.max_new_tokens, self.eos_token_ids = max_new_tokens, eos_token_ids
@@ -167,11 +180,14 @@ class SpeculativeEngine:
         root_pos = self.length - 1
         with self.stopwatch("time_draft"):
             tree = self.draft(root_pos)
+            drafted = self.side.mark() if self.side is not None else None
         with self.stopwatch("time_verify"):
             p_logits = self.verify(tree, root_pos)
+        with self.stopwatch("time_ahead"):  # queued after verify, so that verify is launched first
+            guesses = self.draft_ahead(root_pos, drafted)
         with self.stopwatch("time_other"):
             acc = self.acceptor.accept(tree, p_logits)
-            return self.commit(tree, acc)
+            return self.commit(tree, acc, guesses)
 
     def draft(self, root_pos: int) -> DraftTree:
         if self.drafter is None:  # target alone: the tree is just the root
@@ -180,8 +196,22 @@ class SpeculativeEngine:
         tree = self.drafter.draft(self._for_draft(self.pending), root_pos)
         if self._draft_vocab is not None:  # the target runs the true root, not the draft's stand-in
             tree.tokens[0] = self.pending[0, -1]
-        self.stats.draft_forwards += self.drafter.forwards_per_step
+        saved = self.ahead.plan.config.levels if self._resumed else 0
+        self.stats.draft_forwards += self.drafter.forwards_per_step - saved
+        self.stats.draft_forwards_saved += saved
         return tree
+
+    def draft_ahead(self, root_pos: int, drafted) -> torch.Tensor | None:
+        """With overlap: queue the ahead work on the side stream once the tree is drafted (the
+        `drafted` event), beside the verification; returns the guesses' tokens (G,), None
+        without overlap."""
+        if self.ahead is None:
+            return None
+        with self.side.side(drafted):
+            guesses = self.ahead.draft_ahead(root_pos)  # (G,)
+        self.stats.ahead_steps += 1
+        self.stats.draft_forwards_ahead += self.ahead.plan.forwards
+        return guesses
 
     def _for_draft(self, ids: torch.Tensor) -> torch.Tensor:
         """ids the draft can embed: LongTensor like ids (the target's ids past the draft's rows -> 0)."""
@@ -195,12 +225,13 @@ class SpeculativeEngine:
         pos = (root_pos + tree.structure.depth)[None]  # (1, N)
         return self.backend.forward(self.target, self.target_cache, tree.tokens[None], pos, tree.structure.ancestors)
 
-    def commit(self, tree: DraftTree, acc: Acceptance) -> StepResult:
+    def commit(self, tree: DraftTree, acc: Acceptance, guesses: torch.Tensor | None = None) -> StepResult:
         """Keep the accepted path: read it (the one host sync), commit both caches, emit the
         tokens (trimmed at EOS and max_new_tokens), record the step."""
         emitted = self._emitted(tree, acc)  # (D+1,)
-        read = self._read(tree, acc, emitted)
-        self._commit_caches(tree, acc, read, emitted)
+        hit, guess = self._ahead_hit(acc, guesses)
+        read = self._read(tree, acc, emitted, hit)
+        self._commit_caches(tree, acc, read, emitted, guess)
         tokens = self._emit(read.tokens, emitted)
         self._record(read)
         finished = self.new_tokens >= self.max_new_tokens or (len(tokens) > 0 and tokens[-1] in self.eos_token_ids)
@@ -214,7 +245,15 @@ class SpeculativeEngine:
         emitted = torch.cat([drafted, acc.next_token[None]])  # (D+1,)
         return torch.where(self._steps[: d + 1] == acc.num_accepted, acc.next_token, emitted)  # (D+1,)
 
-    def _read(self, tree: DraftTree, acc: Acceptance, emitted: torch.Tensor) -> StepRead:
+    def _ahead_hit(self, acc: Acceptance, guesses: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """On the device: (hit BoolTensor (), guess LongTensor ()) whether the next tree was
+        drafted ahead; the main stream waits for the side stream here."""
+        if guesses is None:
+            return acc.num_accepted * 0, None
+        self.side.join()
+        return self.ahead.plan.hit(acc.path, acc.num_accepted, acc.next_token, guesses, self.ahead.ahead_guesses_valid)
+
+    def _read(self, tree: DraftTree, acc: Acceptance, emitted: torch.Tensor, hit: torch.Tensor) -> StepRead:
         """The one host synchronisation of the step: everything after it is bookkeeping on ints
         (and device work whose sizes these ints fix)."""
         s, d = tree.structure, tree.structure.max_depth
@@ -223,12 +262,14 @@ class SpeculativeEngine:
         on_path = self._steps[:d] < acc.num_accepted  # (D,) which entries of path[1:] were accepted
         kept = ((s.draft_slot[acc.path[1:]] >= 0) & on_path).sum()
         from_lookup = (tree.lookup[acc.path[1:]] & on_path).sum() if tree.lookup is not None else kept * 0
-        info = torch.cat([acc.num_accepted[None], proposed[None], kept[None], from_lookup[None], emitted, ranks]).tolist()
+        head = torch.stack([acc.num_accepted, proposed, kept, from_lookup, hit.long()])  # (5,)
+        info = torch.cat([head, emitted, ranks]).tolist()
         a = info[0]
-        return StepRead(num_accepted=a, proposed=info[1], kept=info[2], from_lookup=info[3],
-                        tokens=info[4 : a + 5], ranks=info[d + 5 : d + 5 + a])
+        return StepRead(num_accepted=a, proposed=info[1], kept=info[2], from_lookup=info[3], ahead_hit=bool(info[4]),
+                        tokens=info[5 : a + 6], ranks=info[d + 6 : d + 6 + a])
 
-    def _commit_caches(self, tree: DraftTree, acc: Acceptance, read: StepRead, emitted: torch.Tensor) -> None:
+    def _commit_caches(self, tree: DraftTree, acc: Acceptance, read: StepRead, emitted: torch.Tensor,
+                       guess: torch.Tensor | None) -> None:
         """Both caches keep the accepted path; the drafter hears how far it got; `pending` gets
         the accepted tokens the draft has not run yet."""
         a, kept = read.num_accepted, read.kept
@@ -236,9 +277,22 @@ class SpeculativeEngine:
         if self.drafter is None:
             self.pending = emitted[None, :1]
             return
+        slots = tree.structure.draft_slot[acc.path[1:]]  # (D,)
+        self._resumed = read.ahead_hit
+        if read.ahead_hit:
+            # the path, the guess that is the new root, and the next tree's levels drafted
+            # below it, which stay in the scratch where that tree's drafting expects them
+            plan = self.ahead.plan
+            guessed = plan.hit_slots.index_select(0, guess[None])[0]  # (1 + R,)
+            self.drafter.cache.commit(torch.cat([slots, guessed]), a + 1, plan.retain)
+            self.ahead.resume(guess[None])
+            self.stats.ahead_hits += 1
+            self.drafter.observe(a)
+            self.pending = emitted[None, a : a + 1]  # the root, cached already
+            return
         # the draft keeps the accepted nodes it ran; the accepted nodes it never ran (a leaf,
         # lookup nodes) end the path and are fed to it next step with the new root
-        self.drafter.cache.commit(tree.structure.draft_slot[acc.path[1:]], kept)
+        self.drafter.cache.commit(slots, kept)
         self.drafter.observe(a)
         self.pending = emitted[None, kept : a + 1]  # (1, a - kept + 1)
 

@@ -1,0 +1,238 @@
+"""One interleaved comparison on the GPU, the real pair (Qwen2.5-Coder 0.5B -> 1.5B, bf16): treespec's
+methods with and without drafting ahead (overlap), its compiled and graphed autoregressive loop, and
+the transformers baselines a GPU user would pick instead.
+
+    python -m treespec.bench.gpu_compare prompts --out .xfer/prompts/prompts.json   # here (tokenizer)
+    python -m treespec.bench.gpu_compare run --prompts .xfer/prompts/prompts.json --limit 20 \
+        --new-tokens 128 --hf-prompts 3 --deadline 480                              # on the GPU machine
+
+Prompt by prompt (HumanEval, then MT-Bench), every method runs in turn on the same prompt, so a
+slow period of the machine hits all methods alike; speedups are ratios inside this one run.
+transformers' baselines (eager `generate`, `generate(cache_implementation="static")` with its own
+compilation, `generate(assistant_model=draft)`, `generate(prompt_lookup_num_tokens=10)`) run on the
+first --hf-prompts prompts of each dataset only (eager generate costs ~25 ms a token there).
+Every output is compared with treespec's own autoregressive output (bf16: a difference is traced
+to the target's top-2 logit gap at the first differing position). A temperature-0.7 row (tree with
+and without overlap, MT-Bench) ends the run. Results are written after every prompt to
+$OUT/compare.json, so a run stopped by --deadline still reports what it measured.
+
+`run` on the CPU (GPU_BENCH_DEVICE=cpu) smoke-tests the logic with tiny random models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import treespec
+from treespec.backends.cuda_graphs import GraphedBackend
+from treespec.backends.static_cache import StaticSdpaBackend
+from treespec.bench.gpu_common import DEVICE, device_info, save_json, sync
+from treespec.bench.gpu_e2e import divergence_margin, first_difference, load
+from treespec.drafting.ahead import OverlapConfig
+
+CODE_TREE = [2, 2, 2, 1, 1, 1, 1, 1]  # the H200 cost model's pick for code (benchmarks/results/sweep_summary_h200.md)
+TEXT_TREE = [4, 3, 3]  # and for text
+# (label, method, tree, overlap, compiled)
+METHODS = [
+    ("autoregressive (graphs)", "autoregressive", None, None, False),
+    ("autoregressive (compiled)", "autoregressive", None, None, True),
+    ("linear chain-4", "linear", "chain-4", None, False),
+    ("linear chain-4 + overlap", "linear", "chain-4", OverlapConfig(), False),
+    ("linear chain-4 + overlap L2", "linear", "chain-4", OverlapConfig(levels=2), False),
+    ("linear chain-7", "linear", [1] * 7, None, False),
+    ("linear chain-7 + overlap L2", "linear", [1] * 7, OverlapConfig(levels=2), False),
+    ("tree [4,2,2,1]", "tree", [4, 2, 2, 1], None, False),
+    ("tree [4,2,2,1] + overlap", "tree", [4, 2, 2, 1], OverlapConfig(leaves=2), False),
+    ("tree code-H200", "tree", CODE_TREE, None, False),
+    ("tree code-H200 + overlap L2", "tree", CODE_TREE, OverlapConfig(leaves=2, levels=2), False),
+    ("tree text-H200", "tree", TEXT_TREE, None, False),
+    ("tree text-H200 + overlap", "tree", TEXT_TREE, OverlapConfig(leaves=3), False),
+    ("dynamic tree", "tree", "dynamic", None, False),
+]
+HF = [  # (label, generate kwargs beyond greedy decoding; "draft" is replaced by the draft model)
+    ("hf generate", {}),
+    ("hf generate static cache", {"cache_implementation": "static"}),
+    ("hf generate(assistant_model)", {"assistant_model": "draft"}),
+    ("hf generate(prompt_lookup_num_tokens=10)", {"prompt_lookup_num_tokens": 10}),
+]
+SAMPLED = [("T0.7 tree [4,2,2,1]", None), ("T0.7 tree [4,2,2,1] + overlap", OverlapConfig(leaves=2))]
+REFERENCE = METHODS[0][0]
+
+
+def make_prompts(args) -> None:
+    """Token ids of the prompts (chat template applied), made where the tokenizer is."""
+    from treespec.bench.datasets import encode_prompt, load_prompts
+    from treespec.loading.models import DEFAULT_TARGET, load_tokenizer
+
+    tok = load_tokenizer(DEFAULT_TARGET)
+    out = {"eos": [151645, 151643]}
+    for name in ("humaneval", "mtbench"):
+        out[name] = [{"id": p.id, "ids": encode_prompt(tok, p)[0].tolist()} for p in load_prompts(name, limit=args.limit)]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out))
+    print(f"{sum(len(out[k]) for k in ('humaneval', 'mtbench'))} prompts -> {args.out}")
+
+
+def run_ours(target, draft, ids, spec, backend, new_tokens, eos, temperature=0.0, seed=0) -> dict:
+    _, method, tree, overlap, _ = spec
+    prompt = torch.tensor([ids], device=DEVICE)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed) if temperature > 0 else None
+    sync()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = treespec.generate(target, None if method == "autoregressive" else draft, prompt, max_new_tokens=new_tokens,
+                                method=method, tree=tree, attention=backend, eos_token_id=eos, overlap=overlap or False,
+                                temperature=temperature, generator=gen)  # fmt: skip
+    sync()
+    s = out.stats
+    return dict(tokens=out.sequences[0, len(ids):].tolist(), seconds=time.perf_counter() - t0, new=s.new_tokens,
+                forwards=s.target_forwards, draft_forwards=s.draft_forwards, ahead_steps=s.ahead_steps,
+                ahead_hits=s.ahead_hits, draft_forwards_ahead=s.draft_forwards_ahead,
+                draft_forwards_saved=s.draft_forwards_saved, time_prefill=s.time_prefill)  # fmt: skip
+
+
+def run_hf(target, draft, ids, kwargs, new_tokens, eos) -> dict:
+    prompt = torch.tensor([ids], device=DEVICE)
+    kw = {k: (draft if v == "draft" else v) for k, v in kwargs.items()}
+    sync()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        seq = target.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, temperature=None,
+                              top_p=None, top_k=None, max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=eos[-1],
+                              **kw)  # fmt: skip
+    sync()
+    return dict(tokens=seq[0, len(ids):].tolist(), seconds=time.perf_counter() - t0, new=seq.shape[1] - len(ids))
+
+
+def summarize(rows: list[dict]) -> dict:
+    new, sec = sum(r["new"] for r in rows), sum(r["seconds"] for r in rows)
+    s = dict(prompts=len(rows), new_tokens=new, seconds=sec, tokens_per_s=new / sec if sec else 0.0)
+    if rows and "forwards" in rows[0]:
+        s["tau"] = new / max(sum(r["forwards"] for r in rows), 1)
+        steps = sum(r["ahead_steps"] for r in rows)
+        if steps:
+            s["ahead_hit_rate"] = sum(r["ahead_hits"] for r in rows) / steps
+            s["draft_forwards_per_step_critical"] = sum(r["draft_forwards"] for r in rows) / sum(r["forwards"] for r in rows)
+            s["draft_forwards_per_step_beside"] = sum(r["draft_forwards_ahead"] for r in rows) / steps
+    return s
+
+
+def report(results: dict, prompts: dict, target) -> dict:
+    """Per dataset and method: tokens/s, tau, hit rate, ratios against treespec's compiled and
+    graphed autoregressive loops and transformers' static-cache generate on the same prompts,
+    and identity with treespec's autoregressive output."""
+    out = {}
+    for dname, by_method in results.items():
+        ref = by_method.get(REFERENCE, [])
+        for label, rows in by_method.items():
+            s = summarize(rows)
+            n = len(rows)
+            for base in (REFERENCE, "autoregressive (compiled)", "hf generate static cache", "hf generate"):
+                base_rows = by_method.get(base, [])[:n]
+                if base_rows and len(base_rows) == n and label != base:
+                    s[f"speedup_vs_{base}"] = s["tokens_per_s"] / summarize(base_rows)["tokens_per_s"]
+            same = [r["tokens"] == a["tokens"] for r, a in zip(rows, ref)]
+            s["identical_to_autoregressive"] = f"{sum(same)}/{len(same)}"
+            s["differences"] = []
+            for i, (r, a) in enumerate(zip(rows, ref)):
+                j = first_difference(r["tokens"], a["tokens"])
+                if j is not None and len(s["differences"]) < 6 and not label.startswith("T0.7"):
+                    s["differences"].append(dict(prompt=prompts[dname][i]["id"], **divergence_margin(
+                        target, prompts[dname][i]["ids"], a["tokens"], j)))  # fmt: skip
+            out[f"{dname}|{label}"] = s
+    return out
+
+
+def run(args) -> None:
+    prompts = json.loads(Path(args.prompts).read_text())
+    for k in ("humaneval", "mtbench"):
+        prompts[k] = prompts[k][: args.limit]
+    eos = prompts["eos"]
+    print(device_info(), flush=True)
+    target, draft = load("target", Path(args.gguf_dir)), load("draft", Path(args.gguf_dir))
+    t_start = time.perf_counter()
+    longest = max(len(p["ids"]) for k in ("humaneval", "mtbench") for p in prompts[k])
+    capacity = longest + args.new_tokens + 256
+    compiler = "inductor" if DEVICE == "cuda" else "aot_eager"  # CPU smoke runs: no C++ builds
+    backends = {c: GraphedBackend(StaticSdpaBackend(), min_capacity=capacity, compile=c, compile_backend=compiler)
+                for c in (False, True)}
+    short = prompts["humaneval"][0]["ids"][:64]
+    warm = {}
+    for spec in METHODS:  # warm-up: capture (and compile) every shape once, untimed
+        t0 = time.perf_counter()
+        run_ours(target, draft, short, spec, backends[spec[4]], 32, [])
+        warm[spec[0]] = time.perf_counter() - t0
+        print(f"  warm-up {spec[0]:32s} {warm[spec[0]]:6.1f} s", flush=True)
+    for label, kwargs in HF:
+        t0 = time.perf_counter()
+        run_hf(target, draft, short, kwargs, 16, eos)
+        warm[label] = time.perf_counter() - t0
+        print(f"  warm-up {label:32s} {warm[label]:6.1f} s", flush=True)
+    results: dict[str, dict[str, list]] = {}
+    stopped = None
+    for dname in ("humaneval", "mtbench"):
+        for i, p in enumerate(prompts[dname]):
+            if time.perf_counter() - t_start > args.deadline:
+                stopped = f"deadline reached before {dname} prompt {i}"
+                break
+            row = results.setdefault(dname, {})
+            for spec in METHODS:
+                row.setdefault(spec[0], []).append(run_ours(target, draft, p["ids"], spec, backends[spec[4]], args.new_tokens, eos))
+            if i < args.hf_prompts:
+                for label, kwargs in HF:
+                    row.setdefault(label, []).append(run_hf(target, draft, p["ids"], kwargs, args.new_tokens, eos))
+            ar, ov = row[REFERENCE][-1], row["tree [4,2,2,1] + overlap"][-1]
+            print(f"  {dname} {p['id']}: AR {ar['new'] / ar['seconds']:.0f} tok/s, tree+overlap "
+                  f"{ov['new'] / ov['seconds']:.0f} tok/s ({time.perf_counter() - t_start:.0f} s)", flush=True)
+            save(results, prompts, target, warm, args, stopped)
+    for i, p in enumerate(prompts["mtbench"][: args.sampled_prompts]):
+        if time.perf_counter() - t_start > args.deadline:
+            stopped = stopped or "deadline reached in the temperature-0.7 rows"
+            break
+        for label, overlap in SAMPLED:
+            spec = (label, "tree", [4, 2, 2, 1], overlap, False)
+            results.setdefault("mtbench", {}).setdefault(label, []).append(
+                run_ours(target, draft, p["ids"], spec, backends[False], args.new_tokens, eos, temperature=0.7, seed=i))
+    summary = save(results, prompts, target, warm, args, stopped)
+    for key, s in summary.items():
+        extra = "".join(f"  x{v:.2f} vs {k[11:]}" for k, v in s.items() if k.startswith("speedup_vs_"))
+        hit = f"  hit {100 * s['ahead_hit_rate']:.0f}%" if "ahead_hit_rate" in s else ""
+        print(f"{key:55s} {s['tokens_per_s']:8.1f} tok/s  tau {s.get('tau', float('nan')):.2f}{hit}"
+              f"  same {s['identical_to_autoregressive']}{extra}", flush=True)
+    if stopped:
+        print("STOPPED:", stopped)
+
+
+def save(results, prompts, target, warm, args, stopped) -> dict:
+    summary = report(results, prompts, target)
+    save_json("compare.json", dict(args=vars(args), device=device_info(), warmup_s=warm, stopped=stopped, summary=summary,
+                                   per_prompt={f"{d}|{m}": [{k: v for k, v in r.items() if k != "tokens"} for r in rows]
+                                               for d, by in results.items() for m, rows in by.items()}))  # fmt: skip
+    return summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prompts")
+    p.add_argument("--out", default=".xfer/prompts/prompts.json")
+    p.add_argument("--limit", type=int, default=20)
+    r = sub.add_parser("run")
+    r.add_argument("--prompts", default=".xfer/prompts/prompts.json")
+    r.add_argument("--gguf-dir", default="/tmp/xfer")
+    r.add_argument("--limit", type=int, default=20)
+    r.add_argument("--new-tokens", type=int, default=256)
+    r.add_argument("--hf-prompts", type=int, default=3)
+    r.add_argument("--sampled-prompts", type=int, default=5)
+    r.add_argument("--deadline", type=float, default=480.0, help="seconds after loading; later prompts are skipped")
+    args = ap.parse_args()
+    make_prompts(args) if args.cmd == "prompts" else run(args)
+
+
+if __name__ == "__main__":
+    main()
