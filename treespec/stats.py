@@ -50,6 +50,9 @@ class GenerationStats(SpeculationRates):
     accepted_from_model, accepted_from_lookup: accepted draft tokens proposed by the draft model
         and by prompt lookup (a lookup token that equals a model node is merged into it and
         counts as the model's); they sum to sum(accepted_lengths).
+    tree_choice: with tree='auto', what treespec.tree.auto.choose_tree picked: the chosen shape,
+        its predicted tau, step seconds, tokens/s and speedup, the alternatives it beat and
+        `reason` (one sentence); empty otherwise.
     tau: new_tokens / target_forwards, the mean tokens emitted per target forward, bonus token
         included (1.0 for the target alone).
     """
@@ -67,6 +70,7 @@ class GenerationStats(SpeculationRates):
     accepted_from_model: int = 0
     accepted_from_lookup: int = 0
     tree_choices: list[int] = field(default_factory=list)
+    tree_choice: dict = field(default_factory=dict)
     time_prefill: float = 0.0
     time_draft: float = 0.0
     time_verify: float = 0.0
@@ -93,7 +97,7 @@ class GenerationStats(SpeculationRates):
             f"{self.tokens_per_second:.2f} tokens/s ({self.time_total:.2f} s: prefill {self.time_prefill:.2f}, "
             f"draft {self.time_draft:.2f}, verify {self.time_verify:.2f}, other {self.time_other:.2f}); "
             f"method {self.method}, tree {self.tree}, backend {self.backend}"
-        )
+        ) + (f"\ntree='auto': {self.tree_choice['reason']}" if self.tree_choice else "")
 
 
 class Stopwatch:
