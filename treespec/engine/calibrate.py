@@ -44,7 +44,9 @@ CPU_TARGET_SIZES = (*range(1, 13), 16, 24, 32)  # larger trees never pay on a CP
 CPU_DRAFT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16)
 GPU_TARGET_SIZES = (1, 2, 4, 8, 16, 32, 65)  # each new shape is a CUDA graph capture (and a compilation)
 GPU_DRAFT_SIZES = (1, 2, 4, 8, 16, 32)
-ROUNDS = 2
+ROUNDS = 2  # at least this many timed rounds per model...
+MIN_SECONDS = 1.0  # ...and more (up to MAX_ROUNDS) until this long: a fast forward's minimum needs more samples
+MAX_ROUNDS = 8
 
 
 def device_name(device: torch.device) -> str:
@@ -91,8 +93,9 @@ def _sync(device: torch.device) -> None:
 
 def _time_sizes(model: PreTrainedModel, backend: Backend, role: str, sizes: Sequence[int], rounds: int,
                 report) -> dict[int, float]:  # fmt: skip
-    """{n: min seconds over `rounds` of one forward of n new tokens after CONTEXT committed ones}.
-    On CUDA an untimed round first: a shape's first forwards compile and capture it."""
+    """{n: min seconds of one forward of n new tokens after CONTEXT committed ones}, over `rounds`
+    rounds, or more (up to MAX_ROUNDS) until MIN_SECONDS have passed. On CUDA an untimed round
+    first: a shape's first forwards compile and capture it."""
     device = model.device
     cache = backend.make_cache(model, CONTEXT + max(sizes) + 8, role)
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -104,20 +107,22 @@ def _time_sizes(model: PreTrainedModel, backend: Backend, role: str, sizes: Sequ
         backend.forward(model, cache, prompt, torch.arange(CONTEXT, device=device)[None], causal, last_only=True)
         cache.commit_all()
         drop = torch.zeros(max(sizes), dtype=torch.long, device=device)
-        warm = int(device.type == "cuda")
-        for r in range(1 - warm, rounds + 1):
+        warm, t0 = int(device.type == "cuda"), time.perf_counter()
+        r = -warm
+        while r < rounds or (r < MAX_ROUNDS and time.perf_counter() - t0 < MIN_SECONDS):
+            r += 1
             for n in sizes:
                 ids = torch.randint(0, vocab, (1, n), generator=gen).to(device)
                 pos = torch.arange(CONTEXT, CONTEXT + n, device=device)[None]
                 mask = torch.ones(n, n, dtype=torch.bool, device=device).tril()
                 _sync(device)
-                t0 = time.perf_counter()
+                start = time.perf_counter()
                 backend.forward(model, cache, ids, pos, mask)
                 _sync(device)
-                if r:
-                    best[n] = min(best[n], time.perf_counter() - t0)
+                if r > 0:
+                    best[n] = min(best[n], time.perf_counter() - start)
                 cache.commit(drop[:n], 0)  # drop the timed entries: every forward sees the same context
-            report()
+            report(role)
     return best
 
 
@@ -131,18 +136,19 @@ def measure_costs(target: PreTrainedModel, draft: PreTrainedModel, backend: Back
     draft_sizes = tuple(draft_sizes or (GPU_DRAFT_SIZES if cuda else CPU_DRAFT_SIZES))
     name = device_name(target.device)
     t0 = time.perf_counter()
-    done, total = [0], 2 * (rounds + int(cuda))
+    rounds_done = [0]
 
-    def report() -> None:
-        done[0] += 1
+    def report(role: str) -> None:
+        rounds_done[0] += 1
         if progress is not None:
-            end = "\n" if done[0] == total else ""
             progress.write(f"\rtree='auto': measuring forward costs on {name} (once per machine and model pair): "
-                           f"{done[0]}/{total} rounds, {time.perf_counter() - t0:.0f} s{end}")  # fmt: skip
+                           f"{role} round {rounds_done[0]}, {time.perf_counter() - t0:.0f} s ")  # fmt: skip
             progress.flush()
 
     t = _time_sizes(target, backend, "target", target_sizes, rounds, report)
     d = _time_sizes(draft, backend, "draft", draft_sizes, rounds, report)
+    if progress is not None:
+        progress.write("done\n")
     return CostTable(t, d, overhead=0.0, device=name)
 
 
