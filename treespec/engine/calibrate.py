@@ -122,7 +122,7 @@ def _time_sizes(model: PreTrainedModel, backend: Backend, role: str, sizes: Sequ
                 if r > 0:
                     best[n] = min(best[n], time.perf_counter() - start)
                 cache.commit(drop[:n], 0)  # drop the timed entries: every forward sees the same context
-            report(role)
+            report(role, r)
     return best
 
 
@@ -136,13 +136,11 @@ def measure_costs(target: PreTrainedModel, draft: PreTrainedModel, backend: Back
     draft_sizes = tuple(draft_sizes or (GPU_DRAFT_SIZES if cuda else CPU_DRAFT_SIZES))
     name = device_name(target.device)
     t0 = time.perf_counter()
-    rounds_done = [0]
 
-    def report(role: str) -> None:
-        rounds_done[0] += 1
+    def report(role: str, done: int) -> None:
         if progress is not None:
             progress.write(f"\rtree='auto': measuring forward costs on {name} (once per machine and model pair): "
-                           f"{role} round {rounds_done[0]}, {time.perf_counter() - t0:.0f} s ")  # fmt: skip
+                           f"{role} round {done}, {time.perf_counter() - t0:.0f} s ")  # fmt: skip
             progress.flush()
 
     t = _time_sizes(target, backend, "target", target_sizes, rounds, report)
