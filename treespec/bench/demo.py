@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-baseline", action="store_true", help="skip the target-alone run")
     ap.add_argument("--no-warmup", action="store_true", help="time the very first generation too")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--no-converted-cache", action="store_true",
+                    help="do not keep the 9 GB float32 copy of the models (every load then dequantizes the GGUF files, about a minute)")
     return ap.parse_args(argv)
 
 
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     tree = parse_tree(args.tree, args.domain)
     t0 = time.perf_counter()
-    pair = load_pair(args.target, args.draft)
+    pair = load_pair(args.target, args.draft, cache_converted=not args.no_converted_cache)
     print(f"loaded {args.target} (target) and {args.draft} (draft) in {time.perf_counter() - t0:.1f} s", flush=True)
 
     tok = pair.tokenizer
