@@ -205,3 +205,21 @@ def test_auto_compare_runs_on_the_tiny_pair(tmp_path, small_calibration, capsys)
     assert all(v["identical_to_target"] for d in doc["domains"].values() for v in d["variants"].values())
     assert code["variants"]["autoregressive"]["speedup"] == 1.0
     assert code["variants"]["auto"]["tree_choice"]["reason"] in capsys.readouterr().out
+
+
+def test_learning_from_the_generations_own_stats_moves_the_choice():
+    """A profile learnt online: steps that never accept a draft pull the chooser to the target
+    alone, steps that accept whole chains push it deeper; positions never tried keep the prior."""
+    config = AutoTreeConfig(profile=AcceptanceProfile.uniform([0.6, 0.3]), costs=steep())
+    first = config.choose(steep())
+    assert first.best.kind == "chain"
+    k = first.topology.max_depth
+    as_run = {"tree_choice": first.as_dict()}
+    rejected = [dict(as_run, accepted_ranks=[[]] * 200, accepted_lengths=[0] * 200)]
+    assert config.learn(rejected).choose(steep()).best.kind == "target"
+    accepted = [dict(as_run, accepted_ranks=[[0] * k] * 200, accepted_lengths=[k] * 200)]
+    learnt = config.learn(accepted)
+    assert learnt.profile.row(0)[0] > 0.95 and learnt.profile.row(0)[1] == pytest.approx(0.3)  # rank 1: never tried
+    assert learnt.choose(steep()).topology.max_depth > k
+    with pytest.raises(ValueError, match="not from a tree='auto' generation"):
+        config.learn([{"accepted_ranks": [], "tree_choice": {}}])

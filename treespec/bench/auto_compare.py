@@ -138,6 +138,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup-tokens", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default="pretrained", choices=("pretrained", "tiny-random"))
+    ap.add_argument("--recalibrate", action="store_true",
+                    help="measure tree=auto's forward costs afresh first (a table cached while the machine was busy is pessimistic)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--markdown", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -153,6 +155,11 @@ def main(argv=None) -> int:
         progress=False, keep_outputs=False,
     )  # fmt: skip
     pair = load_models(base.model)
+    if args.recalibrate:
+        from treespec.backends.factory import make_backend
+        from treespec.engine.calibrate import calibrated_costs
+
+        calibrated_costs(pair.target, pair.draft, make_backend("auto", pair.target.device, pair.target.dtype), refresh=True)
     doc = {"command": " ".join(sys.argv), "environment": environment(), "loadavg_start": os.getloadavg()[0],
            "max_new_tokens": args.max_new_tokens, "threads": args.threads, "domains": {}}  # fmt: skip
     t0 = time.perf_counter()

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 
-from treespec.tree.profile import AcceptanceProfile, reach_of
+from treespec.tree.profile import AcceptanceProfile, count_acceptances, reach_of
 from treespec.tree.sequoia import optimal_shapes
 from treespec.tree.topology import MAX_NODES, TreeTopology
 
@@ -40,6 +40,7 @@ __all__ = [
     "TreeChoice",
     "choose_tree",
     "interp",
+    "learn_profile",
     "level_sizes",
     "nodes_per_level",
     "step_seconds",
@@ -190,7 +191,7 @@ class Candidate:
     def as_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "tau": round(self.tau, 4),
                 "step_seconds": round(self.step_seconds, 6), "tokens_per_second": round(self.tokens_per_second, 4),
-                "draft_nodes": self.num_drafts}  # fmt: skip
+                "draft_nodes": self.num_drafts, "parents": list(self.parents), "ranks": list(self.ranks)}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -257,9 +258,49 @@ class AutoTreeConfig:
     def make_drafter(self, *args, **kwargs):
         raise RuntimeError("tree='auto' is resolved to a static tree first: treespec.engine.calibrate.resolve_auto")
 
+    def learn(self, stats_list: Sequence, weight: float = 20.0) -> "AutoTreeConfig":
+        """This config with its profile updated from generations it chose the tree of (their
+        GenerationStats, or as_dict()s, all with the same choice): see learn_profile."""
+        chosen = {tuple(_chosen(st)["parents"]) for st in stats_list}
+        if len(chosen) != 1:
+            raise ValueError(f"learn() takes stats of one chosen tree; these used {len(chosen)} different ones")
+        first = _chosen(stats_list[0])
+        if not first["parents"]:
+            return self  # the target alone drafted nothing: nothing to learn from
+        topo = TreeTopology(tuple(first["parents"]), tuple(first["ranks"]))
+        return replace(self, profile=learn_profile(self.profile or DEFAULT_PROFILE, stats_list, topo, weight))
+
     def choose(self, costs: CostTable) -> "TreeChoice":
         return choose_tree(self.profile or DEFAULT_PROFILE, costs, budget=self.budget,
                            max_depth=self.max_depth, chains_only=self.chains_only)  # fmt: skip
+
+
+def _chosen(stats) -> dict:
+    choice = stats.get("tree_choice") if isinstance(stats, Mapping) else getattr(stats, "tree_choice", None)
+    if not choice:
+        raise ValueError("these stats are not from a tree='auto' generation (their tree_choice is empty)")
+    return choice["chosen"]
+
+
+def learn_profile(prior: AcceptanceProfile, stats_list: Sequence, topo: TreeTopology, weight: float = 20.0) -> AcceptanceProfile:
+    """`prior` updated with the acceptances that generations with the tree `topo` observed: each
+    (depth, rank) rate becomes (accepts + weight * prior rate) / (tries + weight), a Beta prior
+    worth `weight` observations. Positions the tree never tried keep the prior's rate, so
+    learning from a chain does not teach the chooser that wider trees are useless."""
+    if weight <= 0:
+        raise ValueError(f"weight must be > 0 (observations the prior is worth), got {weight}")
+    tries, accepts = count_acceptances(stats_list, topo)
+    depths, width = max(prior.depths, tries.shape[0]), max(max(len(r) for r in prior.probs), tries.shape[1])
+    rows = []
+    for d in range(depths):
+        base = prior.row(d)
+        row = []
+        for r in range(width):
+            p0 = base[r] if r < len(base) else 0.0
+            t, a = (tries[d, r], accepts[d, r]) if d < tries.shape[0] and r < tries.shape[1] else (0.0, 0.0)
+            row.append((a + weight * p0) / (t + weight))
+        rows.append(tuple(row))
+    return AcceptanceProfile(tuple(rows))
 
 
 def _price(parents: tuple[int, ...], ranks: tuple[int, ...], profile: AcceptanceProfile, costs: CostTable) -> Candidate:
