@@ -122,7 +122,7 @@ def _time_sizes(model: PreTrainedModel, backend: Backend, role: str, sizes: Sequ
                 if r > 0:
                     best[n] = min(best[n], time.perf_counter() - start)
                 cache.commit(drop[:n], 0)  # drop the timed entries: every forward sees the same context
-            report(role, r)
+                report(f"{role} round {r}, {n} tokens")
     return best
 
 
@@ -137,10 +137,10 @@ def measure_costs(target: PreTrainedModel, draft: PreTrainedModel, backend: Back
     name = device_name(target.device)
     t0 = time.perf_counter()
 
-    def report(role: str, done: int) -> None:
+    def report(where: str) -> None:
         if progress is not None:
             progress.write(f"\rtree='auto': measuring forward costs on {name} (once per machine and model pair): "
-                           f"{role} round {done}, {time.perf_counter() - t0:.0f} s ")  # fmt: skip
+                           f"{where}, {time.perf_counter() - t0:.0f} s   ")  # fmt: skip
             progress.flush()
 
     t = _time_sizes(target, backend, "target", target_sizes, rounds, report)
