@@ -18,10 +18,9 @@ import time
 import torch
 
 import treespec
-from treespec.bench.config import CONFIG_DIR
+from treespec.bench.config import TreePolicyConfig
 from treespec.loading.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_pair
-from treespec.tree.auto import DEFAULT_PROFILE, AutoTreeConfig
-from treespec.tree.profile import AcceptanceProfile
+from treespec.tree.auto import AutoTreeConfig
 
 DEFAULT_PROMPT = "Write a Python function that returns the n-th Fibonacci number iteratively."
 DOMAINS = ("code", "text", "structured")
@@ -44,19 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def domain_profile(domain: str) -> AcceptanceProfile:
-    """The domain's measured profile of the default pair (DEFAULT_PROFILE without the configs)."""
-    from omegaconf import OmegaConf
-
-    path = CONFIG_DIR / "presets" / f"optimized_{domain}.yaml"
-    if not path.exists():  # installed without the repository's configs/
-        return DEFAULT_PROFILE
-    return AcceptanceProfile(OmegaConf.to_container(OmegaConf.load(path))["profile"])
-
-
 def parse_tree(text: str, domain: str):
-    if text == "auto":
-        return AutoTreeConfig(profile=domain_profile(domain))
+    if text == "auto":  # the benchmark's tree=auto: the domain's profile (else DEFAULT_PROFILE), the library's limits
+        defaults = AutoTreeConfig()
+        return TreePolicyConfig(name="auto", budget=defaults.budget, max_depth=defaults.max_depth).spec(domain)
     if text in treespec.PRESETS:
         return text
     try:

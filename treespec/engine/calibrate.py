@@ -143,6 +143,10 @@ def measure_costs(target: PreTrainedModel, draft: PreTrainedModel, backend: Back
                            f"{where}, {time.perf_counter() - t0:.0f} s   ")  # fmt: skip
             progress.flush()
 
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if progress is not None and not cuda and load > (os.cpu_count() or 1):
+        progress.write(f"tree='auto': this machine is busy (load {load:.1f} on {os.cpu_count()} cores): the costs measured "
+                       f"now will be pessimistic; to measure again later, delete {cache_dir() / 'calibration'}\n")  # fmt: skip
     t = _time_sizes(target, backend, "target", target_sizes, rounds, report)
     d = _time_sizes(draft, backend, "draft", draft_sizes, rounds, report)
     if progress is not None:
