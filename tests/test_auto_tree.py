@@ -143,6 +143,22 @@ def test_calibration_is_measured_once_then_read_from_disk(small_calibration, mon
         calibrate.calibrated_costs(target, draft, SdpaBackend(), progress=None)
 
 
+def test_a_table_measured_on_a_busy_cpu_is_measured_again_when_it_is_quiet(small_calibration, monkeypatch):
+    target, draft = tiny_pair(0)
+    calibrate.calibrated_costs(target, draft, SdpaBackend(), progress=None)
+    (path,) = small_calibration.iterdir()
+    data = json.loads(path.read_text())
+    calls = []
+    monkeypatch.setattr(calibrate, "measure_costs", lambda *a, **k: calls.append(1) or CostTable({1: 1.0}, {1: 1.0}))
+    monkeypatch.setattr(calibrate.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    path.write_text(json.dumps(dict(data, loadavg=0.5)))  # measured on a quiet machine: kept
+    calibrate.calibrated_costs(target, draft, SdpaBackend(), progress=None)
+    assert calls == []
+    path.write_text(json.dumps(dict(data, loadavg=100.0)))  # measured on a busy one: measured again
+    assert calibrate.calibrated_costs(target, draft, SdpaBackend(), progress=None).target == {1: 1.0}
+    assert calls == [1]
+
+
 def test_the_key_names_device_pair_dtype_and_backend():
     target, draft = tiny_pair(0)
     key = calibrate.calibration_key(target, draft, SdpaBackend())

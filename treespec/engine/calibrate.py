@@ -159,14 +159,15 @@ def calibrated_costs(target: PreTrainedModel, draft: PreTrainedModel, backend: B
     """The pair's CostTable on this machine: read from cache_dir()/calibration/ when a table with
     the same calibration_key is there (and not `refresh`), else measured and written there.
     Measured while other processes load the machine, the table is pessimistic for multi-thread
-    forwards (a descheduled thread stalls the others at every barrier): delete the file, or pass
-    refresh=True, to measure again on a quiet machine."""
+    forwards (a descheduled thread stalls the others at every barrier): a table measured with a
+    CPU load above the core count is measured again once the load is below half of it; delete
+    the file, or pass refresh=True, to measure again at any time."""
     key = calibration_key(target, draft, backend)
     path = cache_dir() / "calibration" / f"{_key_hash(key)}.json"
     if path.exists() and not refresh:
         try:
             data = json.loads(path.read_text())
-            if data.get("key") == json.loads(json.dumps(key, default=str)):
+            if data.get("key") == json.loads(json.dumps(key, default=str)) and not _busy_then_quiet_now(data):
                 return CostTable.from_dict(data["costs"])
         except (ValueError, KeyError, TypeError):
             pass  # unreadable or from another format: measure again and overwrite
@@ -176,6 +177,15 @@ def calibrated_costs(target: PreTrainedModel, draft: PreTrainedModel, backend: B
         tmp.write_text(json.dumps({"key": key, "costs": costs.to_dict(), "loadavg": load,
                                    "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1, default=str))  # fmt: skip
     return costs
+
+
+def _busy_then_quiet_now(data: dict) -> bool:
+    """A table measured while the CPU was overloaded, now that it is quiet: worth measuring again
+    (a busy machine inflates multi-threaded forward costs several times over)."""
+    cores, then = os.cpu_count() or 1, data.get("loadavg")
+    if then is None or not hasattr(os, "getloadavg") or not data.get("key", {}).get("device", "").startswith("cpu"):
+        return False
+    return then > cores and os.getloadavg()[0] < cores / 2
 
 
 def resolve_auto(config: AutoTreeConfig, target: PreTrainedModel, draft: PreTrainedModel,
