@@ -11,7 +11,7 @@ first prompt untimed (weights touched; tree=auto calibrates there, or reads its 
 Variants:
 
     auto            method=tree, tree="auto" with the domain's acceptance profile
-    preset          method=tree with the domain preset's widths (configs/domain/<domain>.yaml)
+    preset          method=tree with the domain preset's fixed widths (configs/domain/<domain>.yaml, tree=preset)
     optimized       method=tree with the domain's Sequoia preset (configs/presets/optimized_<domain>.yaml)
     <name>          a treespec.PRESETS tree (small, medium, large, wide, chain-4, ...)
     linear          method=linear, the domain preset's linear_k
@@ -36,29 +36,36 @@ from pathlib import Path
 import torch
 
 from treespec.bench.config import (
-    BenchConfig, DatasetConfig, DomainConfig, MethodConfig, ModelConfig, SamplingSettings, TreePolicyConfig,
+    CONFIG_DIR, BenchConfig, DatasetConfig, DomainConfig, MethodConfig, ModelConfig, SamplingSettings, TreePolicyConfig,
 )
 from treespec.bench.demo import DEFAULT_PROMPT
 from treespec.bench.metrics import aggregate
 from treespec.bench.runner import build_prompts, environment, generate_one, load_models
+from treespec.tree.auto import AutoTreeConfig
 from treespec.tree.topology import PRESETS
 
 # domain -> (dataset, the domain preset whose widths / linear_k / profile it uses)
 DOMAINS = {"demo": (None, "code"), "code": ("humaneval", "code"), "text": ("mtbench", "text"),
            "structured": ("bfcl", "structured")}  # fmt: skip
-DOMAIN_PRESETS = {  # configs/domain/*.yaml (fixed trees [4, 1, 1]; linear k from the sweep)
-    "code": DomainConfig(name="code", width=4, depth=3, linear_k=7),
-    "text": DomainConfig(name="text", width=4, depth=3, linear_k=3),
-    "structured": DomainConfig(name="structured", width=4, depth=3, linear_k=7),
-}
+
+
+def domain_preset(name: str) -> DomainConfig:
+    """configs/domain/<name>.yaml (its fixed tree, linear k) as the benchmark reads it."""
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "domain" / f"{name}.yaml"))
+    return DomainConfig(**{k: v for k, v in data.items() if k != "defaults"})
+
+
 VARIANTS = ("auto", "preset", "optimized", "small", "medium", "linear", "autoregressive")
 
 
 def variant_config(base: BenchConfig, variant: str, profile_domain: str) -> BenchConfig:
     """The cell of one variant (treespec.bench.runner.generate_one runs it)."""
-    domain = replace(DOMAIN_PRESETS[profile_domain])
+    domain = domain_preset(profile_domain)
     if variant == "auto":
-        tree = TreePolicyConfig(name="auto", budget=64, max_depth=8)
+        defaults = AutoTreeConfig()
+        tree = TreePolicyConfig(name="auto", budget=defaults.budget, max_depth=defaults.max_depth)
     elif variant == "optimized":
         tree = TreePolicyConfig(name="optimized")
     elif variant in PRESETS:
@@ -149,7 +156,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     base = BenchConfig(
         model=ModelConfig(name=args.model, source=args.model), method=MethodConfig(name="tree"),
-        domain=DOMAIN_PRESETS["code"], tree=TreePolicyConfig(name="preset"),
+        domain=domain_preset("code"), tree=TreePolicyConfig(name="preset"),
         dataset=DatasetConfig(name="synthetic"), sampling=SamplingSettings(name="greedy"),
         max_new_tokens=args.max_new_tokens, warmup_tokens=args.warmup_tokens, threads=args.threads,
         progress=False, keep_outputs=False,
