@@ -18,6 +18,15 @@ from treespec.bench.run import CONFIG_DIR, to_bench_config
 GROUPS = ("model", "method", "domain", "tree", "dataset", "sampling")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def calibration_cache(tmp_path_factory):
+    """tree=auto (the default tree policy) measures the tiny pair's forward costs once for the
+    module, into a cache of its own (not the user's)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TREESPEC_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
@@ -118,7 +127,7 @@ def test_typo_in_a_yaml_file_is_an_error(tmp_path):
         _compose(["domain=typo"], config_dir=conf)
 
 
-@pytest.mark.parametrize("policy", ["preset", "dynamic", "adaptive", "optimized"])
+@pytest.mark.parametrize("policy", ["preset", "dynamic", "adaptive", "optimized", "auto"])
 def test_every_tree_policy_runs_on_the_tiny_pair(policy):
     """tree=<policy> composes and runs; greedy output equals the target alone's."""
     from treespec.bench.runner import run_cell
@@ -191,7 +200,8 @@ def test_tiny_multirun_sweep_and_report(tmp_path, monkeypatch):
     )  # fmt: skip
     files = sorted(sweep.rglob("results.json"))
     assert len(files) == 4
-    assert not (tmp_path / "cache").exists()
+    # no download: the cache holds tree=auto's forward costs of the tiny pair, nothing else
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["calibration"]
 
     from treespec.bench.report import build_report
 
@@ -205,14 +215,34 @@ def test_tiny_multirun_sweep_and_report(tmp_path, monkeypatch):
     assert (tmp_path / "report" / "table.md").read_text().count("\n") == 2 + 4
 
 
-def test_single_run_writes_results(tmp_path, monkeypatch):
+def test_single_run_writes_results(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     _hydra_main(monkeypatch, ["model=tiny-random", "dataset.num_prompts=1", "max_new_tokens=4", "warmup_tokens=0",
                               "threads=1", f"hydra.run.dir={tmp_path / 'run'}"])  # fmt: skip
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["cell"]["method"] == "tree"
-    assert res["cell"]["tree"] == DomainConfig(**res["config"]["domain"]).tree_widths
     assert res["aggregate"]["new_tokens"] > 0 and len(res["prompts"]) == 1
+    # the record holds what ran: the tiny pair (no pretrained names), tree=auto's own keys only,
+    # synthetic prompts in place of the domain's dataset, and the tree each prompt used
+    config = res["config"]
+    assert config["model"]["source"] == "tiny-random" and "target" not in config["model"]
+    assert config["tree"]["name"] == "auto" and set(config["tree"]) == {"name", "budget", "max_depth", "profile_file"}
+    assert config["dataset"]["name"] == "synthetic" and config["dataset"]["replaces"] == "humaneval"
+    assert config["domain"] == {"name": "code"} and config["sampling"] == {"name": "greedy", "temperature": 0.0}
+    prompt = res["prompts"][0]
+    assert prompt["tree"] and prompt["tree_choice"]["reason"]
+    table = capsys.readouterr().out
+    assert "tokens/s" in table and f"tree='auto' chose {prompt['tree_choice']['chosen']['name']}: " in table
+
+
+def test_a_preset_run_records_the_widths_it_used(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _hydra_main(monkeypatch, ["model=tiny-random", "tree=preset", "dataset.num_prompts=1", "max_new_tokens=4",
+                              "warmup_tokens=0", "threads=1", f"hydra.run.dir={tmp_path / 'run'}"])  # fmt: skip
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["config"]["domain"] == {"name": "code", "widths": [4, 1, 1]} == {"name": "code", "widths": res["cell"]["tree"]}
+    assert res["config"]["tree"] == {"name": "preset"}
+    assert res["prompts"][0]["tree"] == "12 draft nodes, depth 3, nodes per level [4, 4, 4]"
 
 
 def test_bad_config_exits_with_message(tmp_path, monkeypatch):

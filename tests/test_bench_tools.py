@@ -13,7 +13,7 @@ from treespec.bench.timing import Wall
 from treespec.tree.presets import load_preset
 
 REPO = Path(__file__).resolve().parents[1]
-MODULES = ["forward_costs", "linear_vs_hf_assisted", "tree_policies", "tree_sweep", "tree_tools"]
+MODULES = ["auto_compare", "forward_costs", "linear_vs_hf_assisted", "tree_policies", "tree_sweep", "tree_tools"]
 
 
 def test_wall_block_and_start_stop_measure_the_span():

@@ -7,11 +7,13 @@ from treespec.drafting.lookup import LookupConfig
 from treespec.engine.api import GenerationResult, TokenStream, generate, stream
 from treespec.acceptance.sampling import SamplingConfig
 from treespec.stats import GenerationStats
+from treespec.tree.auto import AutoTreeConfig
 from treespec.tree.topology import PRESETS, TreeShapeError, TreeTopology
 
 __all__ = [
     "PRESETS",
     "AdaptiveTreeConfig",
+    "AutoTreeConfig",
     "DynamicTreeConfig",
     "GenerationResult",
     "GenerationStats",

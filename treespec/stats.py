@@ -50,6 +50,9 @@ class GenerationStats(SpeculationRates):
     accepted_from_model, accepted_from_lookup: accepted draft tokens proposed by the draft model
         and by prompt lookup (a lookup token that equals a model node is merged into it and
         counts as the model's); they sum to sum(accepted_lengths).
+    tree_choice: with tree='auto', what treespec.tree.auto.choose_tree picked: the chosen shape,
+        its predicted tau, step seconds, tokens/s and speedup, the alternatives it beat and
+        `reason` (one sentence); empty otherwise.
     tau: new_tokens / target_forwards, the mean tokens emitted per target forward, bonus token
         included (1.0 for the target alone).
     draft_forwards: draft forwards on the critical path (before each verification).
@@ -72,6 +75,7 @@ class GenerationStats(SpeculationRates):
     accepted_from_model: int = 0
     accepted_from_lookup: int = 0
     tree_choices: list[int] = field(default_factory=list)
+    tree_choice: dict = field(default_factory=dict)
     ahead_steps: int = 0
     ahead_hits: int = 0
     draft_forwards_ahead: int = 0
@@ -111,7 +115,7 @@ class GenerationStats(SpeculationRates):
             f"method {self.method}, tree {self.tree}, backend {self.backend}"
             + (f"; drafted ahead: {self.ahead_hits}/{self.ahead_steps} hits, {self.draft_forwards_ahead} draft "
                f"forwards beside verification, {self.draft_forwards_saved} saved" if self.ahead_steps else "")
-        )
+        ) + (f"\ntree='auto': {self.tree_choice['reason']}" if self.tree_choice else "")
 
 
 class Stopwatch:

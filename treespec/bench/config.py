@@ -12,6 +12,7 @@ the key). Library code (`treespec.bench.runner`) only ever sees these objects, n
 from __future__ import annotations
 
 import functools
+import json
 import typing
 from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ MISSING = "???"  # omegaconf.MISSING, spelled out so that this module does not i
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs/ (editable install)
 
 METHODS = ("tree", "linear", "autoregressive", "hf_assisted", "hf_generate", "hf_static", "hf_prompt_lookup")
-TREE_POLICIES = ("preset", "dynamic", "adaptive", "optimized")
+TREE_POLICIES = ("preset", "dynamic", "adaptive", "optimized", "auto")
 MODEL_SOURCES = ("pretrained", "tiny-random")
 DATASET_NAMES = ("humaneval", "mtbench", "gsm8k", "bfcl", "humaneval_edit", "mtbench_rewrite", "synthetic")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -177,18 +178,37 @@ class _TreePolicyKeys:
 
     name: str = MISSING
     preset_file: Optional[str] = None
+    profile_file: Optional[str] = None
 
     def __post_init__(self) -> None:
         _choice("tree.name", self.name, TREE_POLICIES)
         if self.name == "optimized" and self.preset_file and not Path(self.preset_file).exists():
             raise ConfigError(f"tree.preset_file: {self.preset_file} does not exist (write one with python -m treespec.bench.tree_tools)")
-        if self.name in POLICY_CONFIGS:
+        if self.name == "auto" and self.profile_file and not Path(self.profile_file).exists():
+            raise ConfigError(f"tree.profile_file: {self.profile_file} does not exist (a preset or profile file with a 'profile' entry)")
+        if self.name in POLICY_CONFIGS or self.name == "auto":
             self.spec()  # the library config checks its own fields
+
+    def profile_path(self, domain: str) -> Path | None:
+        """tree=auto's acceptance profile: profile_file, else the domain's optimized preset
+        (configs/presets/optimized_<domain>.yaml, which records the profile it was made from);
+        None when neither exists (the library's DEFAULT_PROFILE is then used)."""
+        path = Path(self.profile_file) if self.profile_file else CONFIG_DIR / "presets" / f"optimized_{domain}.yaml"
+        return path if path.exists() else None
+
+    def active_keys(self) -> list[str]:
+        """The keys the policy `name` reads (what a results record keeps)."""
+        own = {"preset": [], "optimized": ["preset_file"], "auto": ["budget", "max_depth", "profile_file"]}
+        if self.name in POLICY_CONFIGS:
+            return ["name"] + [f.name for f in fields(POLICY_CONFIGS[self.name])]
+        return ["name"] + own[self.name]
 
     def spec(self, domain: str = "code"):
         """The `tree=` argument for treespec.generate (None: use the domain preset)."""
         from treespec.tree.presets import load_preset
 
+        if self.name == "auto":
+            return self._auto(domain)
         if self.name in POLICY_CONFIGS:
             cls = POLICY_CONFIGS[self.name]
             values = {f.name: getattr(self, f.name) for f in fields(cls)}
@@ -203,6 +223,23 @@ class _TreePolicyKeys:
             return load_preset(path)
         return None
 
+    def _auto(self, domain: str):
+        from omegaconf import OmegaConf
+
+        from treespec.tree.auto import AutoTreeConfig
+        from treespec.tree.profile import AcceptanceProfile
+
+        profile, path = None, self.profile_path(domain)
+        if path is not None:
+            data = json.loads(path.read_text()) if path.suffix == ".json" else OmegaConf.to_container(OmegaConf.load(path))
+            if not isinstance(data, dict) or "profile" not in data and "probs" not in data:
+                raise ConfigError(f"tree.profile_file: {path} has no 'profile' (a preset) or 'probs' (a profile) entry")
+            profile = AcceptanceProfile(data.get("profile") or data["probs"])
+        try:
+            return AutoTreeConfig(profile=profile, budget=self.budget, max_depth=self.max_depth)
+        except ValueError as err:
+            raise ConfigError(f"tree (auto): {err}") from None
+
 
 TreePolicyConfig = make_dataclass(
     "TreePolicyConfig", _library_fields(DynamicTreeConfig, AdaptiveTreeConfig), bases=(_TreePolicyKeys,)
@@ -213,8 +250,10 @@ TreePolicyConfig.__doc__ = """How method=tree shapes its tree (docs/dynamic_tree
     name: 'preset' (the domain preset's fixed widths), 'dynamic' (grown by the draft's
         cumulative probability: width, children, depth, budget), 'adaptive' (depth re-chosen
         between steps from the measured acceptance: widths, min_depth, max_depth, window,
-        draft_cost) or 'optimized' (the static tree the Sequoia optimizer wrote for the domain:
-        preset_file, default configs/presets/optimized_<domain>.yaml).
+        draft_cost), 'optimized' (the static tree the Sequoia optimizer wrote for the domain:
+        preset_file, default configs/presets/optimized_<domain>.yaml) or 'auto' (the tree with
+        the most predicted tokens/s on this machine, treespec's tree="auto": budget, max_depth,
+        and the acceptance profile from profile_file, default the domain's optimized preset).
     The dynamic and adaptive keys are the fields of treespec.DynamicTreeConfig and
     treespec.AdaptiveTreeConfig, with their defaults and their checks (configs/tree/*.yaml
     set the values the benchmarks use).

@@ -48,6 +48,8 @@ class PromptRecord(SpeculationRates):
     output_ids: list[int] | None = None
     output_text: str | None = None
     loadavg: float | None = None  # 1-minute load average of the machine when the prompt started
+    tree: str | None = None  # the tree treespec ran (GenerationStats.tree)
+    tree_choice: dict | None = None  # tree=auto: what was chosen and why (GenerationStats.tree_choice)
 
     @property
     def accepted_tokens(self) -> int:

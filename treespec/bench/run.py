@@ -124,16 +124,35 @@ def main(cfg: DictConfig) -> float:
         key = CONFIG_KEYS.get(err.argument, err.argument)
         log.error("bad config: %s=%s: %s", key, OmegaConf.select(cfg, key, default="?"), err)
         sys.exit(2)
+    outs = {}
     for method, results in by_method.items():
-        out = (run_dir / method if bench.interleave else run_dir) / bench.results_file
-        write_results(results, out)
-        agg, cell = results["aggregate"], results["cell"]
-        log.info(
-            "%s | %s | %s | %s | tree %s | T=%g: %d prompts, %d tokens, tau %.2f, acceptance %.2f, %.2f tokens/s -> %s",
-            cell["model"], cell["domain"], cell["dataset"], cell["method"], cell["tree"], cell["temperature"],
-            agg["prompts"], agg["new_tokens"], agg["tau"], agg["acceptance_rate"], agg["tokens_per_second"], out,
-        )  # fmt: skip
+        outs[method] = (run_dir / method if bench.interleave else run_dir) / bench.results_file
+        write_results(results, outs[method])
+    print(results_table(by_method, outs), flush=True)
     return next(iter(by_method.values()))["aggregate"]["tokens_per_second"]
+
+
+def results_table(by_method: dict[str, dict], outs: dict[str, Path]) -> str:
+    """What the run measured, one row per method (speedup: over method=autoregressive when it ran
+    in the same interleaved run), then what tree='auto' chose and why, and where the records are."""
+    alone = by_method.get("autoregressive", {}).get("aggregate", {}).get("tokens_per_second")
+    first = next(iter(by_method.values()))["cell"]
+    lines = [f"\n{first['model']} | domain {first['domain']} | dataset {first['dataset']} | "
+             f"temperature {first['temperature']:g} | max_new_tokens {first['max_new_tokens']}"]  # fmt: skip
+    head = f"{'method':<16}{'tree':<38}{'prompts':>8}{'tokens':>8}{'tau':>7}{'accept':>8}{'tokens/s':>10}{'speedup':>9}"
+    lines += [head, "-" * len(head)]
+    notes = []
+    for method, results in by_method.items():
+        agg, prompts = results["aggregate"], results["prompts"]
+        choice = next((p["tree_choice"] for p in prompts if p.get("tree_choice")), None)
+        tree = f"auto: {choice['chosen']['name']}" if choice else str(results["cell"]["tree"] or "-")
+        speed = f"{agg['tokens_per_second'] / alone:.2f}x" if alone else "-"
+        lines.append(f"{method:<16}{tree[:37]:<38}{agg['prompts']:>8}{agg['new_tokens']:>8}{agg['tau']:>7.2f}"
+                     f"{agg['acceptance_rate']:>8.2f}{agg['tokens_per_second']:>10.2f}{speed:>9}")  # fmt: skip
+        if choice:
+            notes.append(f"{method}: tree='auto' chose {choice['chosen']['name']}: {choice['reason']}")
+    lines += notes + [f"results: {', '.join(str(o) for o in outs.values())}"]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

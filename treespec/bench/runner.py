@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from treespec.drafting.policy import resolve_policy
+from treespec.tree.auto import AutoTreeConfig
 from treespec.tree.topology import TreeTopology
 
 from treespec.bench.config import BenchConfig, ModelConfig
@@ -102,13 +103,50 @@ def tree_for(cfg: BenchConfig):
 
 
 def tree_label(cfg: BenchConfig):
-    """A JSON-friendly description of the tree: a widths list, or the policy's description."""
+    """A JSON-friendly description of the tree: a widths list, or the policy's description
+    (for auto, where its profile comes from: each prompt's record says what was chosen)."""
     tree = tree_for(cfg)
     if tree is None or isinstance(tree, list):
         return tree
     if isinstance(tree, TreeTopology):
         return f"optimized: {tree.describe()}"
+    if isinstance(tree, AutoTreeConfig):
+        return f"auto: profile {cfg.tree.profile_path(cfg.domain.name) or 'default'}, budget {tree.budget}, max_depth {tree.max_depth}"
     return f"{cfg.tree.name}: {tree}"
+
+
+def recorded_config(cfg: BenchConfig, synthetic: bool) -> dict:
+    """The config as the run used it: the keys it did not read are left out (the tiny pair's
+    shape or the pretrained pair's names, the other tree policies' settings, sampling settings
+    under greedy decoding), the domain's tree resolved to its widths, and the dataset that
+    produced the prompts (synthetic: random token ids, when the models have no tokenizer)."""
+    d = asdict(cfg)
+    method = cfg.method.name
+    unused = ("target", "draft") if cfg.model.source == "tiny-random" else ("seed", "vocab_size", "hidden_size", "num_layers")
+    for key in unused:
+        d["model"].pop(key)
+    if method.startswith("hf_"):
+        d["method"] = {"name": method}
+    domain = {"name": cfg.domain.name}
+    if method == "tree" and cfg.tree.name == "preset":
+        domain["widths"] = cfg.domain.tree_widths
+    if method in ("linear", "hf_assisted", "hf_prompt_lookup"):
+        domain["linear_k"] = cfg.domain.linear_k
+    d["domain"] = domain
+    if method == "tree":
+        d["tree"] = {key: d["tree"][key] for key in cfg.tree.active_keys()}
+        if cfg.tree.name == "auto":
+            d["tree"]["profile_file"] = str(cfg.tree.profile_path(cfg.domain.name) or "default (treespec.tree.auto.DEFAULT_PROFILE)")
+    else:
+        d["tree"] = None
+    ds = d["dataset"]
+    if synthetic:
+        ds["replaces"], ds["name"] = (ds["name"], "synthetic") if ds["name"] != "synthetic" else (None, "synthetic")
+    else:
+        ds.pop("synthetic_min_len"), ds.pop("synthetic_max_len")
+    if cfg.sampling.greedy:
+        d["sampling"] = {"name": cfg.sampling.name, "temperature": 0.0}
+    return d
 
 
 def draft_nodes(cfg: BenchConfig) -> int:
@@ -184,6 +222,8 @@ def _generate_treespec(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, ma
         time_draft=st.time_draft,
         time_verify=st.time_verify,
         time_other=st.time_other,
+        tree=st.tree,
+        tree_choice=st.tree_choice or None,
     )
 
 
@@ -416,7 +456,7 @@ def _run_cells(cfgs: list[BenchConfig], pair: LoadedPair | None) -> list[dict]:
         {
             "schema": RESULTS_SCHEMA,
             "cell": cell_info(cfg),
-            "config": asdict(cfg),
+            "config": recorded_config(cfg, synthetic=pair.tokenizer is None or cfg.dataset.name == "synthetic"),
             "environment": env,
             "prompts": [r.as_dict() for r in recs],
             "aggregate": aggregate(recs),

@@ -19,6 +19,8 @@ float ties), instead of one engine run per shape.
 Selection rule (documented in docs/benchmarks.md): per domain, the tree preset is the branching
 shape (some level wider than 1) and linear k the chain with the highest predicted tokens/s = tau / (verify(1 + N) + sum over levels of draft(frontier) + overhead), with
 the per-forward costs measured on this machine; tau per unit of tree size is reported alongside.
+The step model is the library's (treespec.tree.auto.step_seconds), and `analyze` also prints
+what tree='auto' (treespec.tree.auto.choose_tree) picks from the ranks' acceptance profile.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ import torch
 import treespec
 from treespec.bench.datasets import encode_prompt, load_prompts
 from treespec.loading.models import load_pair
+from treespec.tree.auto import CostTable, choose_tree, nodes_per_level, step_seconds
+from treespec.tree.profile import AcceptanceProfile
 
 DOMAINS = {
     "code": [("humaneval", 5)],
@@ -111,14 +115,6 @@ def replay(ranks: list[int], widths: list[int]) -> tuple[int, list[int]]:
     return len(steps), steps
 
 
-def nodes_per_level(widths: list[int]) -> list[int]:
-    out, f = [], 1
-    for w in widths:
-        f *= w
-        out.append(f)
-    return out
-
-
 def shapes(max_depth: int, max_width: int, max_nodes: int):
     for depth in range(1, max_depth + 1):
         for ws in itertools.product(range(max_width, 0, -1), repeat=depth):
@@ -128,51 +124,33 @@ def shapes(max_depth: int, max_width: int, max_nodes: int):
                 yield list(ws)
 
 
-def interp(table: dict[int, float], n: float) -> float:
-    xs = sorted(table)
-    if n <= xs[0]:
-        return table[xs[0]]
-    for a, b in zip(xs, xs[1:]):
-        if n <= b:
-            return table[a] + (table[b] - table[a]) * (n - a) / (b - a)
-    a, b = xs[-2], xs[-1]
-    return table[b] + (table[b] - table[a]) * (n - b) / (b - a)
-
-
-def step_cost(widths: list[int], verify: dict, draft: dict, overhead: float, p_full: float = 0.0) -> float:
-    """Seconds per step: one verification of the whole tree (root included), one draft forward
-    per level but the last, and a fixed overhead. The draft's first forward takes the pending
-    tokens: 1, or 2 after a step that accepted a whole path (probability p_full)."""
-    levels = nodes_per_level(widths)
-    root = (1 - p_full) * interp(draft, 1) + p_full * interp(draft, 2)
-    return interp(verify, 1 + sum(levels)) + root + sum(interp(draft, f) for f in levels[:-1]) + overhead
-
-
 # The lead's 2-thread wall-clock measurements on this machine (fp32): target forward of n new
 # tokens; draft = 140 ms for 1 token, assumed to scale with n like the target does.
 LEAD_TARGET_2T = {1: 0.35, 8: 1.1, 32: 1.2, 64: 1.7}
 LEAD_DRAFT_2T = {n: 0.14 * v / 0.35 for n, v in LEAD_TARGET_2T.items()}
 
 
-def cost_models(files: list[dict]) -> dict[str, tuple[dict, dict]]:
-    """One cost model per (threads, clock) found in the forward_costs files; several files with
+def cost_models(files: list[dict], overhead: float) -> dict[str, CostTable]:
+    """One cost table per (threads, clock) found in the forward_costs files; several files with
     the same (threads, clock) are merged by taking each size's minimum (the least disturbed)."""
-    models: dict[str, tuple[dict, dict]] = {}
+    tables: dict[str, tuple[dict, dict]] = {}
     for costs in files:
         for clock in ("wall", "cpu"):
             if f"target_{clock}" not in costs:
                 continue
             name = f"measured_{costs['threads']}thread_{clock}"
-            verify, draft = models.setdefault(name, ({}, {}))
+            verify, draft = tables.setdefault(name, ({}, {}))
             for table, key in ((verify, f"target_{clock}"), (draft, f"draft_{clock}")):
                 for k, v in costs[key].items():
                     table[int(k)] = min(v, table.get(int(k), float("inf")))
-    models["lead_2thread_wall"] = (LEAD_TARGET_2T, LEAD_DRAFT_2T)
-    return models
+    tables["lead_2thread_wall"] = (LEAD_TARGET_2T, LEAD_DRAFT_2T)
+    return {name: CostTable(v, d, overhead, device=f"cpu: {name}") for name, (v, d) in tables.items()}
 
 
-def evaluate(prompts: list[dict], grid: list[list[int]], verify: dict, draft: dict, overhead: float) -> dict[str, list[dict]]:
-    ar_step = interp(verify, 1) + overhead
+def evaluate(prompts: list[dict], grid: list[list[int]], costs: CostTable) -> dict[str, list[dict]]:
+    """Per domain, every shape of the grid with its exact replayed tau, priced by the library's
+    step model (treespec.tree.auto.step_seconds: the one tree='auto' uses)."""
+    ar_step = step_seconds([], costs)
     results = {}
     for domain in DOMAINS:
         ps = [p for p in prompts if p["domain"] == domain]
@@ -186,7 +164,7 @@ def evaluate(prompts: list[dict], grid: list[list[int]], verify: dict, draft: di
             tau = new / fwd
             n = sum(nodes_per_level(ws))
             p_full = sum(a == len(ws) for a in steps) / fwd
-            cost = step_cost(ws, verify, draft, overhead, p_full)
+            cost = step_seconds(nodes_per_level(ws), costs, p_full)
             rows.append({
                 "widths": ws, "draft_nodes": n, "depth": len(ws), "tau": tau, "p_full_accept": p_full,
                 "tau_gain_per_node": (tau - 1) / n, "step_seconds": cost,
@@ -197,11 +175,23 @@ def evaluate(prompts: list[dict], grid: list[list[int]], verify: dict, draft: di
     return results
 
 
+def rank_profile(prompts: list[dict], width: int) -> AcceptanceProfile:
+    """The depth-independent profile of the draft ranks: P(rank r | rank >= r) over every
+    generated token (greedy: the rank-r child is accepted exactly when the target's token has
+    draft rank r), for the chooser of tree='auto'."""
+    ranks = [r for p in prompts for r in p["draft_ranks"]]
+    row = []
+    for r in range(width):
+        tried = sum(x >= r for x in ranks)
+        row.append(sum(x == r for x in ranks) / tried if tried else 0.0)
+    return AcceptanceProfile.uniform(row)
+
+
 def analyze(args) -> None:
     prompts = []
     for f in args.ranks:
         prompts += json.loads(Path(f).read_text())["prompts"]
-    models = cost_models([json.loads(Path(f).read_text()) for f in args.costs])
+    models = cost_models([json.loads(Path(f).read_text()) for f in args.costs], args.overhead)
     primary = args.cost_model or next(iter(models))
 
     # check the replay against the engine's own chain-4 runs (must be exact)
@@ -216,13 +206,12 @@ def analyze(args) -> None:
     argmax_ok = sum(p["target_argmax_matches"] for p in prompts), sum(p["new_tokens"] for p in prompts)
 
     grid = list(shapes(args.max_depth, args.max_width, args.max_nodes))
-    by_model = {name: evaluate(prompts, grid, v, d, args.overhead) for name, (v, d) in models.items()}
+    by_model = {name: evaluate(prompts, grid, costs) for name, costs in models.items()}
     results = by_model[primary]
     domains = list(results)
     summary = {
         "selection": f"max predicted tokens/s = tau / (verify(1+N) + sum_d draft(F_d) + overhead) under cost model {primary!r}",
-        "cost_models": {name: {"verify": {str(k): x for k, x in v.items()}, "draft": {str(k): x for k, x in d.items()}}
-                        for name, (v, d) in models.items()},  # fmt: skip
+        "cost_models": {name: costs.to_dict() for name, costs in models.items()},
         "overhead_seconds_per_step": args.overhead,
         "replay_vs_engine_mismatches": mismatch,
         "target_argmax_matches": list(argmax_ok),
@@ -234,6 +223,7 @@ def analyze(args) -> None:
         "top_trees": {},
         "chains": {},
         "max_tau": {},
+        "auto": {},
     }
     for domain, rows in results.items():
         chains = [r for r in rows if all(w == 1 for w in r["widths"])]
@@ -260,6 +250,10 @@ def analyze(args) -> None:
         print(f"  highest tau in the grid: {m['widths']} tau {m['tau']:.2f} ({m['draft_nodes']} nodes)")
         for name, best in summary["best_by_cost_model"][domain].items():
             print(f"  best under {name}: tree {best['tree']}, linear k={best['linear_k']}, any shape {best['best_overall']}")
+        profile = rank_profile([p for p in prompts if p["domain"] == domain], args.max_width)
+        choice = choose_tree(profile, models[primary], budget=args.max_nodes, max_depth=args.max_depth)
+        summary["auto"][domain] = {"profile": [list(r) for r in profile.probs]} | choice.as_dict()
+        print(f"  tree='auto' under {primary}, from the rank profile: {choice.best.name}: {choice.reason}")
     print(f"\nreplay vs engine (chain-4): {mismatch} mismatching prompts; target argmax == generated: {argmax_ok[0]}/{argmax_ok[1]}")
     Path(args.out).write_text(json.dumps(summary, indent=1))
     print(f"-> {args.out}")
@@ -268,8 +262,8 @@ def analyze(args) -> None:
         print(f"-> {args.markdown}")
 
 
-def to_markdown(summary: dict, primary: tuple[dict, dict], by_model: dict, top: int) -> str:
-    verify, draft = primary
+def to_markdown(summary: dict, primary: CostTable, by_model: dict, top: int) -> str:
+    verify, draft = primary.target, primary.draft
     out = ["### Cost model (seconds per forward of n new tokens, 2 threads, wall clock, quiet machine)", ""]
     ns = sorted(verify)
     out.append("| n | " + " | ".join(map(str, ns)) + " |")

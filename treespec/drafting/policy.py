@@ -7,8 +7,12 @@ A tree policy is one spec class that reports its node budget and builds its draf
                                                                  (an optimized preset is a TreeTopology)
     dynamic (EAGLE-2)      DynamicTreeConfig    DynamicDrafter   'dynamic' or a DynamicTreeConfig
     adaptive depth         AdaptiveTreeConfig   AdaptiveDrafter  'adaptive' or an AdaptiveTreeConfig
+    auto (this machine)    AutoTreeConfig       (a static tree)  'auto' or an AutoTreeConfig
 
 Each spec lives next to the drafter it builds (drafting/static.py, dynamic.py, adaptive.py);
+AutoTreeConfig (tree/auto.py) builds none: generate/stream turn it into the StaticTree that
+treespec.engine.calibrate.resolve_auto picks from this machine's measured forward costs, after
+every argument check and before the caches are made;
 this module states what they share (`TreePolicy`) and resolves `tree=` (`resolve_policy`), for
 `generate`, `stream` and the benchmark alike.
 """
@@ -25,9 +29,10 @@ from treespec.drafting.base import ChildProposer, Drafter
 from treespec.drafting.dynamic import DynamicTreeConfig
 from treespec.drafting.static import StaticTree
 from treespec.stats import GenerationStats
+from treespec.tree.auto import AutoTreeConfig
 from treespec.tree.topology import TreeTopology, resolve_tree
 
-__all__ = ["AdaptiveTreeConfig", "DynamicTreeConfig", "StaticTree", "TreePolicy", "resolve_policy"]
+__all__ = ["AdaptiveTreeConfig", "AutoTreeConfig", "DynamicTreeConfig", "StaticTree", "TreePolicy", "resolve_policy"]
 
 
 @runtime_checkable
@@ -53,6 +58,8 @@ class TreePolicy(Protocol):
 def resolve_policy(tree: TreePolicy | TreeTopology | Sequence[int] | str | None, method: str) -> TreePolicy:
     """The policy `tree=` names for `method` ('tree', 'linear' or 'autoregressive').
     Raises TreeShapeError for a tree the method cannot use (see resolve_tree)."""
+    if method in ("tree", "linear") and (tree == "auto" or isinstance(tree, AutoTreeConfig)):
+        return (AutoTreeConfig() if tree == "auto" else tree).for_method(method)  # chains only for 'linear'
     if method == "tree":
         if isinstance(tree, (DynamicTreeConfig, AdaptiveTreeConfig)):
             return tree

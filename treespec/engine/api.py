@@ -7,12 +7,13 @@ build a `SpeculativeEngine`, and run its steps.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
 
 import torch
 from transformers import PreTrainedModel
 
+from treespec.engine.calibrate import resolve_auto
 from treespec.engine.checks import (
     check_max_new_tokens, check_method, check_overlap, check_pair, check_prompt, check_prompt_for, eos_ids,
     generator_for,
@@ -27,6 +28,7 @@ from treespec.drafting.policy import TreePolicy, resolve_policy
 from treespec.drafting.static import StaticTree
 from treespec.engine.loop import GreedyAcceptor, SampledAcceptor, SpeculativeEngine
 from treespec.stats import GenerationStats
+from treespec.tree.auto import AutoTreeConfig
 from treespec.tree.topology import TreeTopology
 
 @dataclass
@@ -113,7 +115,6 @@ def stream(
                          f"acceptance={acceptance!r} does not handle them: use acceptance='rejection' or lookup=False")
     overlap_config = resolve_overlap(overlap)
     check_overlap(overlap_config, spec, lookup_config)
-    plan = AheadPlan(spec.topology, overlap_config, target.device) if overlap_config is not None else None
     if sampling.greedy:
         proposer, acceptor = GreedyProposer(), GreedyAcceptor()
     else:
@@ -124,7 +125,15 @@ def stream(
     )
     for model in (target, draft) if spec.has_drafts else (target,):
         backend.check_model(model)
-    stats = GenerationStats(method=method, backend=backend.name)
+    choice = None
+    if isinstance(spec, AutoTreeConfig):  # after every check: calibrating is the first work done
+        spec, choice = resolve_auto(spec, target, draft, backend)
+    plan = None
+    if overlap_config is not None and spec.has_drafts:  # tree='auto' may choose the target alone: nothing to draft below
+        if choice is not None:  # and a tree shallower than the levels asked for
+            overlap_config = replace(overlap_config, levels=min(overlap_config.levels, spec.topology.max_depth))
+        plan = AheadPlan(spec.topology, overlap_config, target.device)
+    stats = GenerationStats(method=method, backend=backend.name, tree_choice=choice.as_dict() if choice else {})
     capacity = input_ids.shape[1] + max_new_tokens + spec.max_nodes(sampling.greedy) + 2
     if lookup_config is not None:  # extra tree slots, and accepted lookup tokens fed to the draft next step
         capacity += lookup_config.slots + lookup_config.length
@@ -185,7 +194,10 @@ def generate(
         tree: a preset name (see `treespec.PRESETS`), a widths list such as [4, 2, 2, 1], or a
             TreeTopology; 'dynamic' / a DynamicTreeConfig (expanded by draft probability each
             step) or 'adaptive' / an AdaptiveTreeConfig (depth adapted to the acceptance); for
-            'linear', a chain (e.g. 'chain-4' or [1, 1, 1, 1]).
+            'linear', a chain (e.g. 'chain-4' or [1, 1, 1, 1]). 'auto' / an AutoTreeConfig:
+            the tree (or chain, for 'linear'; or the target alone) with the most predicted
+            tokens/s from this machine's forward costs, measured once and cached
+            (docs/auto_tree.md); stats.tree_choice says what was chosen and why.
         temperature, top_k, top_p: sampling settings, applied to p and q alike as transformers'
             warpers do (temperature 0 = greedy, top_k/top_p then ignored; top_k 0 = off).
         eos_token_id: stop after this token (or any of these); default: the target's

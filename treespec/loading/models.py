@@ -11,9 +11,10 @@ A model spec is one of (checked in this order):
 Loading a GGUF file dequantizes every tensor with numpy, which takes about a minute for the
 1.5B model and converts the tokenizer in pure Python (10-15 s). For the KNOWN_GGUF models the
 result is therefore saved once as a float32 safetensors checkpoint plus tokenizer.json under
-`cache_dir()/converted/` (about 8.2 GB for the default pair) and later loads take about a second.
-The conversion is lossless (the dequantized values are float32) and keyed by the GGUF's sha256.
-Pass `cache_converted=False` to skip it.
+`cache_dir()/converted/` (about 9 GB for the default pair) and later loads take about a second.
+The conversion is lossless (the dequantized values are float32; most tensors are not exactly
+representable in 16 bits, so a smaller copy would change the model) and keyed by the GGUF's
+sha256. Pass `cache_converted=False` to skip it. Each of these one-time phases says so on stderr.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,6 +231,11 @@ def _write_checkpoint(model: PreTrainedModel, out: Path) -> None:
     model.generation_config.save_pretrained(out)
 
 
+def _note(message: str) -> None:
+    """A one-time phase that takes a while (first run only): say so on stderr, like the download bars."""
+    print(f"treespec: {message}", file=sys.stderr, flush=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Models
 
@@ -247,8 +254,11 @@ def _load_known_model(known: _Resolved, dtype: torch.dtype, cache_converted: boo
         return AutoModelForCausalLM.from_pretrained(converted, **_model_kwargs(dtype))
     gguf = known.gguf()
     if not cache_converted:
+        _note(f"dequantizing {gguf.name} (about a minute for the 1.5B model; cache_converted=False: every load)")
         return _load_gguf_model(str(gguf.parent), gguf.name, dtype)
     # Dequantize at float32 so the cached checkpoint is exact, whatever dtype was asked for.
+    _note(f"dequantizing {gguf.name} once (about a minute for the 1.5B model), then caching it as float32 "
+          f"safetensors in {converted.parent} so that later loads take seconds")  # fmt: skip
     model = _load_gguf_model(str(gguf.parent), gguf.name, torch.float32)
     needed = sum(t.numel() * 4 for t in model.state_dict().values())
     if not _save_atomically(converted, lambda d: _write_checkpoint(model, d), needed):
@@ -307,6 +317,7 @@ def _load_known_tokenizer(known: _Resolved, cache_converted: bool) -> PreTrained
     if cache_converted and converted.is_dir():
         return AutoTokenizer.from_pretrained(converted)
     gguf = known.gguf()
+    _note(f"converting the tokenizer inside {gguf.name} (10-15 s{', once' if cache_converted else ''})")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if cache_converted:
         _save_atomically(converted, tokenizer.save_pretrained, needed_bytes=64 << 20)

@@ -37,6 +37,7 @@ __all__ = [
     "expected_accepted_length",
     "expected_tau",
     "profile_from_stats",
+    "reach_of",
 ]
 
 PROFILE_FORMAT = "treespec.acceptance_profile/v1"
@@ -250,16 +251,24 @@ def profile_from_stats(
 # --------------------------------------------------------------------------- evaluation
 def acceptance_reach(topo: TreeTopology, profile: AcceptanceProfile) -> list[float]:
     """P(node i is accepted) for every node of `topo` under `profile` (1.0 for the root)."""
-    depth = topo.depth.tolist()
+    return reach_of(topo.parents, topo.ranks, profile)[0]
+
+
+def reach_of(parents: Sequence[int], ranks: Sequence[int], profile: AcceptanceProfile) -> tuple[list[float], list[int]]:
+    """(P(node i is accepted), depth of node i) for the tree of breadth-first `parents`/`ranks`,
+    without building a TreeTopology (the tree chooser prices hundreds of trees)."""
+    n = len(parents)
+    depth = [0] * n
     marg: dict[int, tuple[float, ...]] = {}
-    reach = [1.0] * topo.num_nodes
-    for i in range(1, topo.num_nodes):
-        p = topo.parents[i]
+    reach = [1.0] * n
+    for i in range(1, n):
+        p = parents[i]
+        depth[i] = depth[p] + 1
         if depth[p] not in marg:
             marg[depth[p]] = profile.marginals(depth[p])
-        q, r = marg[depth[p]], topo.ranks[i]
+        q, r = marg[depth[p]], ranks[i]
         reach[i] = reach[p] * (q[r] if r < len(q) else 0.0)
-    return reach
+    return reach, depth
 
 
 def expected_accepted_length(topo: TreeTopology, profile: AcceptanceProfile) -> float:

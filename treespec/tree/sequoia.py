@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import networkx as nx
 import numpy as np
 
 from treespec.tree.profile import AcceptanceProfile
 from treespec.tree.topology import MAX_NODES, TreeTopology
 
-__all__ = ["optimal_value_curve", "optimize_tree"]
+__all__ = ["optimal_shapes", "optimal_value_curve", "optimize_tree"]
 
 
 def _check_budget(budget: int, max_depth: int) -> None:
@@ -69,28 +68,31 @@ def _dp(weights: Sequence[np.ndarray], budget: int, max_depth: int):
     return values, choices
 
 
-def _build(choices, budget: int, max_depth: int) -> TreeTopology:
-    """Assemble the optimal tree from the DP choices as a networkx DiGraph."""
-    g = nx.DiGraph()
-    g.add_node(0, depth=0)
-    stack = [(0, 0, int(budget))]  # (graph node, its depth, nodes it may use below it)
-    while stack:
-        node, d, n = stack.pop()
+def _shape(choices, budget: int, max_depth: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Parents and ranks (breadth first, siblings by rank: TreeTopology's order) of the optimal
+    tree from the DP choices."""
+    parents, ranks = [-1], [0]
+    queue = [(0, 0, int(budget))]  # (node index, its depth, nodes it may use below it)
+    for node, d, n in queue:  # the queue grows while it is walked: breadth first
         if d >= max_depth:
             continue
         ch = choices[d]
         i, m = 0, n
         while i < ch.shape[0] and ch[i, m] > 0:
             size = int(ch[i, m])
-            kid = g.number_of_nodes()
-            g.add_node(kid, depth=d + 1)
-            g.add_edge(node, kid, rank=i)
-            stack.append((kid, d + 1, size - 1))
+            queue.append((len(parents), d + 1, size - 1))
+            parents.append(node)
+            ranks.append(i)
             m -= size
             i += 1
-    if g.number_of_nodes() == 1:
+    return tuple(parents), tuple(ranks)
+
+
+def _build(choices, budget: int, max_depth: int) -> TreeTopology:
+    parents, ranks = _shape(choices, budget, max_depth)
+    if len(parents) == 1:
         raise ValueError("every acceptance rate the tree could use is 0: no draft node can ever be accepted")
-    return TreeTopology.from_networkx(g, root=0)
+    return TreeTopology(parents, ranks)
 
 
 def optimize_tree(profile: AcceptanceProfile, budget: int, max_depth: int) -> TreeTopology:
@@ -114,3 +116,16 @@ def optimal_value_curve(profile: AcceptanceProfile, budget: int, max_depth: int)
     max_depth = min(int(max_depth), int(budget))
     values, _ = _dp(_weights(profile, max_depth), budget, max_depth)
     return values[0].tolist()
+
+
+def optimal_shapes(profile: AcceptanceProfile, budget: int, max_depth: int) -> dict[int, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """{n: (parents, ranks) of the optimize_tree answer for budget n} (TreeTopology(parents,
+    ranks) builds it) for every budget 1..`budget` at which one more node still adds expected
+    value, from one DP run (a budget that adds nothing gives the same tree as the one below it,
+    so it is left out; empty when no node can ever be accepted). treespec.tree.auto prices each
+    of them against the machine's forward costs."""
+    _check_budget(budget, max_depth)
+    max_depth = min(int(max_depth), int(budget))
+    values, choices = _dp(_weights(profile, max_depth), budget, max_depth)
+    curve = values[0]
+    return {n: _shape(choices, n, max_depth) for n in range(1, int(budget) + 1) if curve[n] > curve[n - 1] + 1e-12}
