@@ -127,6 +127,7 @@ class GraphedBackend:
         self._graphs: dict[tuple, CapturedForward] = {}
         self._static: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # warmed-up inputs
         self._caches: dict[tuple[int, str], tuple[PreTrainedModel, StaticTreeKVCache]] = {}
+        self._capture_streams: dict[int, torch.cuda.Stream] = {}
 
     @property
     def name(self) -> str:
@@ -155,6 +156,7 @@ class GraphedBackend:
         self._graphs.clear()
         self._static.clear()
         self._caches.clear()
+        self._capture_streams.clear()
 
     def _drop_graphs(self, cache: StaticTreeKVCache) -> None:
         for key in [k for k in self._graphs if k[0] == id(cache)]:
@@ -218,7 +220,13 @@ class GraphedBackend:
         graph = torch.cuda.CUDAGraph()
         host = cache.host_state()
         torch.cuda.synchronize()
-        with torch.cuda.graph(graph):
+        # one capture stream per cache (per model and role): cuBLAS keeps a workspace per
+        # stream, and graphs captured on one stream share it, so a draft graph replayed beside
+        # the target's (drafting ahead, engine/streams.py) must not share the target's
+        stream = self._capture_streams.get(id(cache))
+        if stream is None:
+            stream = self._capture_streams[id(cache)] = torch.cuda.Stream(static_ids.device)
+        with torch.cuda.graph(graph, stream=stream):
             logits = self._run(model, cache, static_ids, static_pos, static_mask, last_only)
         # capturing ran the forward's Python once (host counters moved) but no kernel: undo
         # the host side; the caller replays the graph for real next
