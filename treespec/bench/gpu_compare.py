@@ -180,7 +180,7 @@ def run(args) -> None:
         print(f"  warm-up {label:32s} {warm[label]:6.1f} s", flush=True)
     results: dict[str, dict[str, list]] = {}
     stopped = None
-    for dname in ("humaneval", "mtbench"):
+    for dname in args.datasets.split(","):
         for i, p in enumerate(prompts[dname]):
             if time.perf_counter() - t_start > args.deadline:
                 stopped = f"deadline reached before {dname} prompt {i}"
@@ -195,7 +195,7 @@ def run(args) -> None:
             print(f"  {dname} {p['id']}: AR {ar['new'] / ar['seconds']:.0f} tok/s, tree+overlap "
                   f"{ov['new'] / ov['seconds']:.0f} tok/s ({time.perf_counter() - t_start:.0f} s)", flush=True)
             save(results, prompts, target, warm, args, stopped)
-    for i, p in enumerate(prompts["mtbench"][: args.sampled_prompts]):
+    for i, p in enumerate(prompts["mtbench"][: args.sampled_prompts] if "mtbench" in args.datasets else []):
         if time.perf_counter() - t_start > args.deadline:
             stopped = stopped or "deadline reached in the temperature-0.7 rows"
             break
@@ -215,7 +215,7 @@ def run(args) -> None:
 
 def save(results, prompts, target, warm, args, stopped) -> dict:
     summary = report(results, prompts, target)
-    save_json("compare.json", dict(args=vars(args), device=device_info(), warmup_s=warm, stopped=stopped, summary=summary,
+    save_json(f"compare_{args.datasets.replace(',', '_')}.json", dict(args=vars(args), device=device_info(), warmup_s=warm, stopped=stopped, summary=summary,
                                    per_prompt={f"{d}|{m}": [{k: v for k, v in r.items() if k != "tokens"} for r in rows]
                                                for d, by in results.items() for m, rows in by.items()}))  # fmt: skip
     return summary
@@ -231,6 +231,7 @@ def main() -> None:
     r.add_argument("--prompts", default=".xfer/prompts/prompts.json")
     r.add_argument("--gguf-dir", default="/tmp/xfer")
     r.add_argument("--limit", type=int, default=20)
+    r.add_argument("--datasets", default="humaneval,mtbench")
     r.add_argument("--new-tokens", type=int, default=256)
     r.add_argument("--hf-prompts", type=int, default=3)
     r.add_argument("--sampled-prompts", type=int, default=5)
