@@ -158,9 +158,12 @@ def test_lookup_saves_target_forwards_when_the_output_repeats(target, reference)
     assert on.stats.target_forwards < off.stats.target_forwards
 
 
-def test_lookup_without_a_draft_model_fails_loudly(target):
+def test_lookup_without_a_draft_model_or_with_another_verifier_fails_loudly(target):
     with pytest.raises(ValueError, match="lookup"):
         treespec.generate(target, None, PROMPT, max_new_tokens=4, method="autoregressive", lookup=True)
+    draft = tiny_model(7, hidden_size=16, num_layers=1)
+    with pytest.raises(ValueError, match="acceptance='rejection' only"):
+        treespec.generate(target, draft, PROMPT, max_new_tokens=4, temperature=1.0, acceptance="traversal", lookup=True)
 
 
 # --------------------------------------------------------------------------- T > 0: one node, exact
