@@ -9,7 +9,7 @@ import treespec.acceptance.rejection as rejection
 import treespec.acceptance.schemes as schemes
 from chisq import ALPHA, POWER, Samples, exact_joint, pvalue, sample_counts
 from treespec.acceptance.rejection import rejection_accept, sample_children
-from treespec.acceptance.sampling import SamplingConfig, logits_to_probs
+from treespec.acceptance.sampling import SamplingConfig
 from treespec.drafting.base import DraftTree
 from treespec.drafting.lookup import LookupConfig, find_continuations, merge_branches
 from treespec.testing import cycle_order, tiny_cycle_model, tiny_model

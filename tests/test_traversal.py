@@ -1,10 +1,10 @@
 """Statistical tests of traversal verification (treespec.acceptance.traversal).
 
-Same harness as tests/test_rejection.py (tests/chisq.py: a synthetic Markov language over V=8 tokens, ~30k
-trials verified in one batched call, chi-square of the emitted tokens against the target's exact
-law), plus p/q built from random logits through `logits_to_probs` at several temperatures,
-top-k and top-p, and one end-to-end run through `generate` with a tiny model. Every broken
-variant (monkeypatched helper) must fail the same test.
+Same harness as tests/test_rejection.py (tests/chisq.py: a synthetic Markov language over V=8
+tokens, ~30k trials verified in one batched call, chi-square of the emitted tokens against the
+target's exact law), plus p/q built from random logits through `logits_to_probs` at several
+temperatures, top-k and top-p, and one end-to-end run through `generate` with a tiny model.
+Every broken variant (monkeypatched helper) must fail the same test.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from chisq import (
-    ALPHA, E2E_PROMPT, POWER, V, draw_trees, e2e_pair, emitted, exact_joint, logit_case, make_case, pvalue, pvalues, rows_for,
+    ALPHA, E2E_PROMPT, POWER, draw_trees, e2e_pair, emitted, exact_joint, logit_case, make_case, pvalue, pvalues, rows_for,
     sample_counts,
 )
 from treespec.acceptance import traversal
