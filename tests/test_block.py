@@ -1,10 +1,11 @@
 """Statistical tests of block verification (treespec.acceptance.block), chains only.
 
-Harness of tests/test_rejection.py (synthetic Markov language over V=8, chi-square of the first
-two and three emitted tokens against the target's exact law), p/q from random logits at several
-temperatures / top-k / top-p, broken variants that must fail, the equivalence with traversal
-verification on a chain, the expected-length claim against token-level verification, and one
-end-to-end run through `generate(method="linear", acceptance="block")`.
+Harness of tests/test_rejection.py (tests/chisq.py: synthetic Markov language over V=8,
+chi-square of the first two and three emitted tokens against the target's exact law), p/q from
+random logits at several temperatures / top-k / top-p, broken variants that must fail, the
+equivalence with traversal verification on a chain, the expected-length claim against
+token-level verification, and one end-to-end run through
+`generate(method="linear", acceptance="block")`.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_rejection import V, draw_trees, emitted, make_case, pvalues, rows_for
-from test_traversal import logit_case
+import treespec
+from chisq import (
+    ALPHA, E2E_PROMPT, POWER, V, draw_trees, e2e_pair, emitted, exact_joint, logit_case, make_case, pvalue, pvalues, rows_for,
+    sample_counts,
+)
 from treespec.acceptance import block
 from treespec.acceptance.block import block_accept
 from treespec.acceptance.rejection import rejection_accept
@@ -22,8 +26,6 @@ from treespec.acceptance.traversal import traversal_accept
 from treespec.tree.topology import TreeTopology
 
 TRIALS = 30_000
-ALPHA = 1e-3
-POWER = 1e-6
 
 
 def run(depth, dists, seed, trials=TRIALS, verifier=block_accept, length=3):
@@ -177,36 +179,21 @@ def test_unbatched_and_no_data_dependent_ops():
 
 
 def test_generate_linear_with_block_follows_the_target():
-    import treespec
-    from test_sampling_e2e import PROMPT, exact_joint, pvalue
-    from treespec.testing import tiny_model
-
-    target = tiny_model(11, vocab_size=V, init_std=0.15)
-    draft = tiny_model(12, vocab_size=V, hidden_size=16, num_layers=1, init_std=0.15)
+    target, draft = e2e_pair()
     cfg = SamplingConfig(temperature=1.0, top_k=6)
-    g = torch.Generator().manual_seed(22)
-    counts = torch.zeros(V, V)
-    for _ in range(700):
-        out = treespec.generate(target, draft, PROMPT, max_new_tokens=2, method="linear", tree="chain-3", eos_token_id=[],
-                                temperature=1.0, top_k=6, generator=g, acceptance="block")
-        x1, x2 = out.sequences[0, PROMPT.shape[1]:].tolist()
-        counts[x1, x2] += 1
-    joint = exact_joint(target, cfg)
+    counts = sample_counts(target, draft, E2E_PROMPT, cfg, seed=22, draws=700, method="linear", tree="chain-3",
+                           acceptance="block").counts
+    joint = exact_joint(target, E2E_PROMPT, cfg)
     assert pvalue(counts.sum(1), joint.sum(1)) > ALPHA
     assert pvalue(counts, joint) > ALPHA
 
 
 def test_generate_refuses_block_for_a_tree_and_ignores_it_when_greedy():
-    import treespec
-    from test_sampling_e2e import PROMPT
-    from treespec.testing import tiny_model
-
-    target = tiny_model(11, vocab_size=V, init_std=0.15)
-    draft = tiny_model(12, vocab_size=V, hidden_size=16, num_layers=1, init_std=0.15)
+    target, draft = e2e_pair()
     with pytest.raises(ValueError, match="single chain"):
-        treespec.generate(target, draft, PROMPT, max_new_tokens=2, tree=[2, 2], temperature=1.0, acceptance="block")
+        treespec.generate(target, draft, E2E_PROMPT, max_new_tokens=2, tree=[2, 2], temperature=1.0, acceptance="block")
     with pytest.raises(ValueError, match="unknown acceptance"):
-        treespec.generate(target, draft, PROMPT, max_new_tokens=2, temperature=1.0, acceptance="blocks")
-    greedy = [treespec.generate(target, draft, PROMPT, max_new_tokens=8, method="linear", tree="chain-3", eos_token_id=[],
+        treespec.generate(target, draft, E2E_PROMPT, max_new_tokens=2, temperature=1.0, acceptance="blocks")
+    greedy = [treespec.generate(target, draft, E2E_PROMPT, max_new_tokens=8, method="linear", tree="chain-3", eos_token_id=[],
                                 acceptance=a).sequences for a in ("rejection", "block", "traversal")]
     assert torch.equal(greedy[0], greedy[1]) and torch.equal(greedy[0], greedy[2])

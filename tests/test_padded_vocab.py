@@ -4,9 +4,9 @@ and sampling stays distributed as the target's full p, padding ids included (doc
 
 import pytest
 import torch
-from scipy.stats import chisquare
 
 import treespec
+from chisq import ALPHA, POWER, pvalue, sample_counts
 from treespec.acceptance.sampling import SamplingConfig, logits_to_probs
 from treespec.engine import loop
 from treespec.testing import tiny_model
@@ -34,22 +34,9 @@ def test_greedy_is_exact(pair, method, tree):
 
 
 def first_token_counts(target, draft, seed: int, draws: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    counts = torch.zeros(V_P)
-    for _ in range(draws):
-        out = treespec.generate(target, draft, PROMPT, max_new_tokens=1, tree=[3, 2], temperature=1.0,
-                                eos_token_id=[], generator=g)  # fmt: skip
-        counts[out.sequences[0, -1]] += 1
-    return counts
-
-
-def pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Chi-square p-value over every id, padding included; cells expecting < 5 draws pooled."""
-    counts, expected = counts.double(), probs.double() * counts.sum()
-    small = expected < 5
-    obs = torch.cat([counts[~small], counts[small].sum()[None]])
-    exp = torch.cat([expected[~small], expected[small].sum()[None]])
-    return chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue
+    """(V_P,) counts of the first token over every id, padding included."""
+    cfg = SamplingConfig(temperature=1.0)
+    return sample_counts(target, draft, PROMPT, cfg, seed=seed, draws=draws, new_tokens=1, tree=[3, 2]).counts
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +50,7 @@ def p1(pair):
 def test_first_token_follows_the_full_target_distribution(pair, p1):
     counts = first_token_counts(*pair, seed=0, draws=DRAWS)
     assert counts[V_Q:].sum() > 0
-    assert pvalue(counts, p1) > 1e-3
+    assert pvalue(counts, p1) > ALPHA
 
 
 def test_truncating_p_to_the_draft_range_fails_the_same_test(pair, p1, monkeypatch):
@@ -74,7 +61,7 @@ def test_truncating_p_to_the_draft_range_fails_the_same_test(pair, p1, monkeypat
 
     monkeypatch.setattr(loop.SampledAcceptor, "accept", truncated)
     counts = first_token_counts(*pair, seed=1, draws=250)
-    assert pvalue(counts, p1) < 1e-6
+    assert pvalue(counts, p1) < POWER
 
 
 def test_a_draft_with_more_rows_than_the_target_is_refused(pair):

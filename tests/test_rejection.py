@@ -7,7 +7,8 @@ draft does the same with q1, q2. For each trial a draft tree is sampled with `sa
 the emitted sequence (accepted tokens, then next_token, then -- if the step emitted fewer tokens
 than we look at -- fresh tokens from p2[previous], as the next decoding steps would draw them)
 is compared with the target's own law by a chi-square test. ~50k independent trials run as one
-batched call; every generator is seeded, so the suite is deterministic.
+batched call; every generator is seeded, so the suite is deterministic. The harness (the
+language, tree drawing, emitted sequence, chi-square) lives in tests/chisq.py.
 
 The same harness must reject deliberately broken verifiers (monkeypatched helpers), which shows
 the tests have power against each classic bug.
@@ -15,21 +16,15 @@ the tests have power against each classic bug.
 
 from __future__ import annotations
 
-import itertools
-
-import numpy as np
 import pytest
 import torch
-from scipy import stats
 
+from chisq import ALPHA, POWER, V, draw_trees, emitted, make_case, pvalues, rows_for, sample_pvalue
 from treespec.acceptance import rejection
 from treespec.acceptance.rejection import rejection_accept, sample_children
 from treespec.tree.topology import TreeTopology
 
-V = 8
 TRIALS = 50_000
-ALPHA = 1e-3  # a correct verifier must pass at this level...
-POWER = 1e-6  # ...and a broken one must be rejected at this level
 
 TREES = {
     "chain2": [1, 1],
@@ -38,84 +33,6 @@ TREES = {
     "w3": [3],
     "w2x2": [2, 2],
 }
-
-
-# --------------------------------------------------------------------------- synthetic p, q
-
-
-def _dirichlet(gen: torch.Generator, shape, alpha: float) -> torch.Tensor:
-    g = torch._standard_gamma(torch.full(shape, alpha, dtype=torch.float64), generator=gen)
-    return g / g.sum(-1, keepdim=True)
-
-
-def _support_mask(gen: torch.Generator, rows: int, lo: int, hi: int) -> torch.Tensor:
-    """(rows, V) bool: each row keeps a random subset of lo..hi tokens."""
-    keys = torch.rand(rows, V, generator=gen, dtype=torch.float64)
-    sizes = torch.randint(lo, hi + 1, (rows, 1), generator=gen)
-    ranks = keys.argsort(-1).argsort(-1)
-    return ranks < sizes
-
-
-def make_case(name: str, seed: int = 0):
-    """(p1 (V,), p2 (V, V), q1 (V,), q2 (V, V)) float32, rows summing to 1.
-
-    close: q = 0.85 p + 0.15 noise. far: p and q independent and peaked (Dirichlet 0.5).
-    zeros: q has zeros where p has mass (support 2..4 tokens, so width-3 nodes often have
-    invalid slots without replacement and many duplicates i.i.d.) and p has zeros where q has
-    mass (support 4..7 tokens).
-    """
-    gen = torch.Generator().manual_seed(1000 + seed)
-    if name == "close":
-        p = _dirichlet(gen, (V + 1, V), 1.0)
-        q = 0.85 * p + 0.15 * _dirichlet(gen, (V + 1, V), 1.0)
-    elif name == "far":
-        p = _dirichlet(gen, (V + 1, V), 0.5)
-        q = _dirichlet(gen, (V + 1, V), 0.5)
-    elif name == "zeros":
-        p = _dirichlet(gen, (V + 1, V), 1.0) * _support_mask(gen, V + 1, 4, 7)
-        q = _dirichlet(gen, (V + 1, V), 1.0) * _support_mask(gen, V + 1, 2, 4)
-    else:  # pragma: no cover
-        raise KeyError(name)
-    p, q = p / p.sum(-1, keepdim=True), q / q.sum(-1, keepdim=True)
-    p, q = p.float(), q.float()
-    return p[0], p[1:], q[0], q[1:]
-
-
-def rows_for(tokens: torch.Tensor, depth: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
-    """(B, N, V): d1 at the root, d2[token] at every other node (the law of the next token)."""
-    rows = d2[tokens]  # (B, N, V)
-    rows[:, depth == 0] = d1
-    return rows
-
-
-def draw_trees(topo: TreeTopology, q1, q2, batch: int, without_replacement: bool, gen: torch.Generator):
-    """Sample a draft tree per trial, level by level: (tokens (B, N), valid (B, N))."""
-    n = topo.num_nodes
-    tokens = torch.zeros(batch, n, dtype=torch.long)
-    valid = torch.ones(batch, n, dtype=torch.bool)
-    for d in range(topo.max_depth):
-        lvl, nxt = topo.level(d), topo.level(d + 1)
-        width = lvl.stop - lvl.start
-        q_rows = q1.expand(batch, width, V) if d == 0 else q2[tokens[:, lvl]]
-        tok, ok = sample_children(q_rows, topo.level_width(d), without_replacement=without_replacement, generator=gen)
-        par, rank = topo.level_children(d)
-        tokens[:, nxt] = tok[:, par, rank]
-        valid[:, nxt] = ok[:, par, rank] & valid[:, lvl][:, par]
-    return tokens, valid
-
-
-def emitted(topo, tokens, acc, p2, length: int, gen: torch.Generator) -> torch.Tensor:
-    """(B, length): accepted tokens, then next_token, then fresh draws from p2[previous]."""
-    batch = tokens.shape[0]
-    on_path = tokens.gather(1, acc.path[:, 1:])  # (B, D)
-    seq = torch.zeros(batch, length, dtype=torch.long)
-    for t in range(length):
-        fresh = torch.multinomial(p2[seq[:, t - 1]], 1, generator=gen)[:, 0] if t > 0 else None
-        val = acc.next_token if fresh is None else torch.where(acc.num_accepted == t, acc.next_token, fresh)
-        if t < topo.max_depth:
-            val = torch.where(acc.num_accepted > t, on_path[:, t], val)
-        seq[:, t] = val
-    return seq
 
 
 def run(tree: str, case: str, without_replacement: bool, seed: int = 0, trials: int = TRIALS, length: int = 2):
@@ -128,37 +45,6 @@ def run(tree: str, case: str, without_replacement: bool, seed: int = 0, trials: 
     acc = rejection_accept(topo, tokens, valid, p, q, without_replacement=without_replacement, generator=gen)
     seq = emitted(topo, tokens, acc, p2, length, gen)
     return seq, acc, (p1, p2)
-
-
-def chi2_pvalue(samples: torch.Tensor, probs: torch.Tensor) -> float:
-    """Goodness of fit of integer samples (B,) to probs (C,); cells expecting < 5 are pooled.
-    A sample in a cell of probability 0 gives p-value 0 (an impossible outcome)."""
-    probs = probs.double().flatten()
-    probs = probs / probs.sum()
-    obs = torch.bincount(samples, minlength=probs.numel()).double()
-    n = obs.sum()
-    if (obs[probs == 0] > 0).any():
-        return 0.0
-    exp = probs * n
-    big = exp >= 5
-    o = torch.cat([obs[big], obs[~big & (probs > 0)].sum()[None]])
-    e = torch.cat([exp[big], exp[~big & (probs > 0)].sum()[None]])
-    keep = e > 0
-    return float(stats.chisquare(o[keep].numpy(), e[keep].numpy()).pvalue)
-
-
-def pvalues(seq: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor) -> dict[str, float]:
-    """p-values of the first token vs p1, the first two vs p1[x1] p2[x1, x2], and (if there)
-    the first three vs p1[x1] p2[x1, x2] p2[x2, x3]."""
-    joint2 = p1[:, None] * p2
-    out = {
-        "x1": chi2_pvalue(seq[:, 0], p1),
-        "x1x2": chi2_pvalue(seq[:, 0] * V + seq[:, 1], joint2),
-    }
-    if seq.shape[1] > 2:
-        joint3 = joint2[:, :, None] * p2[None, :, :]
-        out["x1x2x3"] = chi2_pvalue((seq[:, 0] * V + seq[:, 1]) * V + seq[:, 2], joint3)
-    return out
 
 
 # --------------------------------------------------------------------------- lossless
@@ -251,9 +137,9 @@ def test_sample_children_iid_law(case):
     tok, ok = sample_children(q1.expand(TRIALS, 1, V), 3, without_replacement=False, generator=gen)
     assert tok.shape == ok.shape == (TRIALS, 1, 3) and ok.all()
     for j in range(3):
-        assert chi2_pvalue(tok[:, 0, j], q1) > ALPHA
+        assert sample_pvalue(tok[:, 0, j], q1) > ALPHA
     # independence of the slots: the pair (slot 0, slot 2) has law q1 x q1
-    assert chi2_pvalue(tok[:, 0, 0] * V + tok[:, 0, 2], q1[:, None] * q1[None, :]) > ALPHA
+    assert sample_pvalue(tok[:, 0, 0] * V + tok[:, 0, 2], q1[:, None] * q1[None, :]) > ALPHA
 
 
 @pytest.mark.parametrize("case", ["far", "zeros"])
@@ -273,8 +159,8 @@ def test_sample_children_without_replacement_law(case):
     # sequential draw without replacement: P(a, b) = q(a) q(b) / (1 - q(a)), b != a
     pair = q1[:, None] * q1[None, :] / (1 - q1[:, None]).clamp(min=1e-12)
     pair.fill_diagonal_(0)
-    assert chi2_pvalue(tok[:, 0], q1) > ALPHA
-    assert chi2_pvalue(tok[:, 0] * V + tok[:, 1], pair) > ALPHA
+    assert sample_pvalue(tok[:, 0], q1) > ALPHA
+    assert sample_pvalue(tok[:, 0] * V + tok[:, 1], pair) > ALPHA
 
 
 def test_sample_children_more_slots_than_tokens():
@@ -300,7 +186,7 @@ def test_all_children_invalid_samples_from_p(without_replacement):
     p, q = rows_for(tokens, topo.depth, p1, p2), rows_for(tokens, topo.depth, q1, q2)
     acc = rejection_accept(topo, tokens, valid, p, q, without_replacement=without_replacement, generator=gen)
     assert (acc.num_accepted == 0).all() and (acc.path == 0).all()
-    assert chi2_pvalue(acc.next_token, p1) > ALPHA
+    assert sample_pvalue(acc.next_token, p1) > ALPHA
 
 
 @pytest.mark.parametrize("without_replacement", [True, False])

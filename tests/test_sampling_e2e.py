@@ -3,63 +3,24 @@ target's own, computed from its logits (chi-square), for tree and linear specula
 
 import pytest
 import torch
-from scipy.stats import chisquare
 
 import treespec
 import treespec.acceptance.rejection as rejection
+from chisq import ALPHA, E2E_PROMPT as PROMPT, POWER, e2e_pair, exact_joint, pvalue, sample_counts
+from treespec.acceptance.sampling import SamplingConfig
 from treespec.drafting.dynamic import DynamicTreeConfig
 from treespec.tree.topology import TreeTopology
-from treespec.acceptance.sampling import SamplingConfig, logits_to_probs
-from treespec.testing import tiny_model
 
-V = 8
-PROMPT = torch.tensor([[3, 7]])
 DRAWS = 1500  # ~20 s a case on 2 cores; the broken verifiers fail with far fewer
 
 
 @pytest.fixture(scope="module")
 def models():
-    # init 0.15: p and q far apart (total variation 0.4-0.6 at the first token) yet overlapping,
-    # and no setting below collapses p to a single token (which would leave nothing to test)
-    target = tiny_model(11, vocab_size=V, init_std=0.15)
-    draft = tiny_model(12, vocab_size=V, hidden_size=16, num_layers=1, init_std=0.15)
-    return target, draft
-
-
-def exact_joint(target, cfg: SamplingConfig) -> torch.Tensor:
-    """p(x1) p(x2 | x1) from the target's logits: FloatTensor (V, V)."""
-    with torch.no_grad():
-        p1 = logits_to_probs(target(PROMPT).logits[0, -1], cfg)  # (V,)
-        seqs = torch.cat([PROMPT.repeat(V, 1), torch.arange(V)[:, None]], dim=1)  # (V, T+1)
-        p2 = logits_to_probs(target(seqs).logits[:, -1], cfg)  # (V, V)
-    return p1[:, None] * p2
+    return e2e_pair()
 
 
 def sample_pairs(target, draft, method, tree, cfg, seed, draws=DRAWS) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    counts = torch.zeros(V, V)
-    t = PROMPT.shape[1]
-    for _ in range(draws):
-        out = treespec.generate(
-            target, draft, PROMPT, max_new_tokens=2, method=method, tree=tree, eos_token_id=[],
-            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=g,
-        )
-        x1, x2 = out.sequences[0, t:].tolist()
-        counts[x1, x2] += 1
-    return counts
-
-
-def pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Chi-square p-value, cells with small expectation pooled; zero-probability cells must be empty."""
-    counts, probs = counts.flatten().double(), probs.flatten().double()
-    assert counts[probs == 0].sum() == 0, "sampled a token the target gives probability 0"
-    expected = probs * counts.sum()
-    small = expected < 5
-    obs = torch.cat([counts[~small], counts[small].sum()[None]])
-    exp = torch.cat([expected[~small], expected[small].sum()[None]])
-    keep = exp > 0
-    assert keep.sum() >= 3, "degenerate distribution: the test would have no power"
-    return chisquare(obs[keep].numpy(), exp[keep].numpy() * obs[keep].sum().item() / exp[keep].sum().item()).pvalue
+    return sample_counts(target, draft, PROMPT, cfg, seed=seed, draws=draws, method=method, tree=tree).counts
 
 
 CASES = [
@@ -79,9 +40,9 @@ CASES = [
 def test_first_two_tokens_follow_the_target(models, method, tree, cfg):
     target, draft = models
     counts = sample_pairs(target, draft, method, tree, cfg, seed=sum(map(ord, f"{method}{tree}")))
-    joint = exact_joint(target, cfg)
-    assert pvalue(counts.sum(1), joint.sum(1)) > 1e-3  # first token
-    assert pvalue(counts, joint) > 1e-3  # first two tokens
+    joint = exact_joint(target, PROMPT, cfg)
+    assert pvalue(counts.sum(1), joint.sum(1)) > ALPHA  # first token
+    assert pvalue(counts, joint) > ALPHA  # first two tokens
 
 
 def test_i_i_d_children_variant_is_lossless_too(models, monkeypatch):
@@ -91,7 +52,7 @@ def test_i_i_d_children_variant_is_lossless_too(models, monkeypatch):
     monkeypatch.setattr(generation, "SamplingConfig", lambda **kw: SamplingConfig(**kw, without_replacement=False))
     cfg = SamplingConfig(temperature=1.0)
     counts = sample_pairs(target, draft, "tree", [3, 2], cfg, seed=5)
-    assert pvalue(counts, exact_joint(target, cfg)) > 1e-3
+    assert pvalue(counts, exact_joint(target, PROMPT, cfg)) > ALPHA
 
 
 @pytest.mark.parametrize(
@@ -113,7 +74,7 @@ def test_broken_verifier_fails_the_same_test(models, monkeypatch, bug):
         monkeypatch.setattr(rejection, "_residual", broken)
     cfg = SamplingConfig(temperature=1.0)
     counts = sample_pairs(target, draft, "tree", [3, 2], cfg, seed=9, draws=800)
-    assert pvalue(counts, exact_joint(target, cfg)) < 1e-6
+    assert pvalue(counts, exact_joint(target, PROMPT, cfg)) < POWER
 
 
 def test_seeded_generator_reproduces_a_run(models):

@@ -1,10 +1,10 @@
 """Statistical tests of traversal verification (treespec.acceptance.traversal).
 
-Same harness as tests/test_rejection.py (a synthetic Markov language over V=8 tokens, ~30k
-trials verified in one batched call, chi-square of the emitted tokens against the target's exact
-law), plus p/q built from random logits through `logits_to_probs` at several temperatures,
-top-k and top-p, and one end-to-end run through `generate` with a tiny model. Every broken
-variant (monkeypatched helper) must fail the same test.
+Same harness as tests/test_rejection.py (tests/chisq.py: a synthetic Markov language over V=8
+tokens, ~30k trials verified in one batched call, chi-square of the emitted tokens against the
+target's exact law), plus p/q built from random logits through `logits_to_probs` at several
+temperatures, top-k and top-p, and one end-to-end run through `generate` with a tiny model.
+Every broken variant (monkeypatched helper) must fail the same test.
 """
 
 from __future__ import annotations
@@ -12,16 +12,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_rejection import V, chi2_pvalue, draw_trees, emitted, make_case, pvalues, rows_for
+from chisq import (
+    ALPHA, E2E_PROMPT, POWER, draw_trees, e2e_pair, emitted, exact_joint, logit_case, make_case, pvalue, pvalues, rows_for,
+    sample_counts,
+)
 from treespec.acceptance import traversal
 from treespec.acceptance.rejection import rejection_accept
-from treespec.acceptance.sampling import SamplingConfig, logits_to_probs
+from treespec.acceptance.sampling import SamplingConfig
 from treespec.acceptance.traversal import postorder_keys, traversal_accept
 from treespec.tree.topology import TreeTopology
 
 TRIALS = 30_000
-ALPHA = 1e-3
-POWER = 1e-6
 
 TREES = {
     "chain3": TreeTopology.from_widths([1, 1, 1]),
@@ -31,16 +32,6 @@ TREES = {
     # irregular: a wide root, one deep branch, one bushy branch
     "irregular": TreeTopology.from_parents([-1, 0, 0, 0, 1, 1, 2, 4, 4, 7]),
 }
-
-
-def logit_case(cfg: SamplingConfig, seed: int):
-    """(p1, p2, q1, q2) from random logits processed by `cfg` (q: the target's logits plus noise,
-    as a draft model's would be)."""
-    gen = torch.Generator().manual_seed(seed)
-    tl = 2.0 * torch.randn(V + 1, V, generator=gen)
-    dl = tl + 1.5 * torch.randn(V + 1, V, generator=gen)
-    p, q = logits_to_probs(tl, cfg), logits_to_probs(dl, cfg)
-    return p[0], p[1:], q[0], q[1:]
 
 
 def run(topo, dists, without_replacement, seed, trials=TRIALS, verifier=traversal_accept):
@@ -227,20 +218,9 @@ def test_no_data_dependent_ops():
 
 
 def test_generate_with_traversal_follows_the_target():
-    import treespec
-    from test_sampling_e2e import PROMPT, exact_joint, pvalue
-    from treespec.testing import tiny_model
-
-    target = tiny_model(11, vocab_size=V, init_std=0.15)
-    draft = tiny_model(12, vocab_size=V, hidden_size=16, num_layers=1, init_std=0.15)
+    target, draft = e2e_pair()
     cfg = SamplingConfig(temperature=1.0, top_p=0.95)
-    g = torch.Generator().manual_seed(21)
-    counts = torch.zeros(V, V)
-    for _ in range(700):
-        out = treespec.generate(target, draft, PROMPT, max_new_tokens=2, tree=[3, 2], eos_token_id=[], temperature=1.0,
-                                top_p=0.95, generator=g, acceptance="traversal")
-        x1, x2 = out.sequences[0, PROMPT.shape[1]:].tolist()
-        counts[x1, x2] += 1
-    joint = exact_joint(target, cfg)
+    counts = sample_counts(target, draft, E2E_PROMPT, cfg, seed=21, draws=700, tree=[3, 2], acceptance="traversal").counts
+    joint = exact_joint(target, E2E_PROMPT, cfg)
     assert pvalue(counts.sum(1), joint.sum(1)) > ALPHA
     assert pvalue(counts, joint) > ALPHA

@@ -56,3 +56,47 @@ def tiny_pair(seed: int = 0, *, arch: str = "qwen2", **kwargs) -> tuple[PreTrain
     draft_kwargs = dict(kwargs, hidden_size=max(16, kwargs.get("hidden_size", 32) // 2), num_layers=1)
     draft = tiny_model(seed + 1000, arch=arch, **draft_kwargs)
     return target, draft
+
+
+def cycle_order(vocab_size: int, seed: int) -> list[int]:
+    """The token cycle of `tiny_cycle_model(seed, vocab_size=...)`: order[i] is followed by
+    order[(i + 1) % V] with high probability."""
+    return torch.randperm(vocab_size, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def tiny_cycle_model(
+    seed: int,
+    *,
+    vocab_size: int = 8,
+    confidence: float = 3.0,
+    noise: float = 0.5,
+    order_seed: int | None = None,
+) -> PreTrainedModel:
+    """A 2-layer Qwen2 whose next token depends on the current token only, and is mostly its
+    successor on a cycle through the whole vocabulary: an output that repeats with high
+    probability but not with certainty at temperature > 0 (the setting prompt lookup is for).
+
+    The attention and MLP output projections are zero, so the residual stream at every position
+    is the current token's embedding: one-hot (hidden size = V), which the final RMSNorm scales
+    to sqrt(V). lm_head then reads logits L[i] = confidence * onehot(succ(i)) + noise * N(0, 1)
+    (drawn from `seed`), so p(succ(i) | i) is about e^c / (e^c + V - 1) at temperature 1 (0.74
+    for c = 3, V = 8) and the other tokens get unequal, nonzero mass. The cycle is
+    `cycle_order(V, order_seed)` (order_seed defaults to seed): a second model with another
+    order_seed proposes the wrong successor with the same confidence (a useless draft), one with
+    the same order_seed and a lower confidence a useful one.
+    """
+    v = vocab_size
+    model = tiny_model(seed, vocab_size=v, hidden_size=v, num_heads=2, num_kv_heads=1)
+    order = cycle_order(v, seed if order_seed is None else order_seed)
+    succ = torch.empty(v, dtype=torch.long)
+    succ[order] = torch.tensor(order[1:] + order[:1])
+    gen = torch.Generator().manual_seed(seed + 1)
+    logits = noise * torch.randn(v, v, generator=gen)  # (V, V) row i: logits after token i
+    logits[torch.arange(v), succ] += confidence
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.copy_(torch.eye(v))
+        model.lm_head.weight.copy_(logits.T / v**0.5)  # the final norm scales the one-hot to sqrt(V)
+    return model

@@ -15,8 +15,8 @@ from transformers import PreTrainedModel
 
 from treespec.engine.calibrate import resolve_auto
 from treespec.engine.checks import (
-    check_max_new_tokens, check_method, check_overlap, check_pair, check_prompt, check_prompt_for, eos_ids,
-    generator_for,
+    check_lookup, check_max_new_tokens, check_method, check_overlap, check_pair, check_prompt, check_prompt_for,
+    eos_ids, generator_for,
 )
 from treespec.drafting.ahead import AheadPlan, OverlapConfig, resolve_overlap
 from treespec.drafting.lookup import LookupDrafter, resolve_lookup
@@ -107,12 +107,7 @@ def stream(
     spec, max_new_tokens = _check_and_resolve(target, draft, input_ids, max_new_tokens, method, tree)
     check_acceptance(acceptance, spec.topology if isinstance(spec, StaticTree) else spec)
     lookup_config = resolve_lookup(lookup)
-    if lookup_config is not None and not spec.has_drafts:
-        raise ValueError("lookup=True merges context n-gram branches into a draft model's tree; "
-                         "use method='tree' or 'linear' with a draft model")
-    if lookup_config is not None and not sampling.greedy and acceptance != "rejection":
-        raise ValueError(f"lookup branches are verified as point masses by acceptance='rejection' only; "
-                         f"acceptance={acceptance!r} does not handle them: use acceptance='rejection' or lookup=False")
+    check_lookup(lookup_config, has_drafts=spec.has_drafts, greedy=sampling.greedy, acceptance=acceptance)
     overlap_config = resolve_overlap(overlap)
     check_overlap(overlap_config, spec, lookup_config)
     if sampling.greedy:

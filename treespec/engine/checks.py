@@ -72,6 +72,19 @@ def check_prompt(input_ids) -> None:
         raise ValueError("the prompt is empty: give at least one token (e.g. the BOS token or a chat template)")
 
 
+def check_lookup(lookup_config: object | None, *, has_drafts: bool, greedy: bool, acceptance: str) -> None:
+    """lookup (a resolved LookupConfig, None when off) can run: its branches join a draft model's
+    tree, and when sampling only token-level rejection verifies them (as point masses)."""
+    if lookup_config is None:
+        return
+    if not has_drafts:
+        raise ValueError("lookup=True merges context n-gram branches into a draft model's tree; "
+                         "use method='tree' or 'linear' with a draft model")
+    if not greedy and acceptance != "rejection":
+        raise ValueError(f"lookup branches are verified as point masses by acceptance='rejection' only; "
+                         f"acceptance={acceptance!r} does not handle them: use acceptance='rejection' or lookup=False")
+
+
 def vocab_size(model: PreTrainedModel) -> int:
     """Rows of the model's output embedding: the ids it has a logit for."""
     return model.get_output_embeddings().weight.shape[0]
