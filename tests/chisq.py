@@ -169,14 +169,19 @@ def e2e_pair():
     return target, draft
 
 
-def exact_joint(target, prompt: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
-    """p(x1) p(x2 | x1) after `prompt` (1, T), from the target's logits: FloatTensor (V, V)."""
+def exact_joint(target, prompt: torch.Tensor, cfg: SamplingConfig, tokens: int = 2) -> torch.Tensor:
+    """p(x1) p(x2 | x1) ... p(x_n | x_<n) after `prompt` (1, T) for n = `tokens`, from the
+    target's logits: FloatTensor (V,) * n (V^(n-1) prefixes are scored, so keep n small)."""
     with torch.no_grad():
-        p1 = logits_to_probs(target(prompt).logits[0, -1], cfg)  # (V,)
-        v = p1.shape[0]
-        seqs = torch.cat([prompt.repeat(v, 1), torch.arange(v)[:, None]], dim=1)  # (V, T+1)
-        p2 = logits_to_probs(target(seqs).logits[:, -1], cfg)  # (V, V)
-    return p1[:, None] * p2
+        joint = logits_to_probs(target(prompt).logits[0, -1], cfg)  # (V,)
+        v = joint.shape[0]
+        seqs = prompt  # (V^(k-1), T+k-1): every continuation of k-1 tokens
+        for _ in range(tokens - 1):
+            n = seqs.shape[0]
+            seqs = torch.cat([seqs.repeat_interleave(v, 0), torch.arange(v).repeat(n)[:, None]], dim=1)
+            nxt = logits_to_probs(target(seqs).logits[:, -1], cfg)  # (V^k, V)
+            joint = (joint.reshape(-1, 1) * nxt.view(n, v, v).reshape(n * v, v)).view(*joint.shape, v)
+    return joint
 
 
 @contextmanager
@@ -200,6 +205,7 @@ class Samples:
     counts: torch.Tensor
     accepted_from_model: int
     accepted_from_lookup: int
+    ahead_hits: int = 0  # steps whose next tree was drafted ahead (overlap=...)
 
 
 def sample_counts(target, draft, prompt: torch.Tensor, cfg: SamplingConfig, *, seed: int, draws: int,
@@ -210,7 +216,7 @@ def sample_counts(target, draft, prompt: torch.Tensor, cfg: SamplingConfig, *, s
     g = torch.Generator().manual_seed(seed)
     v = target.get_output_embeddings().weight.shape[0]
     counts = torch.zeros((v,) * new_tokens)
-    from_model = from_lookup = 0
+    from_model = from_lookup = hits = 0
     t = prompt.shape[1]
     with one_thread():
         for _ in range(draws):
@@ -219,4 +225,5 @@ def sample_counts(target, draft, prompt: torch.Tensor, cfg: SamplingConfig, *, s
             counts[tuple(out.sequences[0, t:].tolist())] += 1
             from_model += out.stats.accepted_from_model
             from_lookup += out.stats.accepted_from_lookup
-    return Samples(counts, from_model, from_lookup)
+            hits += out.stats.ahead_hits
+    return Samples(counts, from_model, from_lookup, hits)

@@ -322,6 +322,9 @@ class BenchConfig:
     results_file: name of the JSON written in the run's output directory.
     lookup: merge prompt-lookup branches into the tree (treespec.LookupConfig's defaults;
         methods tree and linear only; docs/lookup.md).
+    overlap: draft the next tree's first levels while the target verifies
+        (treespec.OverlapConfig's defaults; methods tree and linear with a static tree;
+        docs/overlap.md).
     interleave: methods to run prompt by prompt, back to back (e.g. [autoregressive, linear,
         tree, hf_assisted]); empty = just `method`. Each method still gets its own cell and
         results file (in <run dir>/<method>/), but its prompts run right next to the other
@@ -344,6 +347,7 @@ class BenchConfig:
     results_file: str = "results.json"
     interleave: List[str] = field(default_factory=list)
     lookup: bool = False
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         _int("max_new_tokens", self.max_new_tokens, 1)
@@ -351,6 +355,11 @@ class BenchConfig:
             raise ConfigError(f"lookup must be true or false, got {self.lookup!r}")
         if self.lookup and {self.method.name, *self.interleave} - {"tree", "linear"}:
             raise ConfigError("lookup=true needs treespec's draft tree: use method (or interleave) tree and/or linear only")
+        if not isinstance(self.overlap, bool):
+            raise ConfigError(f"overlap must be true or false, got {self.overlap!r}")
+        if self.overlap and {self.method.name, *self.interleave} - {"tree", "linear"}:
+            raise ConfigError("overlap=true drafts ahead below treespec's tree: use method (or interleave) tree and/or "
+                              "linear only")
         for i, m in enumerate(self.interleave):
             _choice(f"interleave[{i}]", m, METHODS)
         if len(set(self.interleave)) != len(self.interleave):

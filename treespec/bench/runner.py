@@ -204,6 +204,7 @@ def _generate_treespec(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, ma
         eos_token_id=[] if cfg.ignore_eos else None,
         attention=_backend(cfg, pair, ids, max_new),
         lookup=cfg.lookup,
+        overlap=cfg.overlap and method != "autoregressive",
         **kwargs,
     )
     st = result.stats
@@ -366,6 +367,7 @@ def cell_info(cfg: BenchConfig) -> dict:
         "offset": cfg.dataset.offset,
         "ignore_eos": cfg.ignore_eos,
         "lookup": cfg.lookup,
+        "overlap": cfg.overlap,
     }
 
 
