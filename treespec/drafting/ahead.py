@@ -23,7 +23,8 @@ on what was drawn below c. So, given the root, the resumed tree has the law of a
 The ahead part is one extended topology T' (T, then the guesses, then the next tree's levels)
 with explicit scratch offsets; `AheadPlan` holds its index tables, built once per generation.
 Dimension letters: docs/dimensions.md (N nodes of T, D its depth, F_j nodes of T's level j,
-E end points, K guesses per end point, G = E * K guesses, R retained entries, V vocabulary).
+E end points, K here the guesses per end point, G = E * K guesses, R retained entries, V
+vocabulary).
 """
 
 from __future__ import annotations
