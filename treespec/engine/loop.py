@@ -176,7 +176,8 @@ class SpeculativeEngine:
 
     # ------------------------------------------------------------------ one step
     def step(self) -> StepResult:
-        """Draft, verify, accept, commit; returns the tokens this step emitted."""
+        """Draft, verify, (with overlap: draft ahead beside the verification), accept, commit;
+        returns the tokens this step emitted."""
         root_pos = self.length - 1
         with self.stopwatch("time_draft"):
             tree = self.draft(root_pos)
