@@ -67,7 +67,7 @@ def resolve_overlap(overlap: bool | OverlapConfig | None) -> OverlapConfig | Non
         return OverlapConfig()
     if isinstance(overlap, OverlapConfig):
         return overlap
-    raise ValueError(f"overlap must be True, False or an OverlapConfig, got {overlap!r}")
+    raise TypeError(f"overlap must be True, False or a treespec.OverlapConfig, got {type(overlap).__name__}")
 
 
 @dataclass(frozen=True)

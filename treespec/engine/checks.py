@@ -181,15 +181,15 @@ def check_overlap(config: OverlapConfig | None, spec, lookup_config) -> None:
     spec: the resolved tree policy; lookup_config: LookupConfig | None."""
     if config is None:
         return
-    if isinstance(spec, AutoTreeConfig):  # resolves to a static tree (or the target alone: nothing to draft ahead)
-        pass
-    elif not isinstance(spec, StaticTree) or not spec.has_drafts:
+    # tree='auto' resolves to a static tree, or to the target alone (then nothing is drafted ahead)
+    static = isinstance(spec, StaticTree) and spec.has_drafts
+    if not static and not isinstance(spec, AutoTreeConfig):
         kind = type(spec).__name__ if not isinstance(spec, StaticTree) else "the target alone"
         raise ArgumentError("overlap", f"overlap=True drafts ahead below a static tree (widths, a preset, a TreeTopology, or "
                          f"method='linear'); this generation uses {kind}: pass a static tree or overlap=False")
     if lookup_config is not None:
         raise ArgumentError("overlap", "overlap=True and lookup=True cannot be combined yet (lookup branches change the tree "
                          "every step); use one of them")
-    if isinstance(spec, StaticTree) and config.levels > spec.topology.max_depth:
+    if static and config.levels > spec.topology.max_depth:
         raise ArgumentError("overlap", f"OverlapConfig(levels={config.levels}) exceeds the tree's depth "
                          f"{spec.topology.max_depth}; use levels <= {spec.topology.max_depth}")
