@@ -200,7 +200,7 @@ def test_compiled_graph_forward_matches_eager_bf16(backend_name, size):
 
 @pytest.mark.parametrize("backend_name", ["sdpa", "flash"])
 @pytest.mark.parametrize("compile", [False, True])
-@pytest.mark.parametrize("tree,overlap", [("chain-4", {"levels": 2}), ([4, 2, 2, 1], {"leaves": 2})])
+@pytest.mark.parametrize("tree,overlap", [("chain-4", {"levels": 2}), ([4, 2, 2, 1], {"leaves": 2}), ("dynamic", {"leaves": 2})])
 def test_overlap_on_a_second_stream_keeps_greedy_output(backend_name, compile, tree, overlap):
     """Drafting ahead on a second CUDA stream, inside CUDA graphs (compiled or not): fp32 output
     is the target's own greedy output, with a draft that is always right (every step hits) and

@@ -142,6 +142,7 @@ def test_implementations_follow_the_protocols():
     from treespec.backends.flash import FlashBackend, reference_prefix_attention
     from treespec.backends.sdpa import SdpaBackend
     from treespec.backends.static_cache import StaticSdpaBackend
+    from treespec.drafting.ahead import AheadDrafter
     from treespec.drafting.base import Drafter, GreedyProposer
     from treespec.drafting.policy import TreePolicy, resolve_policy
     from treespec.stats import GenerationStats
@@ -158,4 +159,5 @@ def test_implementations_follow_the_protocols():
         assert isinstance(policy, TreePolicy), type(policy).__name__
         drafter = policy.make_drafter(model, SdpaBackend(), SdpaBackend().make_cache(model, 64), GreedyProposer(), GenerationStats())
         assert isinstance(drafter, Drafter), type(drafter).__name__
+        assert isinstance(drafter, AheadDrafter) == (tree != "adaptive"), type(drafter).__name__  # overlap=
     assert not isinstance(torch.zeros(1), TreeCache)  # the check can fail

@@ -9,6 +9,7 @@ import treespec
 from treespec.acceptance.sampling import SamplingConfig
 from treespec.drafting.ahead import AheadPlan, OverlapConfig
 from treespec.drafting.base import GreedyProposer
+from treespec.drafting.dynamic import DynamicDrafter, DynamicTreeConfig
 from treespec.drafting.static import TreeDrafter
 from treespec.engine.checks import ArgumentError
 from treespec.engine.loop import SpeculativeEngine
@@ -40,6 +41,8 @@ CASES = [
     ("linear", "chain-4", OverlapConfig()),
     ("linear", "chain-4", OverlapConfig(levels=3)),
     ("tree", [4], OverlapConfig(candidates=1)),
+    ("tree", "dynamic", OverlapConfig()),
+    ("tree", DynamicTreeConfig(width=2, children=3, depth=3, budget=8), OverlapConfig(leaves=3, candidates=2)),
 ]
 
 
@@ -57,9 +60,10 @@ def test_greedy_output_is_the_targets_with_overlap(target, drafts, method, tree,
     assert st.ahead_steps == len(st.accepted_lengths)
     # every hit saves `levels` forwards of the next step (none after the last step)
     assert st.draft_forwards_saved in (st.ahead_hits * config.levels, (st.ahead_hits - 1) * config.levels)
-    if draft_kind == "self":  # drafts always right: every step accepts the whole depth and hits
-        depth = len(st.accepted_ranks[0])
-        assert all(a == depth for a in st.accepted_lengths[:-1])
+    if draft_kind == "self":  # drafts always right: the draft's own path is accepted, and every step hits
+        if not isinstance(tree, (DynamicTreeConfig, str)):  # a static tree: down to its whole depth
+            depth = len(st.accepted_ranks[0])
+            assert all(a == depth for a in st.accepted_lengths[:-1])
         assert st.ahead_hits >= len(st.accepted_lengths) - 1
     if draft_kind == "unrelated":
         assert st.ahead_hit_rate < 0.5
@@ -75,7 +79,7 @@ def test_a_hit_skips_the_drafted_levels_on_the_critical_path(target):
     assert st.draft_forwards_ahead == 4 * st.ahead_steps  # end point, guesses, next levels 1 and 2
 
 
-def record_trees(target, draft, overlap):
+def record_trees(target, draft, overlap, tree):
     """Every step's drafted tree (tokens, q logits) of a greedy run."""
     trees, real = [], SpeculativeEngine.draft
 
@@ -86,24 +90,35 @@ def record_trees(target, draft, overlap):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(SpeculativeEngine, "draft", draft_and_record)
-        treespec.generate(target, draft, PROMPT, max_new_tokens=NEW, tree=[2, 2, 1], eos_token_id=[], overlap=overlap)
+        treespec.generate(target, draft, PROMPT, max_new_tokens=NEW, tree=tree, eos_token_id=[], overlap=overlap)
     return trees
 
 
-def resumed_trees_match_fresh_ones(target, draft) -> bool:
+DYNAMIC = DynamicTreeConfig(width=2, children=3, depth=3, budget=8)
+
+
+def resumed_trees_match_fresh_ones(target, draft, tree=(2, 2, 1)) -> bool:
     """Greedy drafts are deterministic, so a run with overlap drafts the very trees of a run
     without it, step by step; on resumed steps their levels come from the ahead work and from
     the retained cache entries, and must still equal the fresh ones (tokens, and q up to
     float rounding)."""
-    fresh = record_trees(target, draft, False)
-    ahead = record_trees(target, draft, OverlapConfig(leaves=2, candidates=3, levels=2))
+    overlap = OverlapConfig(leaves=2, candidates=3, levels=1 if tree is DYNAMIC else 2)
+    fresh = record_trees(target, draft, False, list(tree) if tree is not DYNAMIC else tree)
+    ahead = record_trees(target, draft, overlap, list(tree) if tree is not DYNAMIC else tree)
     return len(fresh) == len(ahead) and all(
         torch.equal(t0, t1) and torch.allclose(q0, q1, atol=1e-4) for (t0, q0), (t1, q1) in zip(fresh, ahead))
 
 
+@pytest.mark.parametrize("tree", [(2, 2, 1), DYNAMIC], ids=["static", "dynamic"])
 @pytest.mark.parametrize("draft_kind", ["self", "partial"])
-def test_resumed_trees_equal_freshly_drafted_ones(target, drafts, monkeypatch, draft_kind):
-    assert resumed_trees_match_fresh_ones(target, drafts[draft_kind])
+def test_resumed_trees_equal_freshly_drafted_ones(target, drafts, draft_kind, tree):
+    assert resumed_trees_match_fresh_ones(target, drafts[draft_kind], tree)
+
+
+def test_a_dynamic_resume_from_the_wrong_guess_fails_the_same_check(target, drafts, monkeypatch):
+    real = DynamicDrafter.resume
+    monkeypatch.setattr(DynamicDrafter, "resume", lambda self, guess: real(self, (guess + 1) % self.plan.num_guesses))
+    assert not resumed_trees_match_fresh_ones(target, drafts["self"], DYNAMIC)
 
 
 @pytest.mark.parametrize("bug", ["wrong_guess_restored", "retained_entries_shifted", "nothing_retained"])
@@ -132,9 +147,11 @@ def test_a_broken_resume_fails_the_same_check(target, drafts, monkeypatch, bug):
 
 
 def test_unsupported_overlap_fails_before_any_work(target):
-    for tree, method in [("dynamic", "tree"), ("adaptive", "tree"), (None, "autoregressive")]:
+    for tree, method in [("adaptive", "tree"), (None, "autoregressive")]:
         with pytest.raises(ArgumentError, match="static tree"):
             treespec.generate(target, target, PROMPT, max_new_tokens=4, method=method, tree=tree, overlap=True)
+    with pytest.raises(ArgumentError, match="one level"):
+        treespec.generate(target, target, PROMPT, max_new_tokens=4, tree="dynamic", overlap=OverlapConfig(levels=2))
     with pytest.raises(ArgumentError, match="lookup"):
         treespec.generate(target, target, PROMPT, max_new_tokens=4, tree=[2, 1], overlap=True, lookup=True)
     with pytest.raises(ArgumentError, match="levels <= 2"):
@@ -165,10 +182,12 @@ def pvalues(counts, exact) -> list[float]:
     return [pvalue(counts.sum(2), exact.sum(2)), pvalue(counts.sum(0), exact.sum(0))]
 
 
-OVERLAP_CASES = [([1], SamplingConfig(temperature=1.0)), ([2, 1], SamplingConfig(temperature=0.8, top_k=6))]
+SMALL_DYNAMIC = DynamicTreeConfig(width=1, children=2, depth=1, budget=2)  # a hit at depth 1: the 3rd token is resumed
+OVERLAP_CASES = [([1], SamplingConfig(temperature=1.0)), ([2, 1], SamplingConfig(temperature=0.8, top_k=6)),
+                 (SMALL_DYNAMIC, SamplingConfig(temperature=1.0))]
 
 
-@pytest.mark.parametrize("tree,cfg", OVERLAP_CASES, ids=["chain1-T1", "tree21-T0.8-k6"])
+@pytest.mark.parametrize("tree,cfg", OVERLAP_CASES, ids=["chain1-T1", "tree21-T0.8-k6", "dynamic-T1"])
 def test_sampled_tokens_follow_the_target_with_overlap(small, tree, cfg):
     target, draft = small
     samples = sample_triples(target, draft, tree, cfg, seed=3)
@@ -178,7 +197,8 @@ def test_sampled_tokens_follow_the_target_with_overlap(small, tree, cfg):
 
 def test_ahead_drafts_that_are_not_draws_from_q_fail_the_same_test(small, monkeypatch):
     """A broken variant: the ahead work proposes the draft's top-k at T > 0 (forgetting to
-    sample), while verification treats them as draws from q."""
+    sample), while verification treats the next tree's first level drafted below the guess
+    as draws from q."""
     real = TreeDrafter.draft_ahead
 
     def greedy_ahead(self, root_pos):
@@ -192,4 +212,27 @@ def test_ahead_drafts_that_are_not_draws_from_q_fail_the_same_test(small, monkey
     target, draft = small
     cfg = SamplingConfig(temperature=1.0)
     samples = sample_triples(target, draft, [1], cfg, seed=4, draws=1500)  # 800 gave p = 2e-6
+    assert min(pvalues(samples.counts, exact_joint(target, E2E_PROMPT, cfg, tokens=3))) < POWER
+
+
+def test_a_dynamic_resume_that_drafts_greedily_fails_the_same_test(small, monkeypatch):
+    """A dynamic tree drafts only its next root ahead, so top-k guesses would not be a bug there
+    (a guess is used only when it equals the target's token, and nothing drafted below it is
+    verified). A broken variant that is: the resumed step proposes its tree's children by the
+    draft's top-k at T > 0, while verification treats them as draws from q."""
+    real = DynamicDrafter.draft
+
+    def greedy_when_resumed(self, pending, root_pos):
+        if self._resume is None:
+            return real(self, pending, root_pos)
+        proposer, self.proposer = self.proposer, GreedyProposer()
+        try:
+            return real(self, pending, root_pos)
+        finally:
+            self.proposer = proposer
+
+    monkeypatch.setattr(DynamicDrafter, "draft", greedy_when_resumed)
+    target, draft = small
+    cfg = SamplingConfig(temperature=1.0)
+    samples = sample_triples(target, draft, SMALL_DYNAMIC, cfg, seed=4)
     assert min(pvalues(samples.counts, exact_joint(target, E2E_PROMPT, cfg, tokens=3))) < POWER

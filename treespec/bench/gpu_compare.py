@@ -51,6 +51,7 @@ METHODS = [
     ("tree text-H200", "tree", TEXT_TREE, None, False),
     ("tree text-H200 + overlap", "tree", TEXT_TREE, OverlapConfig(leaves=3), False),
     ("dynamic tree", "tree", "dynamic", None, False),
+    ("dynamic tree + overlap", "tree", "dynamic", OverlapConfig(leaves=2), False),
 ]
 HF = [  # (label, generate kwargs beyond greedy decoding; "draft" is replaced by the draft model)
     ("hf generate", {}),
@@ -160,14 +161,16 @@ def run(args) -> None:
     backends = {c: GraphedBackend(StaticSdpaBackend(), min_capacity=capacity, compile=c, compile_backend=compiler)
                 for c in (False, True)}
     short = prompts["humaneval"][0]["ids"][:64]
+    methods = [m for m in METHODS if args.methods is None or m[0] == REFERENCE or m[0] in args.methods.split(",")]
+    hf_methods = [h for h in HF if args.methods is None or h[0] in args.methods.split(",")]
     warm = {}
-    for spec in METHODS:  # warm-up: capture (and compile) every shape once, untimed
+    for spec in methods:  # warm-up: capture (and compile) every shape once, untimed
         t0 = time.perf_counter()
         run_ours(target, draft, short, spec, backends[spec[4]], 32, [])
         warm[spec[0]] = time.perf_counter() - t0
         print(f"  warm-up {spec[0]:32s} {warm[spec[0]]:6.1f} s", flush=True)
     hf = []
-    for label, kwargs in HF:  # a baseline that fails (a transformers version without it) is reported, not fatal
+    for label, kwargs in hf_methods:  # a baseline that fails (a transformers version without it) is reported, not fatal
         t0 = time.perf_counter()
         try:
             run_hf(target, draft, short, kwargs, 16, eos)
@@ -186,16 +189,17 @@ def run(args) -> None:
                 stopped = f"deadline reached before {dname} prompt {i}"
                 break
             row = results.setdefault(dname, {})
-            for spec in METHODS:
+            for spec in methods:
                 row.setdefault(spec[0], []).append(run_ours(target, draft, p["ids"], spec, backends[spec[4]], args.new_tokens, eos))
             if i < args.hf_prompts:
                 for label, kwargs in hf:
                     row.setdefault(label, []).append(run_hf(target, draft, p["ids"], kwargs, args.new_tokens, eos))
-            ar, ov = row[REFERENCE][-1], row["tree [4,2,2,1] + overlap"][-1]
-            print(f"  {dname} {p['id']}: AR {ar['new'] / ar['seconds']:.0f} tok/s, tree+overlap "
-                  f"{ov['new'] / ov['seconds']:.0f} tok/s ({time.perf_counter() - t_start:.0f} s)", flush=True)
+            last = {label: rows[-1] for label, rows in row.items() if label in (REFERENCE, methods[-1][0])}
+            rates = ", ".join(f"{label} {r['new'] / r['seconds']:.0f} tok/s" for label, r in last.items())
+            print(f"  {dname} {p['id']}: {rates} ({time.perf_counter() - t_start:.0f} s)", flush=True)
             save(results, prompts, target, warm, args, stopped)
-    for i, p in enumerate(prompts["mtbench"][: args.sampled_prompts] if "mtbench" in args.datasets else []):
+    sampled = prompts["mtbench"][: args.sampled_prompts] if "mtbench" in args.datasets and args.methods is None else []
+    for i, p in enumerate(sampled):
         if time.perf_counter() - t_start > args.deadline:
             stopped = stopped or "deadline reached in the temperature-0.7 rows"
             break
@@ -235,6 +239,8 @@ def main() -> None:
     r.add_argument("--new-tokens", type=int, default=256)
     r.add_argument("--hf-prompts", type=int, default=3)
     r.add_argument("--sampled-prompts", type=int, default=5)
+    r.add_argument("--methods", default=None, help="comma-separated labels of METHODS / HF to run (default: all; "
+                   "the graphed autoregressive reference always runs; the T0.7 rows only run with all)")
     r.add_argument("--deadline", type=float, default=480.0, help="seconds after loading; later prompts are skipped")
     args = ap.parse_args()
     make_prompts(args) if args.cmd == "prompts" else run(args)

@@ -30,6 +30,7 @@ vocabulary).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -68,6 +69,55 @@ def resolve_overlap(overlap: bool | OverlapConfig | None) -> OverlapConfig | Non
     if isinstance(overlap, OverlapConfig):
         return overlap
     raise TypeError(f"overlap must be True, False or a treespec.OverlapConfig, got {type(overlap).__name__}")
+
+
+@dataclass
+class AheadWork:
+    """What one step's ahead work leaves for its commit (device tensors of this step).
+
+    end_nodes: LongTensor (E,) node ids, in this step's tree, of the end points (-1: none).
+    tokens / valid: LongTensor / BoolTensor (G,) the guesses, end-point-major (K per end point).
+    hit_slots: LongTensor (G, 1 + R) scratch offsets a hit with guess g keeps: the guess (the
+        next root), then the next tree's drafted entries, in the order its drafting wants them.
+    retain: R. forwards: draft forwards the ahead work ran. saved: draft forwards a hit saves
+        the next step (its feed forward and the drafted levels' forwards).
+    """
+
+    end_nodes: torch.Tensor
+    tokens: torch.Tensor
+    valid: torch.Tensor
+    hit_slots: torch.Tensor
+    retain: int
+    forwards: int
+    saved: int
+
+
+def ahead_hit(work: AheadWork, path: torch.Tensor, num_accepted: torch.Tensor,
+              next_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """On the device: did verification end at an end point, with a guessed next token?
+
+    path: LongTensor (D+1,) the accepted path (node ids, padding past num_accepted).
+    Returns (hit BoolTensor (), guess LongTensor () index of the matching guess, 0 on a miss)."""
+    e = work.end_nodes.shape[0]
+    last = path.gather(0, num_accepted.view(1))  # (1,) the node the path ends at
+    at_end = work.end_nodes == last  # (E,)
+    match = (work.tokens.view(e, -1) == next_token) & work.valid.view(e, -1) & at_end[:, None]  # (E, K)
+    match = match.flatten()  # (G,)
+    hit = match.any()
+    return hit, torch.where(hit, match.int().argmax(), 0)
+
+
+@runtime_checkable
+class AheadDrafter(Protocol):
+    """A drafter that can draft ahead (`TreeDrafter`, `DynamicDrafter`): the engine queues
+    `draft_ahead` beside the verification, and `resume`s the drafter after a hit."""
+
+    def draft_ahead(self, root_pos: int) -> AheadWork:
+        """Below the tree just drafted: end points, guesses, and the next tree's first levels."""
+
+    def resume(self, guess: torch.Tensor) -> None:
+        """The next step starts from guess `guess` (LongTensor (1,)), whose drafted-ahead
+        entries the commit kept as `hit_slots[guess]`."""
 
 
 @dataclass(frozen=True)
@@ -164,18 +214,3 @@ class AheadPlan:
         for n, a in enumerate(anc):
             mask[n, [x for x in a if x < s]] = True
         return AheadGroup(parent_row.to(device), rank.to(device), mask.to(device), depth, width, runs)
-
-    def hit(self, path: torch.Tensor, num_accepted: torch.Tensor, next_token: torch.Tensor,
-            guesses: torch.Tensor, guesses_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """On the device: did verification end at an end point with a guessed next token?
-
-        path: LongTensor (D+1,) accepted path (node ids of T, padding past num_accepted).
-        guesses / guesses_valid: (G,) the guesses drafted ahead.
-        Returns (hit BoolTensor (), guess LongTensor () index of the matching guess, 0 on a miss)."""
-        d, k = self.topo.max_depth, self.config.candidates
-        e = path[d] - self.leaf_nodes[0]  # () end point index, when the whole depth was accepted
-        at_leaf = (num_accepted == d) & (e >= 0) & (e < self.num_leaves)
-        rows = (e.clamp(0, self.num_leaves - 1) * k + torch.arange(k, device=path.device))  # (K,)
-        match = (guesses[rows] == next_token) & guesses_valid[rows]  # (K,)
-        hit = at_leaf & match.any()
-        return hit, torch.where(hit, rows[match.int().argmax()], 0)

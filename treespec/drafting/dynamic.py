@@ -17,8 +17,14 @@ allocated with the drafter and reset every step; the tree assembled from the cho
 (`_tree`: its structure tensors, N of each, and its (N, V) draft logits) is built anew each step,
 since its content is that step's choice.
 
+With overlap (drafting/ahead.py) the drafter drafts ahead one level: the E best-scored leaves
+of the step's tree are the end points; the draft runs them, proposes K guesses below each, and
+runs the guesses. On a hit the guess's KV entry becomes the next root's, and its q row is that
+root's q: the next step skips its feed forward and expands from there, exactly as a fresh step
+would (its tree only depends on the root's q and the proposer's draws).
+
 Dimension letters: docs/dimensions.md; W frontier width, K children per expanded node,
-P candidate pool (K + (D-1) W K).
+P candidate pool (K + (D-1) W K); with overlap E end points, G = E K guesses.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import torch
 from transformers import PreTrainedModel
 
 from treespec.backends.base import Backend, TreeCache
+from treespec.drafting.ahead import AheadWork, OverlapConfig
 from treespec.drafting.base import (
     ChildProposer, Drafter, DraftTree, SampledProposer, TreeConfigError, check_count, feed_pending,
 )
@@ -77,6 +84,33 @@ class DynamicTreeConfig:
                      proposer: ChildProposer, stats: GenerationStats) -> Drafter:
         return DynamicDrafter(model, self, backend, cache, proposer)
 
+    def ahead_plan(self, config: OverlapConfig, device: torch.device) -> DynamicAheadPlan:
+        """How this policy drafts ahead (overlap=); engine/checks.py admits levels=1 only."""
+        return DynamicAheadPlan(self, config, device)
+
+
+class DynamicAheadPlan:
+    """The fixed tables of drafting ahead one level below a dynamic tree (built once).
+
+    Scratch layout of the draft cache after a step's drafting and ahead work:
+        [(D-1) W frontier entries | E end points | G guesses]
+    """
+
+    def __init__(self, tree: DynamicTreeConfig, config: OverlapConfig, device: torch.device):
+        if config.levels != 1:
+            raise TreeConfigError("levels", f"a dynamic tree drafts ahead one level (the next root), "
+                                  f"got OverlapConfig(levels={config.levels}): use levels=1")
+        self.config = config
+        self.leaves, self.candidates = e, k = config.leaves, config.candidates
+        self.num_guesses = g = e * k
+        self.run = run = (tree.depth - 1) * tree.width  # the frontiers' scratch entries
+        self.end_slots = torch.arange(run, run + e, device=device)  # (E,)
+        self.hit_slots = torch.arange(run + e, run + e + g, device=device)[:, None]  # (G, 1): the guess only
+        self.slots_used = e + g
+        self.forwards = 2  # the end points, then the guesses
+        self.own_end = torch.eye(e, dtype=torch.bool, device=device)  # (E, E) each end point sees itself
+        self.own_guess = torch.eye(g, dtype=torch.bool, device=device)  # (G, G)
+
 
 class DynamicDrafter:
     """Expands a tree by cumulative draft probability under a fixed node budget."""
@@ -105,6 +139,12 @@ class DynamicDrafter:
         self._slot = torch.zeros(p, dtype=torch.long, device=device)  # (P,) draft scratch offset
         self._scratch_anc = torch.zeros(frontiers, frontiers, dtype=torch.bool, device=device)
         self._q_rows: torch.Tensor | None = None  # (1 + (D-1) W, V): root, then frontiers; made at the first step
+        self.plan: DynamicAheadPlan | None = None
+        self._resume: torch.Tensor | None = None  # (1,) guess the next tree's root is (drafted ahead)
+
+    def enable_ahead(self, plan: DynamicAheadPlan) -> None:
+        """Draft ahead by `plan` (the draft cache must hold its slots_used entries more)."""
+        self.plan = plan
 
     def describe(self) -> str:
         c = self.config
@@ -117,7 +157,11 @@ class DynamicDrafter:
     def draft(self, pending: torch.Tensor, root_pos: int) -> DraftTree:
         c, device = self.config, pending.device
         w, k = c.width, c.children
-        root_logits = feed_pending(self.backend, self.model, self.cache, pending, root_pos)  # (1, V)
+        if self._resume is not None:  # the root was run ahead, as a guess: its entry is cached
+            root_logits = self._guess_q.index_select(0, self._resume)  # (1, V)
+            self._resume = None
+        else:
+            root_logits = feed_pending(self.backend, self.model, self.cache, pending, root_pos)  # (1, V)
         if self._q_rows is None:
             self._q_rows = root_logits.new_zeros(1 + (c.depth - 1) * w, root_logits.shape[-1])
         tokens, valid, score = self._tokens.zero_(), self._valid.zero_(), self._score.fill_(-float("inf"))
@@ -159,14 +203,20 @@ class DynamicDrafter:
         else:
             # a child scores at most its parent; the depth term breaks ties towards parents
             chosen = (score - 1e-4 * self._pool_depth).topk(c.budget).indices.sort().values  # (B,)
-        return self._tree(pending[0, -1:], chosen, tokens, valid, parent, slot, q_rows)
+        n = chosen.shape[0] + 1
+        to_tree = torch.full((self.pool + 1,), -1, dtype=torch.long, device=device)  # pool index (+1) -> node
+        to_tree[0] = 0  # pool index -1 is the root
+        to_tree[chosen + 1] = torch.arange(1, n, device=device)
+        tree = self._tree(pending[0, -1:], chosen, to_tree, tokens, valid, parent, slot, q_rows)
+        if self.plan is not None:
+            self._choose_end_points(tree, chosen, to_tree)
+        return tree
 
-    def _tree(self, root, chosen, tokens, valid, parent, slot, q_rows) -> DraftTree:
-        """Assemble the DraftTree of the chosen pool entries (ascending pool index = level order)."""
+    def _tree(self, root, chosen, to_tree, tokens, valid, parent, slot, q_rows) -> DraftTree:
+        """Assemble the DraftTree of the chosen pool entries (ascending pool index = level order).
+        to_tree: LongTensor (P + 1,) node id of pool index i at i + 1 (the root at 0, -1: not chosen)."""
         c, device = self.config, tokens.device
         n = chosen.shape[0] + 1
-        to_tree = torch.full((self.pool + 1,), 0, dtype=torch.long, device=device)  # pool index (+1) -> node
-        to_tree[chosen + 1] = torch.arange(1, n, device=device)
         parents = torch.cat([torch.tensor([-1], device=device), to_tree[parent[chosen] + 1]])  # (N,) root = -1
         depth = torch.cat([torch.zeros(1, dtype=torch.long, device=device), self._pool_depth[chosen]])  # (N,)
         ranks = torch.cat([torch.zeros(1, dtype=torch.long, device=device), self._pool_rank[chosen]])  # (N,)
@@ -195,3 +245,53 @@ class DynamicDrafter:
         node_tokens = torch.cat([root, tokens[chosen]])
         node_valid = torch.cat([torch.ones(1, dtype=torch.bool, device=device), valid[chosen]])
         return DraftTree(structure=structure, tokens=node_tokens, valid=node_valid, q_logits=q_logits)
+
+    # ------------------------------------------------------------------ drafting ahead
+    def _choose_end_points(self, tree: DraftTree, chosen: torch.Tensor, to_tree: torch.Tensor) -> None:
+        """The end points: the draft's own path's leaf (rank 0 at every level, as a static
+        tree's first end point), then the best-scored leaves (the likeliest ends, as the draft
+        sees them). The tree marks them as run at the plan's end slots."""
+        plan, c = self.plan, self.config
+        in_tree = torch.zeros(self.pool, dtype=torch.bool, device=chosen.device)  # (P,)
+        in_tree[chosen] = True
+        # leaves of the tree: chosen, real, and no chosen child (an expanded node can be one at
+        # T = 0, when its children miss the budget: it is run again at its end slot)
+        has_child = torch.zeros(self.pool + 1, dtype=torch.bool, device=chosen.device)  # (P + 1,) root at 0
+        has_child[self._parent[chosen] + 1] = True
+        leaf = in_tree & self._valid & ~has_child[1:]  # (P,)
+        own_path, node = self._pool_rank == 0, self._parent  # (P,) each; walk up to the root
+        for _ in range(c.depth - 1):
+            own_path = own_path & ((node < 0) | (self._pool_rank[node.clamp(min=0)] == 0))
+            node = torch.where(node >= 0, self._parent[node.clamp(min=0)], node)
+        key = torch.where(leaf, self._score + 1e4 * own_path, -float("inf"))  # (P,) log q + a bonus
+        best = key.topk(plan.leaves)  # (E,)
+        self._end_pool, self._end_ok = best.indices, best.values > -float("inf")  # (E,) each
+        nodes = to_tree[best.indices + 1].clamp(min=0)  # (E,) not ok: the root, left as it is
+        draft_slot = tree.structure.draft_slot
+        draft_slot[nodes] = torch.where(self._end_ok, plan.end_slots, draft_slot[nodes])
+        self._end_nodes = torch.where(self._end_ok, nodes, -1)  # (E,)
+
+    def draft_ahead(self, root_pos: int) -> AheadWork:
+        """Run the end points, propose K guesses below each, run the guesses (AheadDrafter)."""
+        plan, k = self.plan, self.plan.candidates
+        ends = self._end_pool  # (E,) pool indices
+        parent = self._parent[ends]  # (E,) -1: the root
+        if plan.run:  # each sees its parent's frontier ancestors (none below the root)
+            seen = self._scratch_anc[self._slot[parent].clamp(min=0)] & (parent >= 0)[:, None]  # (E, (D-1) W)
+        else:  # depth 1: nothing was expanded
+            seen = plan.own_end[:, :0]  # (E, 0)
+        end_mask = torch.cat([seen, plan.own_end], dim=1)  # (E, (D-1) W + E)
+        ids = self._tokens[ends][None]  # (1, E)
+        pos = root_pos + self._pool_depth[ends][None]  # (1, E)
+        q_end = self.backend.forward(self.model, self.cache, ids, pos, end_mask)  # (E, V)
+        guesses, valid = self.proposer.propose(q_end, k)  # (E, K)
+        valid = valid & self._end_ok[:, None]
+        guess_mask = torch.cat([end_mask.repeat_interleave(k, dim=0), plan.own_guess], dim=1)  # (G, (D-1) W + E + G)
+        self._guess_q = self.backend.forward(self.model, self.cache, guesses.view(1, -1),
+                                             (pos + 1).repeat_interleave(k, dim=1), guess_mask)  # (G, V)
+        return AheadWork(end_nodes=self._end_nodes, tokens=guesses.flatten(), valid=valid.flatten(),
+                         hit_slots=plan.hit_slots, retain=0, forwards=plan.forwards, saved=1)
+
+    def resume(self, guess: torch.Tensor) -> None:
+        """The next root is guess `guess` (LongTensor (1,)): its q is known, its entry cached."""
+        self._resume = guess

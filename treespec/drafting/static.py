@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedModel
 
 from treespec.backends.base import Backend, TreeCache
-from treespec.drafting.ahead import AheadPlan
+from treespec.drafting.ahead import AheadPlan, AheadWork, OverlapConfig
 from treespec.drafting.base import ChildProposer, Drafter, DraftTree, feed_pending
 from treespec.stats import GenerationStats
 from treespec.tree.topology import TreeTopology
@@ -43,6 +43,10 @@ class StaticTree:
     def make_drafter(self, model: PreTrainedModel, backend: Backend, cache: TreeCache,
                      proposer: ChildProposer, stats: GenerationStats) -> Drafter:
         return TreeDrafter(model, self.topology, backend, cache, proposer)
+
+    def ahead_plan(self, config: OverlapConfig, device: torch.device) -> AheadPlan:
+        """How this policy drafts ahead (overlap=, drafting/ahead.py)."""
+        return AheadPlan(self.topology, config, device)
 
 
 class TreeDrafter:
@@ -124,10 +128,9 @@ class TreeDrafter:
         return self.backend.forward(self.model, self.cache, ids, pos, self._level_masks[d - 1])
 
     # ------------------------------------------------------------------ drafting ahead
-    def draft_ahead(self, root_pos: int) -> torch.Tensor:
+    def draft_ahead(self, root_pos: int) -> AheadWork:
         """Below the tree just drafted: the plan's end points, K guesses each, and the next
-        tree's first levels below every guess (drafting/ahead.py). Returns the guesses'
-        tokens, LongTensor (G,); their validity is `ahead_guesses_valid`."""
+        tree's first levels below every guess (drafting/ahead.py)."""
         plan = self.plan
         tokens_prev = self._tokens[plan.leaf_nodes]  # (E,)
         valid_prev = self._valid[plan.leaf_nodes]
@@ -146,11 +149,8 @@ class TreeDrafter:
                 q_prev = self.backend.forward(self.model, self.cache, ids, pos, group.block_mask)  # (n, V)
                 qs.append(q_prev)
         self._ahead_tokens, self._ahead_valid, self._ahead_q = toks, vals, qs
-        return toks[1]
-
-    @property
-    def ahead_guesses_valid(self) -> torch.Tensor:
-        return self._ahead_valid[1]  # (G,)
+        return AheadWork(end_nodes=plan.leaf_nodes, tokens=toks[1], valid=vals[1], hit_slots=plan.hit_slots,
+                         retain=plan.retain, forwards=plan.forwards, saved=plan.config.levels)
 
     def resume(self, guess: torch.Tensor) -> None:
         """The next step starts from guess `guess` (LongTensor (1,)): its tree's first levels

@@ -18,7 +18,7 @@ from treespec.engine.checks import (
     check_lookup, check_max_new_tokens, check_method, check_overlap, check_pair, check_prompt, check_prompt_for,
     eos_ids, generator_for,
 )
-from treespec.drafting.ahead import AheadPlan, OverlapConfig, resolve_overlap
+from treespec.drafting.ahead import OverlapConfig, resolve_overlap
 from treespec.drafting.lookup import LookupDrafter, resolve_lookup
 from treespec.acceptance.sampling import SamplingConfig
 from treespec.acceptance.schemes import check_acceptance
@@ -127,7 +127,7 @@ def stream(
     if overlap_config is not None and spec.has_drafts:  # tree='auto' may choose the target alone: nothing to draft below
         if choice is not None:  # and a tree shallower than the levels asked for
             overlap_config = replace(overlap_config, levels=min(overlap_config.levels, spec.topology.max_depth))
-        plan = AheadPlan(spec.topology, overlap_config, target.device)
+        plan = spec.ahead_plan(overlap_config, target.device)  # a StaticTree or DynamicTreeConfig (check_overlap)
     stats = GenerationStats(method=method, backend=backend.name, tree_choice=choice.as_dict() if choice else {})
     capacity = input_ids.shape[1] + max_new_tokens + spec.max_nodes(sampling.greedy) + 2
     if lookup_config is not None:  # extra tree slots, and accepted lookup tokens fed to the draft next step
@@ -216,7 +216,8 @@ def generate(
         overlap: True or an `OverlapConfig`: while the target verifies a tree, the draft drafts
             the next tree's first levels below the nodes where it expects verification to end,
             on a second CUDA stream (in order on the CPU); when it guessed right, the next step
-            starts with those levels done (docs/overlap.md). Static trees and chains only.
+            starts with those levels done (docs/overlap.md). Static trees, chains, and dynamic
+            trees (one level ahead: levels=1).
     Returns:
         GenerationResult with sequences (1, T + new) and stats.
     """

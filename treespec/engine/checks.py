@@ -17,6 +17,7 @@ import torch
 from transformers import PreTrainedModel
 
 from treespec.drafting.ahead import OverlapConfig
+from treespec.drafting.dynamic import DynamicTreeConfig
 from treespec.drafting.static import StaticTree
 from treespec.tree.auto import AutoTreeConfig
 METHODS = ("tree", "linear", "autoregressive")
@@ -177,19 +178,24 @@ def generator_for(device: torch.device, generator: torch.Generator | None) -> to
 
 
 def check_overlap(config: OverlapConfig | None, spec, lookup_config) -> None:
-    """overlap= needs a static tree with drafts (drafting/ahead.py) and no lookup branches.
-    spec: the resolved tree policy; lookup_config: LookupConfig | None."""
+    """overlap= needs a static or dynamic tree with drafts (drafting/ahead.py) and no lookup
+    branches. spec: the resolved tree policy; lookup_config: LookupConfig | None."""
     if config is None:
         return
     # tree='auto' resolves to a static tree, or to the target alone (then nothing is drafted ahead)
     static = isinstance(spec, StaticTree) and spec.has_drafts
-    if not static and not isinstance(spec, AutoTreeConfig):
+    dynamic = isinstance(spec, DynamicTreeConfig)
+    if not (static or dynamic or isinstance(spec, AutoTreeConfig)):
         kind = type(spec).__name__ if not isinstance(spec, StaticTree) else "the target alone"
-        raise ArgumentError("overlap", f"overlap=True drafts ahead below a static tree (widths, a preset, a TreeTopology, or "
-                         f"method='linear'); this generation uses {kind}: pass a static tree or overlap=False")
+        raise ArgumentError("overlap", f"overlap=True drafts ahead below a static tree (widths, a preset, a TreeTopology, "
+                            f"method='linear') or a dynamic one; this generation uses {kind}: pass one of those or "
+                            "overlap=False")
     if lookup_config is not None:
         raise ArgumentError("overlap", "overlap=True and lookup=True cannot be combined yet (lookup branches change the tree "
                          "every step); use one of them")
     if static and config.levels > spec.topology.max_depth:
         raise ArgumentError("overlap", f"OverlapConfig(levels={config.levels}) exceeds the tree's depth "
                          f"{spec.topology.max_depth}; use levels <= {spec.topology.max_depth}")
+    if dynamic and config.levels != 1:
+        raise ArgumentError("overlap", f"a dynamic tree drafts ahead one level (the next root: its tree depends on "
+                            f"that root's q only), got OverlapConfig(levels={config.levels}); use levels=1")

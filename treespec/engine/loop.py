@@ -35,7 +35,7 @@ from treespec.engine.checks import vocab_size
 from treespec.acceptance.sampling import SamplingConfig, logits_to_probs
 from treespec.backends.base import Backend, TreeCache
 from treespec.drafting.base import DraftTree, Drafter
-from treespec.drafting.static import TreeDrafter
+from treespec.drafting.ahead import AheadDrafter, AheadWork, ahead_hit
 from treespec.engine.streams import SideStream
 from treespec.stats import GenerationStats, Stopwatch
 from treespec.tree.topology import TreeTopology
@@ -124,15 +124,15 @@ class SpeculativeEngine:
         max_new_tokens: int,
         eos_token_ids: set[int],
         sync_cuda_timing: bool = False,
-        ahead: TreeDrafter | None = None,
+        ahead: AheadDrafter | None = None,
     ):
         """drafter: expands each step's tree (None: the target alone, the tree is the root).
         target_cache must hold prompt_len + max_new_tokens + the drafter's max_nodes entries.
-        ahead: the drafter again, when it drafts ahead (its `plan` is set: overlap on)."""
+        ahead: the drafter again, when it drafts ahead (overlap on; its plan is enabled)."""
         self.target, self.target_cache, self.drafter = target, target_cache, drafter
         self.ahead = ahead
         self.side = SideStream(target.device) if ahead is not None else None
-        self._resumed = False  # this step's tree starts from levels drafted ahead
+        self._saved = 0  # draft forwards this step's tree skips: it starts from levels drafted ahead
         self.backend, self.acceptor = backend, acceptor
         self.stats, self.stopwatch = stats, Stopwatch(stats, sync_cuda_timing)
         self.max_new_tokens, self.eos_token_ids = max_new_tokens, eos_token_ids
@@ -185,10 +185,10 @@ class SpeculativeEngine:
         with self.stopwatch("time_verify"):
             p_logits = self.verify(tree, root_pos)
         with self.stopwatch("time_ahead"):  # queued after verify, so that verify is launched first
-            guesses = self.draft_ahead(root_pos, drafted)
+            work = self.draft_ahead(root_pos, drafted)
         with self.stopwatch("time_other"):
             acc = self.acceptor.accept(tree, p_logits)
-            return self.commit(tree, acc, guesses)
+            return self.commit(tree, acc, work)
 
     def draft(self, root_pos: int) -> DraftTree:
         if self.drafter is None:  # target alone: the tree is just the root
@@ -197,22 +197,20 @@ class SpeculativeEngine:
         tree = self.drafter.draft(self._for_draft(self.pending), root_pos)
         if self._draft_vocab is not None:  # the target runs the true root, not the draft's stand-in
             tree.tokens[0] = self.pending[0, -1]
-        saved = self.ahead.plan.config.levels if self._resumed else 0
-        self.stats.draft_forwards += self.drafter.forwards_per_step - saved
-        self.stats.draft_forwards_saved += saved
+        self.stats.draft_forwards += self.drafter.forwards_per_step - self._saved
+        self.stats.draft_forwards_saved += self._saved
         return tree
 
-    def draft_ahead(self, root_pos: int, drafted) -> torch.Tensor | None:
+    def draft_ahead(self, root_pos: int, drafted) -> AheadWork | None:
         """With overlap: queue the ahead work on the side stream once the tree is drafted (the
-        `drafted` event), beside the verification; returns the guesses' tokens (G,), None
-        without overlap."""
+        `drafted` event), beside the verification; None without overlap."""
         if self.ahead is None:
             return None
         with self.side.side(drafted):
-            guesses = self.ahead.draft_ahead(root_pos)  # (G,)
+            work = self.ahead.draft_ahead(root_pos)
         self.stats.ahead_steps += 1
-        self.stats.draft_forwards_ahead += self.ahead.plan.forwards
-        return guesses
+        self.stats.draft_forwards_ahead += work.forwards
+        return work
 
     def _for_draft(self, ids: torch.Tensor) -> torch.Tensor:
         """ids the draft can embed: LongTensor like ids (the target's ids past the draft's rows -> 0)."""
@@ -226,13 +224,13 @@ class SpeculativeEngine:
         pos = (root_pos + tree.structure.depth)[None]  # (1, N)
         return self.backend.forward(self.target, self.target_cache, tree.tokens[None], pos, tree.structure.ancestors)
 
-    def commit(self, tree: DraftTree, acc: Acceptance, guesses: torch.Tensor | None = None) -> StepResult:
+    def commit(self, tree: DraftTree, acc: Acceptance, work: AheadWork | None = None) -> StepResult:
         """Keep the accepted path: read it (the one host sync), commit both caches, emit the
         tokens (trimmed at EOS and max_new_tokens), record the step."""
         emitted = self._emitted(tree, acc)  # (D+1,)
-        hit, guess = self._ahead_hit(acc, guesses)
+        hit, guess = self._ahead_hit(acc, work)
         read = self._read(tree, acc, emitted, hit)
-        self._commit_caches(tree, acc, read, emitted, guess)
+        self._commit_caches(tree, acc, read, emitted, work, guess)
         tokens = self._emit(read.tokens, emitted)
         self._record(read)
         finished = self.new_tokens >= self.max_new_tokens or (len(tokens) > 0 and tokens[-1] in self.eos_token_ids)
@@ -246,13 +244,13 @@ class SpeculativeEngine:
         emitted = torch.cat([drafted, acc.next_token[None]])  # (D+1,)
         return torch.where(self._steps[: d + 1] == acc.num_accepted, acc.next_token, emitted)  # (D+1,)
 
-    def _ahead_hit(self, acc: Acceptance, guesses: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _ahead_hit(self, acc: Acceptance, work: AheadWork | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """On the device: (hit BoolTensor (), guess LongTensor ()) whether the next tree was
         drafted ahead; the main stream waits for the side stream here."""
-        if guesses is None:
+        if work is None:
             return acc.num_accepted * 0, None
         self.side.join()
-        return self.ahead.plan.hit(acc.path, acc.num_accepted, acc.next_token, guesses, self.ahead.ahead_guesses_valid)
+        return ahead_hit(work, acc.path, acc.num_accepted, acc.next_token)
 
     def _read(self, tree: DraftTree, acc: Acceptance, emitted: torch.Tensor, hit: torch.Tensor) -> StepRead:
         """The one host synchronisation of the step: everything after it is bookkeeping on ints
@@ -270,7 +268,7 @@ class SpeculativeEngine:
                         tokens=info[5 : a + 6], ranks=info[d + 6 : d + 6 + a])
 
     def _commit_caches(self, tree: DraftTree, acc: Acceptance, read: StepRead, emitted: torch.Tensor,
-                       guess: torch.Tensor | None) -> None:
+                       work: AheadWork | None, guess: torch.Tensor | None) -> None:
         """Both caches keep the accepted path; the drafter hears how far it got; `pending` gets
         the accepted tokens the draft has not run yet."""
         a, kept = read.num_accepted, read.kept
@@ -279,13 +277,13 @@ class SpeculativeEngine:
             self.pending = emitted[None, :1]
             return
         slots = tree.structure.draft_slot[acc.path[1:]]  # (D,)
-        self._resumed = read.ahead_hit
+        self._saved = work.saved if read.ahead_hit else 0
         if read.ahead_hit:
-            # the path, the guess that is the new root, and the next tree's levels drafted
-            # below it, which stay in the scratch where that tree's drafting expects them
-            plan = self.ahead.plan
-            guessed = plan.hit_slots.index_select(0, guess[None])[0]  # (1 + R,)
-            self.drafter.cache.commit(torch.cat([slots, guessed]), a + 1, plan.retain)
+            # the path (down to the end point), the guess that is the new root, and the next
+            # tree's levels drafted below it, which stay in the scratch where that tree's
+            # drafting expects them
+            guessed = work.hit_slots.index_select(0, guess[None])[0]  # (1 + R,)
+            self.drafter.cache.commit(torch.cat([slots[:a], guessed]), a + 1, work.retain)
             self.ahead.resume(guess[None])
             self.stats.ahead_hits += 1
             self.drafter.observe(a)
