@@ -168,3 +168,25 @@ def device_info() -> dict:
     except ImportError:
         info["flash_attn"] = None
     return info
+
+
+def hf_generate(target, ids: list[int], new_tokens: int, eos: list[int], **generate_kwargs) -> dict:
+    """transformers' greedy `generate` on one prompt, timed, with its target forwards counted:
+    dict(tokens, seconds, new, forwards, tau). generate_kwargs: assistant_model=...,
+    cache_implementation=..., prompt_lookup_num_tokens=..."""
+    prompt = torch.tensor([ids], device=DEVICE)
+    calls = [0]
+    hook = target.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    try:
+        sync()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            seq = target.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, temperature=None,
+                                  top_p=None, top_k=None, max_new_tokens=new_tokens, eos_token_id=eos,
+                                  pad_token_id=eos[-1], **generate_kwargs)  # fmt: skip
+        sync()
+        seconds = time.perf_counter() - t0
+    finally:
+        hook.remove()
+    new = seq.shape[1] - len(ids)
+    return dict(tokens=seq[0, len(ids):].tolist(), seconds=seconds, new=new, forwards=calls[0], tau=new / max(calls[0], 1))

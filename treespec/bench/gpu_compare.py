@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,27 +32,43 @@ import torch
 import treespec
 from treespec.backends.cuda_graphs import GraphedBackend
 from treespec.backends.static_cache import StaticSdpaBackend
-from treespec.bench.gpu_common import DEVICE, device_info, save_json, sync
+from treespec.bench.gpu_common import DEVICE, device_info, hf_generate, save_json, sync
 from treespec.bench.gpu_e2e import divergence_margin, first_difference, load
 from treespec.drafting.ahead import OverlapConfig
 
 CODE_TREE = [2, 2, 2, 1, 1, 1, 1, 1]  # the H200 cost model's pick for code (benchmarks/results/sweep_summary_h200.md)
 TEXT_TREE = [4, 3, 3]  # and for text
-# (label, method, tree, overlap, compiled)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One of treespec's rows: generate(method=, tree=, overlap=, lookup=) on the graphed backend,
+    compiled or not."""
+
+    label: str
+    method: str
+    tree: object = None
+    overlap: OverlapConfig | None = None
+    compiled: bool = False
+    lookup: bool = False
+
+
 METHODS = [
-    ("autoregressive (graphs)", "autoregressive", None, None, False),
-    ("autoregressive (compiled)", "autoregressive", None, None, True),
-    ("linear chain-4", "linear", "chain-4", None, False),
-    ("linear chain-4 + overlap", "linear", "chain-4", OverlapConfig(), False),
-    ("linear chain-4 + overlap L2", "linear", "chain-4", OverlapConfig(levels=2), False),
-    ("tree [4,2,2,1]", "tree", [4, 2, 2, 1], None, False),
-    ("tree [4,2,2,1] + overlap", "tree", [4, 2, 2, 1], OverlapConfig(leaves=2), False),
-    ("tree code-H200", "tree", CODE_TREE, None, False),
-    ("tree code-H200 + overlap L2", "tree", CODE_TREE, OverlapConfig(leaves=2, levels=2), False),
-    ("tree text-H200", "tree", TEXT_TREE, None, False),
-    ("tree text-H200 + overlap", "tree", TEXT_TREE, OverlapConfig(leaves=3), False),
-    ("dynamic tree", "tree", "dynamic", None, False),
-    ("dynamic tree + overlap", "tree", "dynamic", OverlapConfig(leaves=2), False),
+    Method("autoregressive (graphs)", "autoregressive"),
+    Method("autoregressive (compiled)", "autoregressive", compiled=True),
+    Method("linear chain-4", "linear", "chain-4"),
+    Method("linear chain-4 + overlap", "linear", "chain-4", OverlapConfig()),
+    Method("linear chain-4 + overlap L2", "linear", "chain-4", OverlapConfig(levels=2)),
+    Method("tree [4,2,2,1]", "tree", [4, 2, 2, 1]),
+    Method("tree [4,2,2,1] + overlap", "tree", [4, 2, 2, 1], OverlapConfig(leaves=2)),
+    Method("tree [4,2,2,1] + lookup", "tree", [4, 2, 2, 1], lookup=True),
+    Method("tree code-H200", "tree", CODE_TREE),
+    Method("tree code-H200 + overlap L2", "tree", CODE_TREE, OverlapConfig(leaves=2, levels=2)),
+    Method("tree text-H200", "tree", TEXT_TREE),
+    Method("tree text-H200 + overlap", "tree", TEXT_TREE, OverlapConfig(leaves=3)),
+    Method("tree auto", "tree", "auto"),  # calibrated on this machine's graphed forwards, then cached
+    Method("dynamic tree", "tree", "dynamic"),
+    Method("dynamic tree + overlap", "tree", "dynamic", OverlapConfig(leaves=2)),
 ]
 HF = [  # (label, generate kwargs beyond greedy decoding; "draft" is replaced by the draft model)
     ("hf generate", {}),
@@ -59,8 +76,9 @@ HF = [  # (label, generate kwargs beyond greedy decoding; "draft" is replaced by
     ("hf generate(assistant_model)", {"assistant_model": "draft"}),
     ("hf generate(prompt_lookup_num_tokens=10)", {"prompt_lookup_num_tokens": 10}),
 ]
-SAMPLED = [("T0.7 tree [4,2,2,1]", None), ("T0.7 tree [4,2,2,1] + overlap", OverlapConfig(leaves=2))]
-REFERENCE = METHODS[0][0]
+SAMPLED = [Method("T0.7 tree [4,2,2,1]", "tree", [4, 2, 2, 1]),
+           Method("T0.7 tree [4,2,2,1] + overlap", "tree", [4, 2, 2, 1], OverlapConfig(leaves=2))]
+REFERENCE = METHODS[0].label
 
 
 def make_prompts(args) -> None:
@@ -77,35 +95,27 @@ def make_prompts(args) -> None:
     print(f"{sum(len(out[k]) for k in ('humaneval', 'mtbench'))} prompts -> {args.out}")
 
 
-def run_ours(target, draft, ids, spec, backend, new_tokens, eos, temperature=0.0, seed=0) -> dict:
-    _, method, tree, overlap, _ = spec
+def run_ours(target, draft, ids, m: Method, backend, new_tokens, eos, temperature=0.0, seed=0) -> dict:
     prompt = torch.tensor([ids], device=DEVICE)
     gen = torch.Generator(device=DEVICE).manual_seed(seed) if temperature > 0 else None
     sync()
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = treespec.generate(target, None if method == "autoregressive" else draft, prompt, max_new_tokens=new_tokens,
-                                method=method, tree=tree, attention=backend, eos_token_id=eos, overlap=overlap or False,
-                                temperature=temperature, generator=gen)  # fmt: skip
+        out = treespec.generate(target, None if m.method == "autoregressive" else draft, prompt, max_new_tokens=new_tokens,
+                                method=m.method, tree=m.tree, attention=backend, eos_token_id=eos, overlap=m.overlap or False,
+                                lookup=m.lookup, temperature=temperature, generator=gen)  # fmt: skip
     sync()
     s = out.stats
     return dict(tokens=out.sequences[0, len(ids):].tolist(), seconds=time.perf_counter() - t0, new=s.new_tokens,
                 forwards=s.target_forwards, draft_forwards=s.draft_forwards, ahead_steps=s.ahead_steps,
                 ahead_hits=s.ahead_hits, draft_forwards_ahead=s.draft_forwards_ahead,
-                draft_forwards_saved=s.draft_forwards_saved, time_prefill=s.time_prefill)  # fmt: skip
+                draft_forwards_saved=s.draft_forwards_saved, time_prefill=s.time_prefill,
+                accepted_from_lookup=s.accepted_from_lookup, tree=s.tree)  # fmt: skip
 
 
 def run_hf(target, draft, ids, kwargs, new_tokens, eos) -> dict:
-    prompt = torch.tensor([ids], device=DEVICE)
-    kw = {k: (draft if v == "draft" else v) for k, v in kwargs.items()}
-    sync()
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        seq = target.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, temperature=None,
-                              top_p=None, top_k=None, max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=eos[-1],
-                              **kw)  # fmt: skip
-    sync()
-    return dict(tokens=seq[0, len(ids):].tolist(), seconds=time.perf_counter() - t0, new=seq.shape[1] - len(ids))
+    row = hf_generate(target, ids, new_tokens, eos, **{k: (draft if v == "draft" else v) for k, v in kwargs.items()})
+    return {k: row[k] for k in ("tokens", "seconds", "new")}
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -118,6 +128,9 @@ def summarize(rows: list[dict]) -> dict:
             s["ahead_hit_rate"] = sum(r["ahead_hits"] for r in rows) / steps
             s["draft_forwards_per_step_critical"] = sum(r["draft_forwards"] for r in rows) / sum(r["forwards"] for r in rows)
             s["draft_forwards_per_step_beside"] = sum(r["draft_forwards_ahead"] for r in rows) / steps
+        if any(r.get("accepted_from_lookup") for r in rows):
+            s["share_from_lookup"] = sum(r["accepted_from_lookup"] for r in rows) / new
+        s["trees"] = sorted({r["tree"] for r in rows if "tree" in r})
     return s
 
 
@@ -161,14 +174,14 @@ def run(args) -> None:
     backends = {c: GraphedBackend(StaticSdpaBackend(), min_capacity=capacity, compile=c, compile_backend=compiler)
                 for c in (False, True)}
     short = prompts["humaneval"][0]["ids"][:64]
-    methods = [m for m in METHODS if args.methods is None or m[0] == REFERENCE or m[0] in args.methods.split(",")]
-    hf_methods = [h for h in HF if args.methods is None or h[0] in args.methods.split(",")]
+    methods = [m for m in METHODS if args.methods is None or m.label == REFERENCE or m.label in args.methods.split(";")]
+    hf_methods = [h for h in HF if args.methods is None or h[0] in args.methods.split(";")]
     warm = {}
-    for spec in methods:  # warm-up: capture (and compile) every shape once, untimed
+    for m in methods:  # warm-up: capture (and compile, calibrate for 'auto') every shape once, untimed
         t0 = time.perf_counter()
-        run_ours(target, draft, short, spec, backends[spec[4]], 32, [])
-        warm[spec[0]] = time.perf_counter() - t0
-        print(f"  warm-up {spec[0]:32s} {warm[spec[0]]:6.1f} s", flush=True)
+        row = run_ours(target, draft, short, m, backends[m.compiled], 32, [])
+        warm[m.label] = time.perf_counter() - t0
+        print(f"  warm-up {m.label:32s} {warm[m.label]:6.1f} s  ({row['tree']})", flush=True)
     hf = []
     for label, kwargs in hf_methods:  # a baseline that fails (a transformers version without it) is reported, not fatal
         t0 = time.perf_counter()
@@ -189,12 +202,12 @@ def run(args) -> None:
                 stopped = f"deadline reached before {dname} prompt {i}"
                 break
             row = results.setdefault(dname, {})
-            for spec in methods:
-                row.setdefault(spec[0], []).append(run_ours(target, draft, p["ids"], spec, backends[spec[4]], args.new_tokens, eos))
+            for m in methods:
+                row.setdefault(m.label, []).append(run_ours(target, draft, p["ids"], m, backends[m.compiled], args.new_tokens, eos))
             if i < args.hf_prompts:
                 for label, kwargs in hf:
                     row.setdefault(label, []).append(run_hf(target, draft, p["ids"], kwargs, args.new_tokens, eos))
-            last = {label: rows[-1] for label, rows in row.items() if label in (REFERENCE, methods[-1][0])}
+            last = {label: rows[-1] for label, rows in row.items() if label in (REFERENCE, methods[-1].label)}
             rates = ", ".join(f"{label} {r['new'] / r['seconds']:.0f} tok/s" for label, r in last.items())
             print(f"  {dname} {p['id']}: {rates} ({time.perf_counter() - t_start:.0f} s)", flush=True)
             save(results, prompts, target, warm, args, stopped)
@@ -203,10 +216,9 @@ def run(args) -> None:
         if time.perf_counter() - t_start > args.deadline:
             stopped = stopped or "deadline reached in the temperature-0.7 rows"
             break
-        for label, overlap in SAMPLED:
-            spec = (label, "tree", [4, 2, 2, 1], overlap, False)
-            results.setdefault("mtbench", {}).setdefault(label, []).append(
-                run_ours(target, draft, p["ids"], spec, backends[False], args.new_tokens, eos, temperature=0.7, seed=i))
+        for m in SAMPLED:
+            results.setdefault("mtbench", {}).setdefault(m.label, []).append(
+                run_ours(target, draft, p["ids"], m, backends[False], args.new_tokens, eos, temperature=0.7, seed=i))
     summary = save(results, prompts, target, warm, args, stopped)
     for key, s in summary.items():
         extra = "".join(f"  x{v:.2f} vs {k[11:]}" for k, v in s.items() if k.startswith("speedup_vs_"))
@@ -239,7 +251,7 @@ def main() -> None:
     r.add_argument("--new-tokens", type=int, default=256)
     r.add_argument("--hf-prompts", type=int, default=3)
     r.add_argument("--sampled-prompts", type=int, default=5)
-    r.add_argument("--methods", default=None, help="comma-separated labels of METHODS / HF to run (default: all; "
+    r.add_argument("--methods", default=None, help="labels of METHODS / HF to run, separated by ; (default: all; "
                    "the graphed autoregressive reference always runs; the T0.7 rows only run with all)")
     r.add_argument("--deadline", type=float, default=480.0, help="seconds after loading; later prompts are skipped")
     args = ap.parse_args()

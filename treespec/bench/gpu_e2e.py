@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from treespec.bench.gpu_common import DEVICE, TimedBackend, device_info, random_qwen, save_json, sync
+from treespec.bench.gpu_common import DEVICE, TimedBackend, device_info, hf_generate, random_qwen, save_json, sync
 
 import treespec
 from treespec.backends.cuda_graphs import GraphedBackend
@@ -106,24 +106,7 @@ def run_ours(target, draft, ids, method, tree, backend, new_tokens, eos):
 
 
 def run_hf(target, draft, ids, new_tokens, eos, assisted: bool):
-    prompt = torch.tensor([ids], device=DEVICE)
-    calls = [0]
-    hook = target.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
-    kwargs = dict(do_sample=False, max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=eos[-1],
-                  attention_mask=torch.ones_like(prompt))  # fmt: skip
-    if assisted:
-        kwargs["assistant_model"] = draft
-    try:
-        sync()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            seq = target.generate(prompt, **kwargs)
-        sync()
-    finally:
-        hook.remove()
-    seconds = time.perf_counter() - t0
-    new = seq.shape[1] - len(ids)
-    return dict(tokens=seq[0, len(ids):].tolist(), seconds=seconds, new=new, forwards=calls[0], tau=new / max(calls[0], 1))
+    return hf_generate(target, ids, new_tokens, eos, **({"assistant_model": draft} if assisted else {}))
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
