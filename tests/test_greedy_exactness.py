@@ -5,31 +5,10 @@ import torch
 
 import treespec
 from treespec.drafting.dynamic import DynamicTreeConfig
-from treespec.testing import tiny_model
+from treespec.testing import sabotaged, tiny_model
 
 PROMPT = torch.tensor([[3, 17, 42, 8, 25, 11]])
 NEW = 40
-
-
-def sabotaged(target, period: int):
-    """The target itself, except that its greedy choice for every position that is a multiple
-    of `period` is pushed to second place: drafts are right for exactly period-1 tokens, then wrong."""
-    cls = type(target)
-
-    class Sabotaged(cls):
-        def forward(self, *args, position_ids=None, **kwargs):
-            out = super().forward(*args, position_ids=position_ids, **kwargs)
-            logits = out.logits.clone()  # (1, n, V)
-            pos = position_ids[0, -logits.shape[1]:] + 1  # position each logit predicts
-            bad = pos % period == 0
-            top = logits[0].argmax(-1)
-            logits[0, bad, top[bad]] = -1e9
-            out.logits = logits
-            return out
-
-    model = Sabotaged(target.config).eval()
-    model.load_state_dict(target.state_dict())
-    return model
 
 
 def reference(target, prompt, max_new_tokens, eos):

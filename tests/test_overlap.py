@@ -13,11 +13,10 @@ from treespec.drafting.dynamic import DynamicDrafter, DynamicTreeConfig
 from treespec.drafting.static import TreeDrafter
 from treespec.engine.checks import ArgumentError
 from treespec.engine.loop import SpeculativeEngine
-from treespec.testing import tiny_model
+from treespec.testing import sabotaged, tiny_model
 from treespec.tree.topology import TreeTopology
 
 from chisq import ALPHA, E2E_PROMPT, POWER, e2e_pair, exact_joint, pvalue, sample_counts
-from test_greedy_exactness import sabotaged
 
 PROMPT = torch.tensor([[3, 17, 42, 8, 25, 11]])
 NEW = 40
