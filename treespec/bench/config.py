@@ -323,8 +323,8 @@ class BenchConfig:
     lookup: merge prompt-lookup branches into the tree (treespec.LookupConfig's defaults;
         methods tree and linear only; docs/lookup.md).
     overlap: draft the next tree's first levels while the target verifies
-        (treespec.OverlapConfig's defaults; methods tree and linear with a static tree;
-        docs/overlap.md).
+        (treespec.OverlapConfig's defaults; methods tree and linear with a static tree, or a
+        dynamic tree; docs/overlap.md).
     interleave: methods to run prompt by prompt, back to back (e.g. [autoregressive, linear,
         tree, hf_assisted]); empty = just `method`. Each method still gets its own cell and
         results file (in <run dir>/<method>/), but its prompts run right next to the other

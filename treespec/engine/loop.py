@@ -149,6 +149,7 @@ class SpeculativeEngine:
         draft_vocab = vocab_size(drafter.model) if drafter is not None else None
         self._draft_vocab = draft_vocab if draft_vocab is not None and draft_vocab < vocab_size(target) else None
         self._steps = torch.arange(max_depth + 1, device=device)  # (D+1,)
+        self._no_hit = torch.zeros((), dtype=torch.long, device=device)  # the hit flag without overlap
 
     # ------------------------------------------------------------------ prefill
     def prefill(self, input_ids: torch.Tensor) -> None:
@@ -248,7 +249,7 @@ class SpeculativeEngine:
         """On the device: (hit BoolTensor (), guess LongTensor ()) whether the next tree was
         drafted ahead; the main stream waits for the side stream here."""
         if work is None:
-            return acc.num_accepted * 0, None
+            return self._no_hit, None
         self.side.join()
         return ahead_hit(work, acc.path, acc.num_accepted, acc.next_token)
 
