@@ -4,7 +4,7 @@ After a static tree T (depth D) is drafted, the draft keeps going below the node
 expects verification to end: the first `leaves` nodes of T's deepest level (the first is the
 draft's own best path). Below each such end point e it proposes `candidates` guesses c for
 the target's next token, and below each guess the first `levels` levels of T. On the GPU this
-runs on a second CUDA stream beside the verification (engine/overlap.py); on the CPU it runs in
+runs on a second CUDA stream beside the verification (engine/streams.py); on the CPU it runs in
 order, so the same schedule is tested everywhere.
 
 The step hits when verification accepts a whole path down to an end point e and the target's
@@ -19,6 +19,9 @@ and a resumed tree is drawn exactly as a fresh one. Below a guess c its children
 from q(. | prefix, c) by the same proposer, with randomness that verification never reads;
 whether c is used depends only on the target's token and on which guesses were drawn, never
 on what was drawn below c. So, given the root, the resumed tree has the law of a fresh one.
+
+A dynamic tree drafts ahead its next root only (drafting/dynamic.py, `DynamicAheadPlan`); both
+drafters implement `AheadDrafter` and hand the engine an `AheadWork`, which `ahead_hit` reads.
 
 The ahead part is one extended topology T' (T, then the guesses, then the next tree's levels)
 with explicit scratch offsets; `AheadPlan` holds its index tables, built once per generation.
