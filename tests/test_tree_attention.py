@@ -6,6 +6,7 @@ import torch
 from transformers import DynamicCache
 
 import treespec
+from treespec.backends.compat import cache_kwargs
 from treespec.backends.sdpa import SdpaBackend
 from treespec.drafting.base import GreedyProposer
 from treespec.drafting.static import TreeDrafter
@@ -74,7 +75,7 @@ def one_by_one_next_logits(model, seq):
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         for i in range(seq.shape[1]):
-            out = model(input_ids=seq[:, i : i + 1], past_key_values=cache, use_cache=True)
+            out = model(input_ids=seq[:, i : i + 1], use_cache=True, **cache_kwargs(model, cache))
     return out.logits[0, -1]
 
 

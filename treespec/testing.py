@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
@@ -108,6 +110,7 @@ def sabotaged(target: PreTrainedModel, period: int) -> PreTrainedModel:
     cls = type(target)
 
     class Sabotaged(cls):
+        @functools.wraps(cls.forward)  # keeps the signature, by which generate() names the cache keyword
         def forward(self, *args, position_ids=None, **kwargs):
             out = super().forward(*args, position_ids=position_ids, **kwargs)
             logits = out.logits.clone()  # (1, n, V)
