@@ -63,17 +63,6 @@ class OverlapConfig:
                 raise ValueError(f"OverlapConfig.{name} must be an int >= 1, got {value!r}")
 
 
-def resolve_overlap(overlap: bool | OverlapConfig | None) -> OverlapConfig | None:
-    """overlap= of generate/stream: False/None -> off, True -> the defaults, or a config."""
-    if overlap is None or overlap is False:
-        return None
-    if overlap is True:
-        return OverlapConfig()
-    if isinstance(overlap, OverlapConfig):
-        return overlap
-    raise TypeError(f"overlap must be True, False or a treespec.OverlapConfig, got {type(overlap).__name__}")
-
-
 @dataclass
 class AheadWork:
     """What one step's ahead work leaves for its commit (device tensors of this step).

@@ -66,17 +66,6 @@ class LookupConfig:
         return self.branches * self.length
 
 
-def resolve_lookup(lookup: "bool | LookupConfig | None") -> LookupConfig | None:
-    """The `lookup=` argument of generate/stream as a config (None: off)."""
-    if lookup is None or lookup is False:
-        return None
-    if lookup is True:
-        return LookupConfig()
-    if isinstance(lookup, LookupConfig):
-        return lookup
-    raise TypeError(f"lookup must be True, False or a treespec.LookupConfig, got {type(lookup).__name__}")
-
-
 def find_continuations(context: torch.Tensor, length: int, config: LookupConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Continuations of the context's suffix copied from earlier in the context.
 

@@ -16,10 +16,10 @@ from transformers import PreTrainedModel
 from treespec.engine.calibrate import resolve_auto
 from treespec.engine.checks import (
     check_lookup, check_max_new_tokens, check_method, check_overlap, check_pair, check_prompt, check_prompt_for,
-    eos_ids, generator_for,
+    eos_ids, generator_for, resolve_switch,
 )
-from treespec.drafting.ahead import OverlapConfig, resolve_overlap
-from treespec.drafting.lookup import LookupDrafter, resolve_lookup
+from treespec.drafting.ahead import OverlapConfig
+from treespec.drafting.lookup import LookupConfig, LookupDrafter
 from treespec.acceptance.sampling import SamplingConfig
 from treespec.acceptance.schemes import check_acceptance
 from treespec.backends.factory import make_backend
@@ -106,9 +106,9 @@ def stream(
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     spec, max_new_tokens = _check_and_resolve(target, draft, input_ids, max_new_tokens, method, tree)
     check_acceptance(acceptance, spec.topology if isinstance(spec, StaticTree) else spec)
-    lookup_config = resolve_lookup(lookup)
+    lookup_config = resolve_switch(lookup, LookupConfig, "lookup")
     check_lookup(lookup_config, has_drafts=spec.has_drafts, greedy=sampling.greedy, acceptance=acceptance)
-    overlap_config = resolve_overlap(overlap)
+    overlap_config = resolve_switch(overlap, OverlapConfig, "overlap")
     check_overlap(overlap_config, spec, lookup_config)
     if sampling.greedy:
         proposer, acceptor = GreedyProposer(), GreedyAcceptor()

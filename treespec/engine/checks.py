@@ -43,6 +43,18 @@ def as_int(value) -> int | None:
     return int(value)
 
 
+def resolve_switch(value, config_cls: type, argument: str):
+    """An on/off option that also takes a config (lookup=, overlap=): False/None -> None (off),
+    True -> config_cls's defaults, an instance of config_cls -> itself; anything else is a TypeError."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return config_cls()
+    if isinstance(value, config_cls):
+        return value
+    raise TypeError(f"{argument} must be True, False or a treespec.{config_cls.__name__}, got {type(value).__name__}")
+
+
 def check_method(method: str) -> None:
     if method not in METHODS:
         raise ArgumentError("method", f"unknown method {method!r}; choose one of {METHODS}")
