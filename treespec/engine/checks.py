@@ -20,6 +20,7 @@ from treespec.drafting.ahead import OverlapConfig
 from treespec.drafting.dynamic import DynamicTreeConfig
 from treespec.drafting.static import StaticTree
 from treespec.tree.auto import AutoTreeConfig
+
 METHODS = ("tree", "linear", "autoregressive")
 
 

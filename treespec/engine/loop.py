@@ -6,7 +6,7 @@ One step, for a tree of N nodes and depth D below the root (the last accepted to
     verify  the target scores every node in one forward with a tree mask          -> p logits (N, V)
     ahead   with overlap: the draft drafts the next tree's first levels below the
             nodes where it expects verification to end, on a second CUDA stream
-            beside verify (drafting/ahead.py, engine/streams.py)                  -> guesses (G,)
+            beside verify (drafting/ahead.py, engine/streams.py)                  -> AheadWork: guesses (G,)
     accept  a pure function picks the longest accepted path and the next token    -> Acceptance
     commit  ONE host sync reads how many tokens were accepted; both KV caches keep
             only the accepted path (and, when verification ended where the draft
