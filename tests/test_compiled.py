@@ -66,18 +66,6 @@ def test_compiled_generation_equals_target_greedy(pair, inner, method, tree, cap
     assert any("compiled Qwen2ForCausalLM forward" in r.getMessage() for r in caplog.records)
 
 
-def test_prompt_chunks_are_not_compiled(pair):
-    """A prompt's length changes with every prompt: its forward must stay eager, or every new
-    prompt length would cost a compilation."""
-    target, _ = pair
-    backend = compiled_backend("sdpa")
-    for length in (11, 7):
-        treespec.generate(target, None, PROMPT[:, :length], max_new_tokens=2, method="autoregressive",
-                          attention=backend, eos_token_id=[])  # fmt: skip
-    assert backend.compiler.stats.shapes == 1  # the decode forward (n=1) only
-    assert "n=1 new tokens" in backend.compiler.stats.log[0]
-
-
 def test_compile_off_and_cpu_default(pair):
     target, _ = pair
     for backend in (GraphedBackend(StaticSdpaBackend(), compile=False), GraphedBackend(StaticSdpaBackend())):

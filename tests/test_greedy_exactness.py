@@ -111,7 +111,7 @@ def test_single_token_prompt(target, drafts):
 def test_long_prompt_crosses_prefill_chunks(target, drafts, monkeypatch):
     import treespec.engine.loop as engine
 
-    monkeypatch.setattr(engine, "PREFILL_CHUNK", 4)  # the 6-token prompt takes two chunks
+    monkeypatch.setattr(engine, "EAGER_PREFILL_CHUNK", 4)  # the 6-token prompt takes two chunks
     ref = reference(target, PROMPT, 12, eos=None)
     out = treespec.generate(target, drafts["partial"], PROMPT, max_new_tokens=12, tree=[2, 1], eos_token_id=[])
     assert torch.equal(out.sequences, ref)

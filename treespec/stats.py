@@ -60,6 +60,8 @@ class GenerationStats(SpeculationRates):
         where the draft guessed; draft_forwards_ahead ran beside verification (a second CUDA
         stream), and draft_forwards_saved were skipped on the critical path thanks to hits.
     time_ahead: host time spent queuing the ahead work (on the CPU: running it).
+    time_to_first_token: seconds from the call to the first emitted token on the host (the
+        prefill and the first step).
     """
 
     method: str = "tree"
@@ -86,6 +88,7 @@ class GenerationStats(SpeculationRates):
     time_verify: float = 0.0
     time_other: float = 0.0
     time_total: float = 0.0
+    time_to_first_token: float = 0.0
 
     @property
     def ahead_hit_rate(self) -> float:

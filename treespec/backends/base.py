@@ -29,6 +29,11 @@ import torch
 from transformers import PreTrainedModel
 
 
+# the fixed sizes a prompt is cut into (the last chunk padded): every prefill forward has one of
+# these shapes, so that compiled and captured prefill serves any prompt length
+PREFILL_CHUNKS = (32, 256)
+
+
 class UnsupportedModelError(ValueError):
     """A model a backend cannot drive (the message says what to do instead)."""
 

@@ -20,7 +20,8 @@ one launch instead of hundreds.
   and replay. The returned logits are the graph's output buffer: valid until the same shape
   is replayed again (the engine consumes them at once).
 
-Prompt chunks (prefill) and forwards with more than `max_graph_tokens` new tokens run eagerly
+Prompt chunks of the fixed PREFILL_CHUNKS sizes are captured like every other shape; other
+prompt-sized forwards and forwards with more than `max_graph_tokens` new tokens run eagerly
 through the wrapped backend; forwards on the CPU run without graphs.
 
 With compilation on (the default on CUDA) every graphed forward is the model's torch.compile'd forward
@@ -45,15 +46,16 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
-from treespec.backends.base import Backend, TreeCache
+from treespec.backends.base import PREFILL_CHUNKS, Backend, TreeCache
 from treespec.backends.compiled import CompiledForwards
 from treespec.backends.static_cache import StaticTreeKVCache
 
 CAPACITY_ROUNDING = 256  # static caches are allocated in steps of this many slots
-# the decode loop's only last_only forward is the draft's first, over the 1 or 2 tokens it has
-# not cached yet; a last_only forward of more tokens is a prompt chunk, whose length follows the
-# prompt: capturing or compiling it would cost a capture (and a compilation) per prompt length
-MAX_PENDING = 2
+# last_only forwards in the decode loop: the draft's first of a step, over its pending tokens padded
+# to a power of two (drafting/base.py feed_pending), and prompt chunks of the PREFILL_CHUNKS sizes;
+# any other last_only forward (a caller's own prompt) runs eagerly, since capturing or compiling it
+# would cost a capture (and a compilation) per length
+MAX_PENDING = 16
 
 
 @dataclass
@@ -158,6 +160,12 @@ class GraphedBackend:
         self._caches.clear()
         self._capture_streams.clear()
 
+    def release(self, model: PreTrainedModel) -> None:
+        """Drop the caches of `model` (every role) and their graphs (frees their GPU memory); the
+        compiled forwards stay (they hold no cache)."""
+        for key in [k for k, (m, _) in self._caches.items() if m is model]:
+            self._drop_graphs(self._caches.pop(key)[1])
+
     def _drop_graphs(self, cache: StaticTreeKVCache) -> None:
         for key in [k for k in self._graphs if k[0] == id(cache)]:
             del self._graphs[key]
@@ -177,7 +185,7 @@ class GraphedBackend:
         (1, n), block_mask BoolTensor (n, s) -> logits (n, V), or (1, V) with last_only.
         Only static caches (the ones make_cache hands out) are captured; any other runs eagerly."""
         n, s = block_mask.shape
-        prompt_chunk = last_only and n > MAX_PENDING
+        prompt_chunk = last_only and n > MAX_PENDING and n not in PREFILL_CHUNKS
         if not isinstance(cache, StaticTreeKVCache) or n > self.max_graph_tokens or prompt_chunk:
             self.stats.eager_calls += 1
             return self.inner.forward(model, cache, input_ids, position_ids, block_mask, last_only)

@@ -12,6 +12,7 @@ q is the draft's distribution. Dimension letters: docs/dimensions.md.
 
 from __future__ import annotations
 
+import functools
 import numbers
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -102,13 +103,31 @@ class Drafter(Protocol):
 
 def feed_pending(backend: Backend, model: PreTrainedModel, cache: TreeCache, pending: torch.Tensor, root_pos: int) -> torch.Tensor:
     """Run the accepted tokens the draft has not seen (pending: LongTensor (1, m), ending with
-    the root) and commit them; returns the draft logits at the root: FloatTensor (1, V)."""
+    the root) and commit them; returns the draft logits at the root: FloatTensor (1, V).
+
+    The forward always has a power-of-two size P >= 2 (m is 1 or 2, more after accepted lookup
+    tokens), so that a compiled or captured backend sees one shape whatever m is: P - m padding
+    entries come first, each seeing only itself, and are dropped at the commit."""
     m = pending.shape[1]
-    pos = torch.arange(root_pos - m + 1, root_pos + 1, device=pending.device)[None]  # (1, m)
-    causal = torch.ones(m, m, dtype=torch.bool, device=pending.device).tril()
-    logits = backend.forward(model, cache, pending, pos, causal, last_only=True)  # (1, V)
-    cache.commit_all()  # pending tokens are accepted already
+    size = max(2, 1 << (m - 1).bit_length())
+    pad = size - m
+    ids = torch.cat([pending[:, :1].expand(1, pad), pending], dim=1) if pad else pending  # (1, P)
+    pos = torch.arange(root_pos - size + 1, root_pos + 1, device=pending.device).clamp(min=0)[None]  # (1, P)
+    mask, keep = _pending_layout(size, pad, pending.device)
+    logits = backend.forward(model, cache, ids, pos, mask, last_only=True)  # (1, V)
+    cache.commit(keep, m)  # pending tokens are accepted already; the padding goes
     return logits
+
+
+@functools.lru_cache(maxsize=64)
+def _pending_layout(size: int, pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask BoolTensor (P, P), keep LongTensor (P,)) for `pad` padding entries before the real
+    pending tokens: the real ones are causal among themselves, padding sees itself only; keep
+    lists the real entries first. Cached: the same tensors every step (a graph copies none)."""
+    mask = torch.eye(size, dtype=torch.bool, device=device)
+    mask[pad:, pad:] = torch.ones(size - pad, size - pad, dtype=torch.bool, device=device).tril()
+    keep = torch.cat([torch.arange(pad, size, device=device), torch.arange(pad, device=device)])
+    return mask, keep
 
 
 # ------------------------------------------------------------------ checks of the policy configs

@@ -33,14 +33,32 @@ from treespec.acceptance.greedy import Acceptance, greedy_accept
 from treespec.acceptance.schemes import VERIFIERS
 from treespec.engine.checks import vocab_size
 from treespec.acceptance.sampling import SamplingConfig, logits_to_probs
-from treespec.backends.base import Backend, TreeCache
+from treespec.backends.base import PREFILL_CHUNKS, Backend, TreeCache
 from treespec.drafting.base import DraftTree, Drafter
 from treespec.drafting.ahead import AheadDrafter, AheadWork, ahead_hit
 from treespec.engine.streams import SideStream
 from treespec.stats import GenerationStats, Stopwatch
 from treespec.tree.topology import TreeTopology
 
-PREFILL_CHUNK = 512  # bounds the prefill mask at (chunk, prompt) instead of (prompt, prompt)
+__all__ = ["PREFILL_CHUNKS", "SpeculativeEngine", "prefill_chunks"]
+
+
+EAGER_PREFILL_CHUNK = 512  # without fixed shapes: bounds the prefill mask at (chunk, chunk)
+
+
+def prefill_chunks(t: int, fixed: bool) -> list[tuple[int, int, int]]:
+    """How t prompt tokens are cut into forwards: [(start, real tokens, chunk size)].
+    fixed: only PREFILL_CHUNKS sizes (compiled / captured backends): full chunks of the largest
+    size, then the rest in one padded large chunk, or in small chunks when it is short (a few
+    small forwards cost less than one large one). Otherwise unpadded chunks of up to 512."""
+    small, large = PREFILL_CHUNKS if fixed else (EAGER_PREFILL_CHUNK, EAGER_PREFILL_CHUNK)
+    out, start = [], 0
+    while start < t:
+        size = large if t - start > 3 * small else small
+        real = min(size, t - start)
+        out.append((start, real, size if fixed else real))
+        start += size
+    return out
 
 
 @dataclass
@@ -125,10 +143,13 @@ class SpeculativeEngine:
         eos_token_ids: set[int],
         sync_cuda_timing: bool = False,
         ahead: AheadDrafter | None = None,
+        fixed_shapes: bool = False,
     ):
         """drafter: expands each step's tree (None: the target alone, the tree is the root).
         target_cache must hold prompt_len + max_new_tokens + the drafter's max_nodes entries.
-        ahead: the drafter again, when it drafts ahead (overlap on; its plan is enabled)."""
+        ahead: the drafter again, when it drafts ahead (overlap on; its plan is enabled).
+        fixed_shapes: cut the prompt into PREFILL_CHUNKS sizes only (a compiled or captured backend)."""
+        self.fixed_shapes = fixed_shapes
         self.target, self.target_cache, self.drafter = target, target_cache, drafter
         self.ahead = ahead
         self.side = SideStream(target.device) if ahead is not None else None
@@ -138,7 +159,11 @@ class SpeculativeEngine:
         self.max_new_tokens, self.eos_token_ids = max_new_tokens, eos_token_ids
         device = target.device
         max_depth = drafter.max_depth if drafter is not None else 0
-        self.out = torch.zeros(prompt_len + max_new_tokens + max_depth + 1, dtype=torch.long, device=device)
+        # room for the padding of the last prefill chunk too (it reads the buffer past the prompt)
+        self.out = torch.zeros(max(prompt_len + max_new_tokens + max_depth + 1, prompt_len + max(PREFILL_CHUNKS)),
+                               dtype=torch.long, device=device)
+        self._causal_masks: dict[int, torch.Tensor] = {}
+        self._steps_long = torch.arange(max(PREFILL_CHUNKS), device=device)  # (c,) commit offsets of a chunk
         self.length = 0  # tokens in self.out
         self.new_tokens = 0
         self.pending: torch.Tensor | None = None  # (1, m) accepted tokens the draft has not seen
@@ -154,26 +179,39 @@ class SpeculativeEngine:
     # ------------------------------------------------------------------ prefill
     def prefill(self, input_ids: torch.Tensor) -> None:
         """Cache every prompt token but the last, which becomes the first step's root.
-        input_ids: LongTensor (1, T)."""
+        input_ids: LongTensor (1, T). The tokens go through forwards of the fixed PREFILL_CHUNKS
+        sizes (the last chunk padded at its end, its padding dropped at the commit), so that a
+        compiled, graph-captured backend serves every prompt length with the same shapes."""
         t = input_ids.shape[1]
         self.out[:t] = input_ids[0]
         self.length = t
         self.pending = input_ids[:, -1:]  # (1, 1)
+        device = input_ids.device
         with self.stopwatch("time_prefill"):
             caches = [(self.target, self.target_cache)]
             if self.drafter is not None:
                 caches.append((self.drafter.model, self.drafter.cache))
-            for model, cache in caches:
-                for start in range(0, t - 1, PREFILL_CHUNK):
-                    chunk = input_ids[:, start : min(start + PREFILL_CHUNK, t - 1)]  # (1, c)
-                    if model is not self.target:
-                        chunk = self._for_draft(chunk)
-                    c = chunk.shape[1]
-                    pos = torch.arange(start, start + c, device=chunk.device)[None]  # (1, c)
-                    causal = torch.ones(c, c, dtype=torch.bool, device=chunk.device).tril()
-                    self.backend.forward(model, cache, chunk, pos, causal, last_only=True)
-                    cache.commit_all()
+            for start, real, size in prefill_chunks(t - 1, self.fixed_shapes):
+                chunk = self.out[start : start + size][None]  # (1, c): padded with whatever follows
+                pos = torch.arange(start, start + size, device=device)[None]  # (1, c)
+                causal = self._causal(size)  # padding comes last: no real token sees it
+                keep = self._offsets(size)  # (c,) offsets 0..c-1; the first `real` are kept
+                for model, cache in caches:
+                    ids = chunk if model is self.target else self._for_draft(chunk)
+                    self.backend.forward(model, cache, ids, pos, causal, last_only=True)
+                    cache.commit(keep, real)
                     self.stats.prefill_forwards += 1
+
+    def _causal(self, c: int) -> torch.Tensor:
+        """BoolTensor (c, c) lower-triangular, one per size (the same tensor each call, so that a
+        captured graph need not copy it again)."""
+        if c not in self._causal_masks:
+            self._causal_masks[c] = torch.ones(c, c, dtype=torch.bool, device=self.out.device).tril()
+        return self._causal_masks[c]
+
+    def _offsets(self, c: int) -> torch.Tensor:
+        """LongTensor (c,) 0..c-1."""
+        return self._steps_long[:c] if c <= self._steps_long.shape[0] else torch.arange(c, device=self.out.device)
 
     # ------------------------------------------------------------------ one step
     def step(self) -> StepResult:

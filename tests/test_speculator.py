@@ -1,0 +1,115 @@
+"""The kept generation object (treespec.Speculator) and the kept objects of treespec.generate:
+nothing compiles again after the first call, caches are freed on close, and a call that does not
+fit the object's max_context is refused before any work."""
+
+import random
+
+import pytest
+import torch
+
+import treespec
+from treespec.backends.cuda_graphs import GraphedBackend
+from treespec.backends.static_cache import StaticSdpaBackend
+from treespec.engine import speculator as kept_module
+from treespec.engine.checks import ArgumentError
+from treespec.engine.loop import prefill_chunks
+from treespec.testing import tiny_model
+
+
+def compiled_backend() -> GraphedBackend:
+    # aot_eager: dynamo's real trace and guards (a new shape is a new graph) without inductor's C++ builds
+    return GraphedBackend(StaticSdpaBackend(), compile=True, compile_backend="aot_eager")
+
+
+def dynamo_graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny_model(0), tiny_model(7, hidden_size=16, num_layers=1)
+
+
+@pytest.fixture(autouse=True)
+def fresh():
+    torch._dynamo.reset()
+    treespec.release()
+    yield
+    treespec.release()
+    torch._dynamo.reset()
+
+
+def reference(target, prompt, new):
+    return target.generate(prompt, do_sample=False, max_new_tokens=new, eos_token_id=None, pad_token_id=0)
+
+
+@pytest.mark.parametrize("method,tree", [("tree", [2, 1]), ("autoregressive", None)])
+def test_generate_loop_compiles_nothing_after_the_first_call(pair, method, tree):
+    """10 generate calls with random prompt and output lengths: every dynamo graph is made in the
+    first call (its warm-up), and every output is the target's own greedy output."""
+    target, draft = pair
+    backend = compiled_backend()
+    rng = random.Random(0)
+    draft = draft if method == "tree" else None
+    graphs = []
+    for i in range(10):
+        prompt = torch.randint(2, 64, (1, rng.randint(1, 150)), generator=torch.Generator().manual_seed(i))
+        new = rng.randint(1, 20)
+        out = treespec.generate(target, draft, prompt, max_new_tokens=new, method=method, tree=tree,
+                                attention=backend, eos_token_id=[])  # fmt: skip
+        assert torch.equal(out.sequences, reference(target, prompt, new))
+        graphs.append(dynamo_graphs())
+    assert graphs[0] > 0  # the first call compiled
+    assert graphs[1:] == [graphs[0]] * 9, graphs  # and no later call compiled anything
+    assert len(kept_module.KEPT) == 1  # one kept object served every call
+
+
+def test_kept_object_frees_its_caches_when_closed(pair):
+    target, draft = pair
+    backend = compiled_backend()
+    spec = treespec.Speculator(target, draft, tree=[2, 1], max_context=128, attention=backend)
+    prompt = torch.tensor([[5, 9, 2, 33, 17]])
+    out = spec.generate(prompt, max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(out.sequences, reference(target, prompt, 6))
+    assert backend._caches and out.stats.time_to_first_token > 0
+    spec.close()
+    assert not backend._caches and not backend._graphs  # the static caches and their graphs are gone
+    with pytest.raises(RuntimeError, match="closed"):
+        spec.generate(prompt, max_new_tokens=2)
+    # and through the kept objects of generate(): release() closes them
+    treespec.generate(target, draft, prompt, max_new_tokens=2, tree=[2, 1], attention=compiled_backend())
+    kept = next(iter(kept_module.KEPT.values())).speculator
+    treespec.release()
+    assert kept.plan is None and not kept_module.KEPT
+
+
+def test_call_beyond_max_context_is_refused_before_any_work(pair, monkeypatch):
+    target, draft = pair
+    spec = treespec.Speculator(target, draft, tree=[2, 1], max_context=64)
+    calls = []
+    monkeypatch.setattr(spec, "_engine", lambda *a, **k: calls.append(a))
+    with pytest.raises(ArgumentError, match=r"max_context of 64 .* at most 24"):
+        spec.generate(torch.ones(1, 40, dtype=torch.long), max_new_tokens=30)
+    assert not calls
+    with pytest.raises(ArgumentError, match="max_context"):
+        treespec.Speculator(target, draft, max_context=10_000)  # past the models' 512 positions
+    with pytest.raises(ArgumentError, match="max_context must be a whole number"):
+        treespec.Speculator(target, draft, max_context="big")
+
+
+def test_generate_remakes_a_larger_kept_object_when_a_call_needs_it(pair):
+    target, draft = pair
+    kept_module_max = kept_module.DEFAULT_MAX_CONTEXT
+    assert kept_module_max >= 512  # the tiny models' 512 positions cap it
+    treespec.generate(target, draft, torch.tensor([[3, 4]]), max_new_tokens=4, tree=[2])
+    spec = next(iter(kept_module.KEPT.values())).speculator
+    assert spec.plan.max_context == 512
+
+
+def test_prefill_chunks_have_fixed_sizes():
+    for t in (1, 31, 32, 33, 96, 97, 255, 256, 257, 600):
+        chunks = prefill_chunks(t, fixed=True)
+        assert sum(real for _, real, _ in chunks) == t
+        assert {size for *_, size in chunks} <= {32, 256}
+        assert [start for start, *_ in chunks] == [sum(c[2] for c in chunks[:i]) for i in range(len(chunks))]
+    assert prefill_chunks(600, fixed=False) == [(0, 512, 512), (512, 88, 88)]
