@@ -224,3 +224,53 @@ def test_overlap_on_a_second_stream_keeps_greedy_output(backend_name, compile, t
         assert torch.equal(out.sequences, ref), f"draft {i}"
         if draft is target:
             assert out.stats.ahead_hits > out.stats.ahead_steps // 2  # bf16 near-ties may cost a few
+
+
+def test_generate_loop_compiles_and_captures_nothing_after_the_first_call():
+    """10 treespec.generate calls with random prompt and output lengths on CUDA (compiled forwards
+    in CUDA graphs, the default): every dynamo graph and every graph capture happens in the first
+    call, and fp32 output is the target's own greedy output."""
+    import random
+
+    from treespec.engine import speculator as kept
+
+    torch._dynamo.reset()
+    treespec.release()
+    target = random_model("qwen2.5-1.5b", torch.float32, seed=1)
+    draft = random_model("qwen2.5-0.5b", torch.float32, seed=2)
+    rng, gen = random.Random(0), torch.Generator(device="cuda").manual_seed(4)
+    seen = []
+    for _ in range(10):
+        prompt = torch.randint(2, VOCAB, (1, rng.randint(1, 600)), device="cuda", generator=gen)
+        new = rng.randint(1, 40)
+        out = treespec.generate(target, draft, prompt, max_new_tokens=new, tree=[3, 2, 1], eos_token_id=[])
+        ref = target.generate(prompt, do_sample=False, max_new_tokens=new, eos_token_id=None, pad_token_id=0)
+        assert torch.equal(out.sequences, ref)
+        backend = next(iter(kept.KEPT.values())).speculator.backend
+        seen.append((torch._dynamo.utils.counters["stats"]["unique_graphs"], backend.stats.captures))
+    assert seen[0][0] > 0 and seen[0][1] > 0
+    assert seen[1:] == [seen[0]] * 9, seen
+    treespec.release()
+
+
+def test_chunked_graphed_prefill_equals_an_eager_prefill():
+    """Prefill through fixed-size padded chunks, compiled and captured, leaves the same cache as
+    the eager backend's unpadded prefill: the next forward's logits agree (fp32)."""
+    from treespec.engine.loop import prefill_chunks
+
+    model = random_model("qwen2.5-1.5b", torch.float32, seed=5)
+    prompt = torch.randint(2, VOCAB, (1, 301), device="cuda")
+    results = []
+    for backend in (make_backend("sdpa", "cuda", torch.float32, graphs=False), make_backend("sdpa", "cuda", torch.float32)):
+        fixed = isinstance(backend, GraphedBackend)
+        cache = backend.make_cache(model, 1024, "target")
+        for start, real, size in prefill_chunks(300, fixed):
+            ids = torch.cat([prompt[:, start : start + real], prompt.new_zeros(1, size - real)], dim=1)
+            pos = torch.arange(start, start + size, device="cuda")[None]
+            causal = torch.ones(size, size, dtype=torch.bool, device="cuda").tril()
+            backend.forward(model, cache, ids, pos, causal, last_only=True)
+            cache.commit(torch.arange(size, device="cuda"), real)
+        assert cache.committed == 300
+        mask = torch.ones(1, 1, dtype=torch.bool, device="cuda")
+        results.append(backend.forward(model, cache, prompt[:, 300:], torch.tensor([[300]], device="cuda"), mask))
+    assert rel_err(results[1], results[0]) < 1e-4

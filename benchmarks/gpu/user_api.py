@@ -1,0 +1,333 @@
+"""What a user gets on a GPU: treespec's public API against transformers, interleaved per prompt.
+
+Every row runs through the API as README shows it:
+    kept      a `treespec.Speculator` made once, `.generate` per prompt
+    generate  plain repeated `treespec.generate(target, draft, ids, ...)` (it keeps one Speculator
+              per models and options for you)
+    hf        transformers' `target.generate(...)`: with `cache_implementation="static"` (which
+              transformers compiles), or with `assistant_model=draft` (its speculative decoding)
+Each row reports its first call (warm-up included), time to first token and steady tokens/s over
+the prompts, and whether its tokens equal the autoregressive row's. Besides the rows: per-forward
+costs (1 target token, draft levels) at 512 cached tokens, the time to first token of a 500-token
+prompt, and the cost of a large max_context for a short prompt.
+
+    python benchmarks/gpu/user_api.py --prompts prompts.json --gguf-dir DIR --out results/ [--per-set 20]
+    python benchmarks/gpu/user_api.py --random --out results/     # random weights of the same shapes
+
+prompts.json: {"humaneval": [{"id", "ids"}], "mtbench": [...], "eos": [...]}, token ids through the
+Qwen2.5-Coder chat template (python -m treespec.bench.gpu_prompts writes it where a tokenizer
+is at hand). Results are written to OUT/user_api.json after every prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import treespec
+
+ROWS = {  # label: (kind, options)
+    "AR": ("kept", dict(method="autoregressive")),
+    "tree [4,2,2,1]": ("kept", dict(method="tree", tree=[4, 2, 2, 1])),
+    "tree [2,2,1,1,1]": ("kept", dict(method="tree", tree=[2, 2, 1, 1, 1])),
+    "chain-4": ("kept", dict(method="linear", tree="chain-4")),
+    "generate() tree [4,2,2,1]": ("generate", dict(method="tree", tree=[4, 2, 2, 1])),
+    "HF static": ("hf", dict(cache_implementation="static")),
+    "HF assisted": ("hf", dict(assistant=True)),
+}
+QWEN25 = {  # hidden, intermediate, layers, heads, kv heads of Qwen2.5 0.5B / 1.5B (random-weight runs)
+    "0.5b": (896, 4864, 24, 14, 2),
+    "1.5b": (1536, 8960, 28, 12, 2),
+}
+
+
+def sync() -> None:
+    torch.cuda.synchronize()
+
+
+def load_pair(args) -> tuple:
+    if args.random:
+        return random_qwen("1.5b", 0), random_qwen("0.5b", 1)
+    from treespec.loading.models import load_model
+
+    g = Path(args.gguf_dir)
+    kw = dict(dtype=torch.bfloat16, device="cuda", cache_converted=False)
+    return (load_model(str(g / "qwen2.5-coder-1.5b-instruct.gguf"), **kw).eval(),
+            load_model(str(g / "qwen2.5-coder-0.5b-instruct.gguf"), **kw).eval())  # fmt: skip
+
+
+def random_qwen(size: str, seed: int):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    h, i, layers, heads, kv = QWEN25[size]
+    config = Qwen2Config(vocab_size=151936, hidden_size=h, intermediate_size=i, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=32768,
+                         tie_word_embeddings=size == "0.5b")  # fmt: skip
+    config._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        model = Qwen2ForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02, generator=gen)
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def synthetic_prompts(n: int, length: int, seed: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    return [{"id": f"synthetic-{i}", "ids": torch.randint(100, 20000, (length,), generator=gen).tolist()} for i in range(n)]
+
+
+class FirstToken:
+    """A transformers streamer that notes when the first generated token arrives."""
+
+    def __init__(self):
+        self.puts, self.first = 0, None
+
+    def put(self, value):
+        self.puts += 1
+        if self.puts == 2 and self.first is None:
+            sync()
+            self.first = time.perf_counter()
+
+    def end(self):
+        pass
+
+
+class Runner:
+    """One object per row: runs a prompt and returns its record."""
+
+    def __init__(self, label, kind, options, target, draft, max_context, eos):
+        self.label, self.kind, self.options = label, kind, dict(options)
+        self.target, self.draft, self.eos = target, draft, eos
+        self.uses_draft = options.get("method") != "autoregressive" and not (kind == "hf" and "assistant" not in options)
+        self.speculator = None
+        if kind == "kept":
+            self.speculator = treespec.Speculator(target, draft if self.uses_draft else None, max_context=max_context,
+                                                  **self.options)
+
+    def __call__(self, ids: list[int], new_tokens: int) -> dict:
+        prompt = torch.tensor([ids], device="cuda")
+        sync()
+        t0 = time.perf_counter()
+        if self.kind == "hf":
+            first = FirstToken()
+            kw = dict(self.options)
+            if kw.pop("assistant", False):
+                kw["assistant_model"] = self.draft
+            with torch.no_grad():
+                seq = self.target.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                           temperature=None, top_p=None, top_k=None, max_new_tokens=new_tokens,
+                                           eos_token_id=self.eos, pad_token_id=self.eos[-1], streamer=first, **kw)  # fmt: skip
+            sync()
+            seconds = time.perf_counter() - t0
+            tokens = seq[0, len(ids):].tolist()
+            return dict(tokens=tokens, seconds=seconds, new=len(tokens), ttft=(first.first or t0) - t0, forwards=None)
+        if self.kind == "kept":
+            out = self.speculator.generate(prompt, max_new_tokens=new_tokens, eos_token_id=self.eos)
+        else:
+            out = treespec.generate(self.target, self.draft if self.uses_draft else None, prompt,
+                                    max_new_tokens=new_tokens, eos_token_id=self.eos, **self.options)
+        sync()
+        seconds = time.perf_counter() - t0
+        s = out.stats
+        return dict(tokens=out.sequences[0, len(ids):].tolist(), seconds=seconds, new=s.new_tokens,
+                    ttft=s.time_to_first_token, forwards=s.target_forwards,
+                    host_split=dict(draft=s.time_draft, verify=s.time_verify, other=s.time_other))  # fmt: skip
+
+
+def forward_costs(target, draft) -> dict:
+    """Milliseconds (CUDA events, graph replays) of one forward at 512 cached tokens through a
+    kept Speculator's backend: the target over 1 token, the draft over 1, 4, 8 and 16."""
+    out = {}
+    for name, model, sizes in (("target", target, (1, 16)), ("draft", draft, (1, 4, 8, 16))):
+        spec = treespec.Speculator(model, None, method="autoregressive", max_context=1024)
+        backend = spec.backend
+        cache = backend.make_cache(model, spec.plan.capacities(1024)[0], "target")
+        for start in (0, 256):  # 512 committed tokens, in two fixed-size prefill chunks
+            ids = torch.randint(100, 20000, (1, 256), device="cuda")
+            pos = torch.arange(start, start + 256, device="cuda")[None]
+            backend.forward(model, cache, ids, pos, torch.ones(256, 256, dtype=torch.bool, device="cuda").tril(),
+                            last_only=True)  # fmt: skip
+            cache.commit_all()
+        drop = torch.zeros(64, dtype=torch.long, device="cuda")
+        for n in sizes:
+            ids = torch.randint(100, 20000, (1, n), device="cuda")
+            pos = torch.arange(512, 512 + n, device="cuda")[None]
+            mask = torch.ones(n, n, dtype=torch.bool, device="cuda").tril()
+
+            def once():
+                backend.forward(model, cache, ids, pos, mask)
+                cache.commit(drop[:n], 0)
+
+            for _ in range(3):  # compile, capture, replay
+                once()
+            sync()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(50):
+                once()
+            end.record()
+            sync()
+            out[f"{name} n={n}"] = dict(ms=round(start.elapsed_time(end) / 50, 3), kernels=kernel_count(once))
+        spec.close()
+    return out
+
+
+def kernel_count(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def median(xs):
+    return round(statistics.median(xs), 4) if xs else None
+
+
+def summarize(rows: dict, base: str) -> dict:
+    out = {}
+    for dname, by in rows.items():
+        n = min(len(v) for v in by.values())
+        ref = by.get(base)
+        for label, recs in by.items():
+            recs = recs[:n]
+            new, sec = sum(r["new"] for r in recs), sum(r["seconds"] for r in recs)
+            fw = [r["forwards"] for r in recs if r["forwards"] is not None]
+            d = dict(prompts=n, tok_s=round(new / sec, 1), ttft_ms=round(1000 * median([r["ttft"] for r in recs]), 2))
+            if fw:
+                d["tau"] = round(new / max(sum(fw), 1), 2)
+            if ref:
+                rnew, rsec = sum(r["new"] for r in ref[:n]), sum(r["seconds"] for r in ref[:n])
+                d[f"x_{base}"] = round((new / sec) / (rnew / rsec), 3)
+                d[f"same_as_{base}"] = f"{sum(a['tokens'] == b['tokens'] for a, b in zip(recs, ref))}/{n}"
+            out[f"{dname} | {label}"] = d
+    return out
+
+
+def warmup_in_new_process(args) -> list[float]:
+    """Warm-up seconds of one kept tree Speculator in two fresh processes (the second finds
+    inductor's on-disk cache the first filled)."""
+    times = []
+    for _ in range(2):
+        cmd = [sys.executable, __file__, "--warmup-only", "--random"]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        line = [x for x in res.stdout.splitlines() if x.startswith("WARMUP ")]
+        times.append(float(line[-1].split()[1]) if line else float("nan"))
+        if not line:
+            print(res.stdout[-2000:], res.stderr[-3000:], flush=True)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts")
+    ap.add_argument("--gguf-dir")
+    ap.add_argument("--random", action="store_true", help="random-weight Qwen2.5 0.5B/1.5B shapes, synthetic prompts")
+    ap.add_argument("--out", default="user_api_out")
+    ap.add_argument("--per-set", type=int, default=20)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--rows", default=None, help="labels separated by ';' (default: all)")
+    ap.add_argument("--hf-per-set", type=int, default=5, help="prompts per set for the transformers rows")
+    ap.add_argument("--max-context", type=int, default=2048)
+    ap.add_argument("--deadline", type=float, default=480.0, help="seconds; the run stops between prompts")
+    ap.add_argument("--extras", default="costs,ttft,context", help="costs, ttft, context, newprocess")
+    ap.add_argument("--warmup-only", action="store_true")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    target, draft = load_pair(args)
+    if args.warmup_only:
+        spec = treespec.Speculator(target, draft, tree=[4, 2, 2, 1], max_context=args.max_context)
+        print("WARMUP", round(spec.warm_up(), 1), flush=True)
+        return
+    print(f"loaded in {time.perf_counter() - t_start:.0f} s", flush=True)
+    if args.random:
+        prompts = {"synthetic": synthetic_prompts(args.per_set, 200, 0)}
+        eos = []
+    else:
+        data = json.loads(Path(args.prompts).read_text())
+        eos = data["eos"]
+        prompts = {k: data[k][: args.per_set] for k in ("humaneval", "mtbench")}
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+               new_tokens=args.new_tokens, first_call_s={}, rows={}, extras={})  # fmt: skip
+
+    def save():
+        slim = {k: v for k, v in res.items() if k != "rows"}
+        slim["summary"] = summarize(res["rows"], "AR")
+        (out_dir / "user_api.json").write_text(json.dumps(slim, indent=1))
+
+    labels = [k for k in ROWS if args.rows is None or k in args.rows.split(";")]
+    runners = {}
+    first_prompt = next(iter(prompts.values()))[0]["ids"]
+    for label in labels:  # the first call of each row: warm-up (compiling, capturing) included
+        kind, options = ROWS[label]
+        t0 = time.perf_counter()
+        try:
+            runners[label] = Runner(label, kind, options, target, draft, args.max_context, eos)
+            runners[label](first_prompt, args.new_tokens)
+            res["first_call_s"][label] = round(time.perf_counter() - t0, 1)
+        except Exception as e:  # noqa: BLE001 - a failing row is reported, the others go on
+            res["first_call_s"][label] = f"failed: {e!r}"[:400]
+            runners.pop(label, None)
+        print(f"first call {label:28s} {res['first_call_s'][label]}", flush=True)
+        save()
+    for i in range(args.per_set):
+        for dname, plist in prompts.items():
+            if i >= len(plist) or time.perf_counter() - t_start > args.deadline:
+                continue
+            for label, run in runners.items():
+                if run.kind == "hf" and i >= args.hf_per_set:
+                    continue
+                rec = run(plist[i]["ids"], args.new_tokens)
+                res["rows"].setdefault(dname, {}).setdefault(label, []).append(rec)
+            line = ", ".join(f"{lab} {recs[-1]['new'] / recs[-1]['seconds']:.0f}" for lab, recs in res["rows"][dname].items()
+                             if len(recs) == i + 1)  # fmt: skip
+            print(f"{dname} {plist[i]['id']}: {line}  ({time.perf_counter() - t_start:.0f} s)", flush=True)
+            save()
+    extras = args.extras.split(",")
+    if "costs" in extras:
+        res["extras"]["forward_ms_at_512"] = forward_costs(target, draft)
+        save()
+    if "ttft" in extras:  # a 500-token prompt, target and draft prefilled, first token out
+        spec = runners.get("tree [4,2,2,1]") or Runner("t", "kept", ROWS["tree [4,2,2,1]"][1], target, draft,
+                                                       args.max_context, eos)  # fmt: skip
+        ids = synthetic_prompts(1, 500, 1)[0]["ids"]
+        ttfts = [spec(ids, 1)["ttft"] for _ in range(6)][1:]
+        res["extras"]["ttft_500_ms"] = dict(median=round(1000 * statistics.median(ttfts), 2), all=[round(1000 * t, 2) for t in ttfts])
+        save()
+    if "context" in extras:  # a 100-token prompt with a small and a large max_context, interleaved
+        ids = synthetic_prompts(1, 100, 2)[0]["ids"]
+        small = Runner("s", "kept", ROWS["AR"][1], target, None, 1024, [])
+        large = Runner("l", "kept", ROWS["AR"][1], target, None, 8192, [])
+        rates = {"1024": [], "8192": []}
+        for r in range(4):
+            for key, run in (("1024", small), ("8192", large)):
+                rec = run(ids, args.new_tokens)
+                if r:
+                    rates[key].append(rec["new"] / rec["seconds"])
+        res["extras"]["max_context_tok_s"] = {k: round(statistics.median(v), 1) for k, v in rates.items()}
+        save()
+    if "newprocess" in extras:
+        res["extras"]["warmup_s_two_fresh_processes"] = warmup_in_new_process(args)
+        save()
+    for k, v in summarize(res["rows"], "AR").items():
+        print(f"{k:45s} {v}", flush=True)
+    print(json.dumps(res["extras"], indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    main()
