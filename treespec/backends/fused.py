@@ -22,8 +22,8 @@ layer.
 `FusedModel` takes the call the backends make (`SdpaBackend.forward`): input_ids and
 position_ids (1, n), the additive mask (1, 1, n, S) or {layer type: mask}, the cache under
 `cache` or `past_key_values`, `logits_to_keep`; it returns `.logits` (1, n or 1, V) and, with
-`output_hidden_states=True`, `.hidden_states` (1, n, d): the final-norm output of every new
-token. Other attribute reads (config, dtype, device, can_generate, generation_config, ...) go
+`output_hidden_states=True`, `.hidden_states[-1]` (1, n, d): the final-norm output of every
+new token, as transformers' last hidden state. Other attribute reads (config, dtype, device, can_generate, generation_config, ...) go
 to the model. Which models it serves: backends/fusable.py (`can_fuse`).
 
 Dimension letters: docs/dimensions.md (n new tokens, S keys handed to attention, H / H_kv
@@ -46,11 +46,13 @@ from treespec.backends.fusable import GEMMA_NORM, FamilySpec, can_fuse, family_o
 
 @dataclass
 class FusedOutput:
-    """logits: (1, n, V), or (1, 1, V) with logits_to_keep=1. hidden_states: (1, n, d), the final
-    norm's output (what the LM head reads), when asked for; else None."""
+    """logits: (1, n, V), or (1, 1, V) with logits_to_keep=1. hidden_states, when asked for:
+    a 1-tuple holding the final norm's output (1, n, d) for every new token (what the LM head
+    reads); as in transformers, `hidden_states[-1]` is that tensor (the earlier layers' states
+    are not kept). None when not asked for."""
 
     logits: torch.Tensor
-    hidden_states: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor] | None = None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kind: str) -> torch.Tensor:
@@ -200,7 +202,7 @@ class FusedModel(nn.Module):
         logits = F.linear(x[:, keep], self.w_head, self.b_head)  # (1, n or 1, V)
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
-        return FusedOutput(logits=logits, hidden_states=x if output_hidden_states else None)
+        return FusedOutput(logits=logits, hidden_states=(x,) if output_hidden_states else None)
 
 
 def fuse(model: PreTrainedModel) -> FusedModel:
