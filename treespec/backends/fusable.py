@@ -16,6 +16,7 @@ whose frequencies depend on the sequence length through host control flow ('dyna
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,9 @@ def can_fuse(model: PreTrainedModel) -> str | None:
     if rotary is None:
         return f"{name} has no rotary embedding module at model.rotary_emb"
     rope_types = rotary.rope_type.values() if isinstance(rotary.rope_type, dict) else [rotary.rope_type]
+    if spec.rope_per_layer_type and "layer_type" not in inspect.signature(type(rotary).forward).parameters:
+        return (f"{name}'s rotary module takes no layer type in this transformers version; fused forwards read "
+                "one rotary table per attention type from it")
     if any("dynamic" in str(t) for t in rope_types):
         return (f"{name} uses dynamic RoPE scaling, whose frequencies are recomputed on the host as the sequence "
                 "grows; fused forwards cannot capture that")
