@@ -30,6 +30,9 @@ FAMILIES = {  # name -> (config class, model class, attention implementation, ex
     "llama": ("LlamaConfig", "LlamaForCausalLM", "sdpa", {}),
     "llama-mha-biases": ("LlamaConfig", "LlamaForCausalLM", "sdpa",
                          dict(num_key_value_heads=4, attention_bias=True, mlp_bias=True)),  # fmt: skip
+    "llama-yarn": ("LlamaConfig", "LlamaForCausalLM", "sdpa",  # RoPE scaling, and its attention factor
+                   dict(rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=10000.0,
+                                             original_max_position_embeddings=8))),  # fmt: skip
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "sdpa", {}),
     "qwen2-windowed": ("Qwen2Config", "Qwen2ForCausalLM", "sdpa", dict(use_sliding_window=True, max_window_layers=1, **W)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "sdpa", dict(head_dim=8)),
