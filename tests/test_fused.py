@@ -200,6 +200,15 @@ def test_supported_families_need_no_fallback(family):
     assert can_fuse(family[1]) is None
 
 
+def test_transformers_own_output_recording_hooks_do_not_block_fusing():
+    """A model once asked for its hidden states carries transformers' (inactive) recording hooks."""
+    model = build("qwen2", 0)
+    with torch.no_grad():
+        model(PROMPT, output_hidden_states=True)
+    assert any(m._forward_hooks for m in model.modules())
+    assert can_fuse(model) is None
+
+
 def _aten_graphs(graphs: list):
     """A torch.compile backend that keeps each forward's aten graph (aot_eager with a look)."""
 

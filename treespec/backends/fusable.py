@@ -60,7 +60,8 @@ def family_of(model: PreTrainedModel) -> FamilySpec | None:
 def layer_norm_names(spec: FamilySpec) -> tuple[str, ...]:
     """The RMSNorm modules of one decoder layer, in the order the layer applies them."""
     if spec.sandwich:
-        return ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+        return ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                "post_feedforward_layernorm")
     return ("input_layernorm", "post_attention_layernorm")
 
 
@@ -91,7 +92,7 @@ def can_fuse(model: PreTrainedModel) -> str | None:
             return f"{name} layer {i}: {reason}"
     if not isinstance(model.get_output_embeddings(), nn.Linear):
         return f"{name}'s LM head is not an nn.Linear"
-    hooked = [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    hooked = [n for n, m in model.named_modules() if _foreign_hooks(m)]
     if hooked:
         return (f"{name} has forward hooks on {hooked[0] or 'the model'} (offloading, adapters, ...), which a fused "
                 "forward would skip")
@@ -107,8 +108,10 @@ def _layer_reason(layer: nn.Module, spec: FamilySpec) -> str | None:
         return "no self_attn / mlp (a mixture of experts or another layer layout)"
     for owner, names in ((attn, ATTN_PROJECTIONS), (mlp, MLP_PROJECTIONS)):
         for proj in names:
-            if type(getattr(owner, proj, None)) is not nn.Linear:
-                return f"{proj} is not a plain nn.Linear (quantised or replaced); fused forwards read its weight directly"
+            linear = getattr(owner, proj, None)
+            if type(linear) is not nn.Linear or type(linear.weight) is not nn.Parameter:
+                return (f"{proj} is not a plain nn.Linear (quantised or replaced); fused forwards read its weight "
+                        "directly")
     if not hasattr(mlp, "act_fn"):
         return "the MLP has no act_fn"
     if not isinstance(getattr(attn, "scaling", None), float):
@@ -123,6 +126,16 @@ def _layer_reason(layer: nn.Module, spec: FamilySpec) -> str | None:
         if not isinstance(getattr(module, "variance_epsilon", getattr(module, "eps", None)), float):
             return f"{norm} has no epsilon (variance_epsilon or eps)"
     return None
+
+
+def _foreign_hooks(module: nn.Module) -> bool:
+    """Whether something hooks into the module's call: accelerate's wrapped forward (offloading,
+    device maps) or forward (pre-)hooks other than transformers' own output recording, which
+    stays inactive unless hidden states or attentions are asked of the model itself."""
+    if hasattr(module, "_hf_hook"):
+        return True
+    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+    return any(getattr(hook, "__module__", None) != "transformers.utils.output_capturing" for hook in hooks)
 
 
 def _has(module: nn.Module, path: str) -> bool:

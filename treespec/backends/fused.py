@@ -23,8 +23,8 @@ layer.
 position_ids (1, n), the additive mask (1, 1, n, S) or {layer type: mask}, the cache under
 `cache` or `past_key_values`, `logits_to_keep`; it returns `.logits` (1, n or 1, V) and, with
 `output_hidden_states=True`, `.hidden_states[-1]` (1, n, d): the final-norm output of every
-new token, as transformers' last hidden state. Other attribute reads (config, dtype, device, can_generate, generation_config, ...) go
-to the model. Which models it serves: backends/fusable.py (`can_fuse`).
+new token, as transformers' last hidden state. Other attribute reads (config, dtype, device,
+can_generate, generation_config, ...) go to the model. Which models it serves: backends/fusable.py (`can_fuse`).
 
 Dimension letters: docs/dimensions.md (n new tokens, S keys handed to attention, H / H_kv
 heads, g = H / H_kv, Dh head size, d hidden size, V vocabulary).
@@ -89,8 +89,9 @@ class FusedLayer(nn.Module):
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.scaling = attn.scaling
         self.softcap = getattr(attn, "attn_logit_softcapping", None)
-        self.register_buffer("w_qkv", _cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), persistent=False)
-        self.register_buffer("b_qkv", _cat_bias([attn.q_proj, attn.k_proj, attn.v_proj]), persistent=False)
+        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+        self.register_buffer("w_qkv", _cat([lin.weight for lin in qkv]), persistent=False)
+        self.register_buffer("b_qkv", _cat_bias(qkv), persistent=False)
         self.register_buffer("w_gate_up", _cat([mlp.gate_proj.weight, mlp.up_proj.weight]), persistent=False)
         self.register_buffer("b_gate_up", _cat_bias([mlp.gate_proj, mlp.up_proj]), persistent=False)
         self.w_o, self.b_o = attn.o_proj.weight, attn.o_proj.bias
@@ -149,9 +150,11 @@ class FusedModel(nn.Module):
         super().__init__()
         self.__dict__["wrapped"] = model  # not a submodule: the user's model stays theirs alone
         config, base = model.config.get_text_config(), model.base_model
-        heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         self.types = layer_types(model)
+        self.type_names = tuple(sorted(set(self.types)))  # fixed order: one trace per shape, in any process
         self.groups, self.kind, self.spec = heads // kv_heads, spec.norm, spec
         self.embed, self.rotary = base.embed_tokens, base.rotary_emb
         self.layers = nn.ModuleList(
@@ -190,11 +193,12 @@ class FusedModel(nn.Module):
             raise ValueError("a fused forward needs the KV cache and the additive attention mask the backend builds")
         x = self.embed(input_ids)  # (1, n, d)
         rope_tables = {}
-        for t in set(self.types):  # one table, or one per layer type (Gemma 3)
-            cos, sin = self.rotary(x, position_ids, t) if self.spec.rope_per_layer_type else self.rotary(x, position_ids)
+        by_type = self.spec.rope_per_layer_type
+        for t in self.type_names:  # one table, or one per layer type (Gemma 3)
+            cos, sin = self.rotary(x, position_ids, t) if by_type else self.rotary(x, position_ids)  # (1, n, Dh)
             rope_tables[t] = (cos[:, :, None], sin[:, :, None])  # (1, n, 1, Dh)
         masks = {t: pack_mask(attention_mask[t] if isinstance(attention_mask, dict) else attention_mask, self.groups)
-                 for t in set(self.types)}  # fmt: skip
+                 for t in self.type_names}  # fmt: skip
         for layer in self.layers:
             x = layer(x, *rope_tables[layer.layer_type], masks[layer.layer_type], cache)
         x = rms_norm(x, self.norm_weight, self.norm_eps, self.kind)  # (1, n, d)
