@@ -17,6 +17,7 @@ from torch._functorch.aot_autograd import aot_module_simplified
 
 import treespec
 from treespec.backends.base import UnsupportedModelError
+from treespec.backends.cuda_graphs import GraphedBackend
 from treespec.backends.fused import FusedModel, can_fuse, fuse
 from treespec.backends.sdpa import SdpaBackend
 from treespec.backends.static_cache import StaticSdpaBackend, StaticTreeKVCache
@@ -129,6 +130,23 @@ def test_greedy_generation_is_exact(family):
     for fused_draft in (fuse(draft), fuse(target)):  # an unrelated draft, and one that is always right
         out = treespec.generate(fused_target, fused_draft, PROMPT, max_new_tokens=16, tree=[2, 2, 1], eos_token_id=[])
         assert torch.equal(out.sequences, ref)
+
+
+def test_greedy_generation_through_the_compiled_engine_is_exact():
+    """The GPU engine's path on the CPU: static caches, every forward shape compiled (aot_eager,
+    fullgraph) from the fused models, as `GraphedBackend` compiles the models it is given."""
+    torch._dynamo.reset()
+    target, draft = build("qwen2-windowed", 0), build("qwen2-windowed", 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = target.generate(PROMPT, do_sample=False, max_new_tokens=12, eos_token_id=None, pad_token_id=0,
+                              attention_mask=torch.ones_like(PROMPT))  # fmt: skip
+    backend = GraphedBackend(StaticSdpaBackend(), compile=True, compile_backend="aot_eager")
+    out = treespec.generate(fuse(target), fuse(draft), PROMPT, max_new_tokens=12, tree=[2, 1], attention=backend,
+                            eos_token_id=[])  # fmt: skip
+    assert torch.equal(out.sequences, ref)
+    assert backend.compiler.stats.shapes > 0 and "FusedModel" in backend.compiler.stats.log[0]
+    torch._dynamo.reset()
 
 
 def _snapshot(model):
