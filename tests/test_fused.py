@@ -101,6 +101,16 @@ def test_a_broken_fusion_is_caught():
     assert (ours - theirs).abs().max() > 1e-3
 
 
+def test_flash_backends_call_is_refused():
+    """FlashBackend hands the model a boolean block mask and its own attention metadata; a fused
+    forward would misread them (with one key, silently), so it refuses the call."""
+    fused, backend = fuse(build("qwen2", 0)), SdpaBackend()
+    cache = backend.make_cache(fused, 64)
+    with pytest.raises(UnsupportedModelError, match="attention='flash'"):
+        fused(input_ids=PROMPT[:, :1], position_ids=torch.zeros(1, 1, dtype=torch.long),
+              attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool), cache=cache, tree_attention=object())  # fmt: skip
+
+
 def test_hidden_states_are_the_final_norms_output():
     model = build("qwen3", 0)
     fused = fuse(model)

@@ -52,7 +52,7 @@ def test_fp32_compiled_fused_generation_is_exact(arch):
     ref = _reference(target, ids)
     for fused_draft in (fuse(draft), fuse(target)):
         out = treespec.generate(fuse(target), fused_draft, ids, max_new_tokens=NEW, tree=[2, 2, 1], eos_token_id=[],
-                                compile=True)  # fmt: skip
+                                attention="sdpa", compile=True)  # fmt: skip
         assert torch.equal(out.sequences, ref)
 
 
@@ -87,7 +87,8 @@ def test_bf16_compiled_fused_generation_equals_eager_fp32(arch):
     print(f"{arch}: bf16 logit error {err:.4f}, tokens decided by fp32 margins: {decided} of {NEW}")
     assert decided >= 24, f"the reference has a near-tie at new token {decided}; use another BF16_SEED"
 
-    out = treespec.generate(target16, draft16, ids, max_new_tokens=NEW, tree=[2, 2, 1], eos_token_id=[], compile=True)
+    out = treespec.generate(target16, draft16, ids, max_new_tokens=NEW, tree=[2, 2, 1], eos_token_id=[],
+                            attention="sdpa", compile=True)  # fmt: skip
     assert torch.equal(out.sequences[0, : t + decided], ref[0, : t + decided])
 
 

@@ -191,6 +191,14 @@ class FusedModel(nn.Module):
         cache = cache if cache is not None else past_key_values
         if cache is None or attention_mask is None:
             raise ValueError("a fused forward needs the KV cache and the additive attention mask the backend builds")
+        first_mask = next(iter(attention_mask.values())) if isinstance(attention_mask, dict) else attention_mask
+        if "tree_attention" in unused or first_mask.dtype == torch.bool:
+            # FlashBackend's call: a boolean block mask plus its own attention function, which a
+            # fused forward (always sdpa over the additive mask) would misread
+            raise UnsupportedModelError(
+                "fused forwards run sdpa over the additive tree mask of the sdpa backends (SdpaBackend, "
+                "StaticSdpaBackend); run the unfused model with attention='flash'"
+            )
         x = self.embed(input_ids)  # (1, n, d)
         rope_tables = {}
         by_type = self.spec.rope_per_layer_type
