@@ -113,3 +113,18 @@ def test_prefill_chunks_have_fixed_sizes():
         assert {size for *_, size in chunks} <= {32, 256}
         assert [start for start, *_ in chunks] == [sum(c[2] for c in chunks[:i]) for i in range(len(chunks))]
     assert prefill_chunks(600, fixed=False) == [(0, 512, 512), (512, 88, 88)]
+
+
+def test_fused_speculator_equals_target_greedy_and_leaves_the_models_alone(pair):
+    target, draft = pair
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    spec = treespec.Speculator(target, draft, tree=[2, 2, 1], fuse=True, attention=compiled_backend())
+    assert type(spec.plan.target).__name__ == "FusedModel" and type(spec.plan.draft).__name__ == "FusedModel"
+    prompt = torch.tensor([[5, 9, 2, 33, 17, 4, 40]])
+    out = spec.generate(prompt, max_new_tokens=12, eos_token_id=[])
+    assert torch.equal(out.sequences, reference(target, prompt, 12))
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+    with pytest.raises(ArgumentError, match="fuse must be True or False"):
+        treespec.Speculator(target, draft, fuse="yes")
+    with pytest.raises(ValueError, match="attention='sdpa'"):  # no flash here; with it, fuse refuses flash
+        treespec.Speculator(target, draft, fuse=True, attention="flash")

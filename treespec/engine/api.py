@@ -43,13 +43,14 @@ def stream(
     lookup: bool | LookupConfig = False,
     acceptance: str = "rejection",
     overlap: bool | OverlapConfig = False,
+    fuse: bool = False,
 ) -> TokenStream:
     """Like `generate`, but returns an iterator over the tokens of each step."""
     check_prompt(input_ids)
     max_new_tokens = check_max_new_tokens(max_new_tokens)
     check_prompt_for(input_ids, [("target", target)], max_new_tokens)  # before the kept object is made
     options = SpeculatorOptions(method=method, tree=tree, attention=attention, compile=compile, lookup=lookup,
-                                acceptance=acceptance, overlap=overlap)
+                                acceptance=acceptance, overlap=overlap, fuse=fuse)
     speculator = kept_speculator(target, draft, options, input_ids.shape[1] + max_new_tokens)
     return speculator.stream(input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                              top_p=top_p, eos_token_id=eos_token_id, generator=generator, streamer=streamer)
@@ -74,6 +75,7 @@ def generate(
     lookup: bool | LookupConfig = False,
     acceptance: str = "rejection",
     overlap: bool | OverlapConfig = False,
+    fuse: bool = False,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens after `input_ids` with speculative decoding.
 
@@ -114,6 +116,9 @@ def generate(
             on a second CUDA stream (in order on the CPU); when it guessed right, the next step
             starts with those levels done (docs/overlap.md). Static trees, chains, and dynamic
             trees (one level ahead: levels=1).
+        fuse: run fused forwards: one q/k/v and one gate/up matmul per decoder layer, from weights
+            concatenated once (the models are not changed); the sdpa backends, and the Llama,
+            Mistral, Qwen2/3 and Gemma 1/2/3 families (docs/gpu.md, "Fused forwards").
     Returns:
         GenerationResult with sequences (1, T + new) and stats.
 
@@ -140,5 +145,6 @@ def generate(
         lookup=lookup,
         acceptance=acceptance,
         overlap=overlap,
+        fuse=fuse,
     )
     return token_stream.run()

@@ -38,6 +38,8 @@ from treespec.acceptance.schemes import check_acceptance
 from treespec.backends.base import Backend
 from treespec.backends.cuda_graphs import GraphedBackend
 from treespec.backends.factory import make_backend
+from treespec.backends.fusable import can_fuse
+from treespec.backends.fused import fuse
 from treespec.drafting.ahead import AheadPlan, OverlapConfig
 from treespec.drafting.base import GreedyProposer, SampledProposer
 from treespec.drafting.lookup import LookupConfig, LookupDrafter
@@ -65,12 +67,13 @@ class SpeculatorOptions:
 
     method: str = "tree"
     tree: Any = None
-    max_context: int = DEFAULT_MAX_CONTEXT
+    max_context: int | None = None
     attention: Any = "auto"
     compile: bool | None = None
     lookup: bool | LookupConfig = False
     acceptance: str = "rejection"
     overlap: bool | OverlapConfig = False
+    fuse: bool = False
 
 
 @dataclass
@@ -80,7 +83,8 @@ class Plan:
     spec: the tree policy (tree="auto" already resolved to its static tree); choice: tree="auto"'s
     TreeChoice (None otherwise); ahead: the drafting-ahead plan (overlap on, drafts present);
     scratch: cache slots beyond the context (one step's tree in either sampling mode, the padding
-    of the last prefill chunk, lookup's extras); the draft's cache has ahead.slots_used more."""
+    of the last prefill chunk, lookup's extras); the draft's cache has ahead.slots_used more.
+    target / draft: what the forwards run: the models, or their fused forms (fuse=True)."""
 
     method: str
     spec: TreePolicy
@@ -92,6 +96,8 @@ class Plan:
     backend: Backend
     max_context: int
     scratch: int
+    target: PreTrainedModel
+    draft: PreTrainedModel | None
 
     @property
     def fixed_shapes(self) -> bool:
@@ -108,7 +114,7 @@ def resolve_plan(target: PreTrainedModel, draft: PreTrainedModel | None, options
     """Every check that does not depend on a prompt, then the policy, the backend, tree="auto"'s
     calibration (the first real work, after every check) and the cache capacities."""
     check_method(options.method)
-    max_context = as_int(options.max_context)
+    max_context = as_int(options.max_context) if options.max_context is not None else _default_context(target)
     if max_context is None or max_context < 2:
         raise ArgumentError("max_context", f"max_context must be a whole number >= 2 (prompt + max_new_tokens of "
                             f"the longest call), got {options.max_context!r}")
@@ -128,9 +134,14 @@ def resolve_plan(target: PreTrainedModel, draft: PreTrainedModel | None, options
                            context_length=max_context)
     for model in (target, draft) if spec.has_drafts else (target,):
         backend.check_model(model)
+    if not isinstance(options.fuse, bool):
+        raise ArgumentError("fuse", f"fuse must be True or False, got {options.fuse!r}")
+    run_target, run_draft = target, draft if spec.has_drafts else None
+    if options.fuse:  # built once; the user's models are not changed
+        run_target, run_draft = (fused(m, backend) if m is not None else None for m in (run_target, run_draft))
     choice = None
     if isinstance(spec, AutoTreeConfig):  # calibrating is the first work done, after every check
-        spec, choice = resolve_auto(spec, target, draft, backend)
+        spec, choice = resolve_auto(spec, run_target, run_draft, backend)
     ahead = None
     if overlap is not None and spec.has_drafts:  # tree='auto' may choose the target alone: nothing to draft below
         if choice is not None:  # and a tree shallower than the levels asked for
@@ -142,7 +153,24 @@ def resolve_plan(target: PreTrainedModel, draft: PreTrainedModel | None, options
     if lookup is not None:  # extra tree slots, and accepted lookup tokens fed to the draft next step
         scratch += lookup.slots + lookup.length
     return Plan(options.method, spec, choice, lookup, overlap, ahead, options.acceptance, backend, max_context,
-                scratch)
+                scratch, run_target, run_draft)
+
+
+def fused(model: PreTrainedModel, backend: Backend) -> PreTrainedModel:
+    """The fused form of `model` (backends/fused.py), or ArgumentError saying why it has none."""
+    if backend.name != "sdpa":
+        raise ArgumentError("fuse", f"fuse=True runs on the sdpa backends; this one is {backend.name!r}: pass "
+                            "attention='sdpa' or fuse=False")
+    reason = can_fuse(model)
+    if reason is not None:
+        raise ArgumentError("fuse", f"fuse=True cannot fuse {type(model).__name__}: {reason}; pass fuse=False")
+    return fuse(model)
+
+
+def _default_context(target: PreTrainedModel) -> int:
+    """DEFAULT_MAX_CONTEXT, or the target's positions when it has fewer."""
+    limit = getattr(target.config.get_text_config(), "max_position_embeddings", None)
+    return min(DEFAULT_MAX_CONTEXT, limit) if limit else DEFAULT_MAX_CONTEXT
 
 
 def _check_context(target: PreTrainedModel, draft: PreTrainedModel | None, max_context: int) -> None:
@@ -162,14 +190,18 @@ class Speculator:
     Args: target, draft, and the options of `treespec.generate` that shape the computation:
     method, tree, attention, compile, lookup, acceptance, overlap (see `treespec.generate`), and
     max_context: the most tokens (prompt + max_new_tokens) one call may hold; the KV caches are
-    allocated for it once.
+    allocated for it once (default: 4096, or the target's positions when it has fewer).
+    fuse: run fused forwards (backends/fused.py: one q/k/v and one gate/up matmul per layer,
+    weights concatenated once here; the models themselves are not changed); sdpa backends and
+    the families backends/fusable.py serves.
     """
 
     def __init__(self, target: PreTrainedModel, draft: PreTrainedModel | None = None, *, method: str = "tree",
-                 tree=None, max_context: int = DEFAULT_MAX_CONTEXT, attention="auto", compile: bool | None = None,
+                 tree=None, max_context: int | None = None, attention="auto", compile: bool | None = None,
                  lookup: bool | LookupConfig = False, acceptance: str = "rejection",
-                 overlap: bool | OverlapConfig = False):  # fmt: skip
-        self.options = SpeculatorOptions(method, tree, max_context, attention, compile, lookup, acceptance, overlap)
+                 overlap: bool | OverlapConfig = False, fuse: bool = False):  # fmt: skip
+        self.options = SpeculatorOptions(method, tree, max_context, attention, compile, lookup, acceptance, overlap,
+                                         fuse)
         self.target, self.draft = target, draft
         self.plan: Plan | None = resolve_plan(target, draft, self.options)
         self.warm = False  # every forward shape compiled and captured (`warm_up`)
@@ -181,7 +213,7 @@ class Speculator:
         forwards); the object cannot generate afterwards."""
         backend = self.plan.backend if self.plan is not None else None
         if isinstance(backend, GraphedBackend):
-            for model in (self.target, self.draft):
+            for model in (self.plan.target, self.plan.draft):
                 if model is not None:
                     backend.release(model)
             if self.options.attention is not backend:  # a caller's backend object keeps its compiled forwards
@@ -254,15 +286,15 @@ class Speculator:
         capacity, draft_capacity = plan.capacities(prompt_len + max_new_tokens)
         drafter = None
         if plan.spec.has_drafts:
-            cache = plan.backend.make_cache(self.draft, draft_capacity, "draft")
-            drafter = plan.spec.make_drafter(self.draft, plan.backend, cache, proposer, stats)
+            cache = plan.backend.make_cache(plan.draft, draft_capacity, "draft")
+            drafter = plan.spec.make_drafter(plan.draft, plan.backend, cache, proposer, stats)
             if plan.ahead is not None:
                 drafter.enable_ahead(plan.ahead)
             if plan.lookup is not None:
                 drafter = LookupDrafter(drafter, plan.lookup)
         stats.tree = drafter.describe() if drafter is not None else "root only"
         engine = SpeculativeEngine(
-            self.target, plan.backend.make_cache(self.target, capacity, "target"), drafter, plan.backend,
+            plan.target, plan.backend.make_cache(plan.target, capacity, "target"), drafter, plan.backend,
             acceptor, stats, prompt_len=prompt_len, max_new_tokens=max_new_tokens, eos_token_ids=eos,
             ahead=drafter if plan.ahead is not None else None, fixed_shapes=plan.fixed_shapes,
         )
@@ -332,7 +364,8 @@ def kept_speculator(target: PreTrainedModel, draft: PreTrainedModel | None, opti
     """The Speculator generate() reuses for these models and options, made (or remade larger)
     when no kept one has room for `needed` tokens (prompt + max_new_tokens)."""
     key = (id(target), id(draft), *(_key_part(getattr(options, f)) for f in
-                                   ("method", "tree", "attention", "compile", "lookup", "acceptance", "overlap")))
+                                   ("method", "tree", "attention", "compile", "lookup", "acceptance", "overlap",
+                                    "fuse")))
     kept = KEPT.get(key)
     if kept is not None and kept.speculator.plan is not None and kept.speculator.plan.max_context >= needed:
         KEPT.move_to_end(key)
@@ -340,7 +373,7 @@ def kept_speculator(target: PreTrainedModel, draft: PreTrainedModel | None, opti
     if kept is not None:
         kept.speculator.close()
         del KEPT[key]
-    max_context = max(options.max_context, 1 << (needed - 1).bit_length())
+    max_context = max(_default_context(target), 1 << (needed - 1).bit_length())
     limit = getattr(target.config.get_text_config(), "max_position_embeddings", None)
     if limit is not None:
         max_context = min(max_context, limit)
