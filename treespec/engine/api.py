@@ -24,6 +24,7 @@ from treespec.acceptance.sampling import SamplingConfig
 from treespec.acceptance.schemes import check_acceptance
 from treespec.backends.factory import make_backend
 from treespec.drafting.base import GreedyProposer, SampledProposer
+from treespec.drafting.head import check_head_use, is_head, make_head_drafter
 from treespec.drafting.policy import TreePolicy, resolve_policy
 from treespec.drafting.static import StaticTree
 from treespec.engine.loop import GreedyAcceptor, SampledAcceptor, SpeculativeEngine
@@ -110,6 +111,8 @@ def stream(
     check_lookup(lookup_config, has_drafts=spec.has_drafts, greedy=sampling.greedy, acceptance=acceptance)
     overlap_config = resolve_switch(overlap, OverlapConfig, "overlap")
     check_overlap(overlap_config, spec, lookup_config)
+    if spec.has_drafts and is_head(draft):  # draft head (drafting/head.py)
+        check_head_use(target, draft, lookup=lookup_config, overlap=overlap_config)
     if sampling.greedy:
         proposer, acceptor = GreedyProposer(), GreedyAcceptor()
     else:
@@ -135,7 +138,9 @@ def stream(
     draft_capacity = capacity + (plan.slots_used if plan is not None else 0)
     drafter = None
     if spec.has_drafts:
-        drafter = spec.make_drafter(draft, backend, backend.make_cache(draft, draft_capacity, "draft"), proposer, stats)
+        draft_cache = backend.make_cache(draft, draft_capacity, "draft")
+        make = make_head_drafter if is_head(draft) else type(spec).make_drafter  # draft head: drafting/head.py
+        drafter = make(spec, draft, backend, draft_cache, proposer, stats)
         if plan is not None:
             drafter.enable_ahead(plan)
         if lookup_config is not None:
@@ -182,7 +187,8 @@ def generate(
 
     Args:
         target: the model whose output distribution is kept exactly.
-        draft: the small model that proposes tokens (None for method='autoregressive').
+        draft: the small model that proposes tokens (None for method='autoregressive'), or a
+            draft head trained for the target (`treespec.heads.load_head(target)`, docs/heads.md).
         input_ids: LongTensor (1, T), the prompt.
         method: 'tree' (a token tree), 'linear' (one chain of k drafts) or 'autoregressive'
             (the target alone, through the same engine).
