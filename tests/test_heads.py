@@ -14,6 +14,7 @@ from chisq import ALPHA, E2E_PROMPT as PROMPT, POWER, e2e_pair, exact_joint, pva
 from treespec.acceptance.sampling import SamplingConfig
 from treespec.backends.cuda_graphs import GraphedBackend
 from treespec.backends.static_cache import StaticSdpaBackend
+from treespec.drafting.dynamic import DynamicTreeConfig
 from treespec.heads import load_head
 from treespec.heads.features import DataConfig, sample_from_target, target_features, tokenize_sources
 from treespec.heads.model import DraftHead, HeadMismatchError
@@ -104,13 +105,14 @@ SAMPLED = [
     ("tree", [3, 2], "rejection", SamplingConfig(temperature=1.0)),
     ("tree", [2, 2], "traversal", SamplingConfig(temperature=0.8, top_k=6)),
     ("linear", "chain-3", "block", SamplingConfig(temperature=1.0)),
+    ("tree", DynamicTreeConfig(width=2, children=3, depth=3, budget=8), "rejection", SamplingConfig(temperature=1.0)),
 ]
 
 
-@pytest.mark.parametrize("method,tree,acceptance,cfg", SAMPLED, ids=[c[2] for c in SAMPLED])
+@pytest.mark.parametrize("method,tree,acceptance,cfg", SAMPLED, ids=[f"{c[0]}-{c[2]}" for c in SAMPLED])
 def test_sampling_with_a_head_keeps_the_targets_distribution(e2e_head, method, tree, acceptance, cfg):
     target, head = e2e_head
-    counts = sample_counts(target, head, PROMPT, cfg, seed=len(acceptance), draws=900, method=method, tree=tree,
+    counts = sample_counts(target, head, PROMPT, cfg, seed=sum(map(ord, f"{method}{tree}{acceptance}")), draws=700, method=method, tree=tree,
                            acceptance=acceptance).counts
     joint = exact_joint(target, PROMPT, cfg)
     assert pvalue(counts.sum(1), joint.sum(1)) > ALPHA

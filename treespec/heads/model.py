@@ -121,7 +121,9 @@ class DraftHead(nn.Module):
         self.layer = layer_cls(config, layer_idx=0)
         self._cache_keyword = "cache" if "cache" in inspect.signature(layer_cls.forward).parameters else "past_key_values"
         self.shared: SharedParts | None = None
-        self._features: torch.Tensor | None = None  # (FEATURE_ROWS, Hm)
+        # (FEATURE_ROWS, Hm): a buffer (moves with .to(), never saved) allocated here, so that no
+        # forward allocates it (a compiled forward must not) and a captured graph reads one address
+        self.register_buffer("_features", torch.zeros(FEATURE_ROWS, h), persistent=False)
         self._wide: torch.Tensor | None = None  # (n, Hm) for a forward wider than the buffer
         self.main_input_name = "input_ids"
 
@@ -181,8 +183,6 @@ class DraftHead(nn.Module):
         if n > FEATURE_ROWS:
             self._wide = features.to(self.dtype)
             return
-        if self._features is None or self._features.device != features.device:
-            self._features = torch.zeros(FEATURE_ROWS, self.config.hidden_size, dtype=self.dtype, device=features.device)
         self._features[:n].copy_(features)
 
     def _feature_input(self, n: int, device: torch.device) -> torch.Tensor:
@@ -191,8 +191,6 @@ class DraftHead(nn.Module):
             if self._wide is None or self._wide.shape[0] != n:
                 return torch.zeros(n, self.config.hidden_size, dtype=self.dtype, device=device)
             return self._wide
-        if self._features is None:
-            self._features = torch.zeros(FEATURE_ROWS, self.config.hidden_size, dtype=self.dtype, device=device)
         return self._features[:n]
 
     # ------------------------------------------------------------------ forward
