@@ -17,7 +17,7 @@ Texts are tokenized, joined with the end-of-text token, and cut into blocks of `
 last hidden state after the final norm). The target's next-token logits are its LM head applied
 to f, so the soft labels p are recomputed from f during training instead of being stored.
 
-Dimension letters: docs/dimensions.md (L block length, Hm hidden size, V vocabulary).
+Dimension letters: docs/dimensions.md (Lb block length, Hm hidden size, V vocabulary).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class DataConfig:
     text_dir: str | None = None
     self_samples: int = 0  # blocks sampled from the target itself
     max_tokens: int = 4_000_000  # tokens kept in all (train + held out)
-    seq_len: int = 512  # L
+    seq_len: int = 512  # Lb
     eval_blocks: int = 32  # held-out blocks for the final check
     seed: int = 0
 
@@ -63,7 +63,7 @@ class DataConfig:
 
 @dataclass
 class TokenBlocks:
-    """Token blocks and where they came from. train: LongTensor (B_t, L); held_out: (B_e, L)."""
+    """Token blocks and where they came from. train: LongTensor (B_t, Lb); held_out: (B_e, Lb)."""
 
     train: torch.Tensor
     held_out: torch.Tensor
@@ -219,12 +219,12 @@ def make_blocks(config: DataConfig, tokenizer, target: PreTrainedModel, progress
 @torch.no_grad()
 def target_features(target: PreTrainedModel, blocks: torch.Tensor, batch_size: int, *, dtype: torch.dtype,
                     desc: str = "features", progress: bool = True) -> torch.Tensor:
-    """The target's features f on every block: (B_s, L, Hm) in `dtype`, on the target's device
+    """The target's features f on every block: (B_s, Lb, Hm) in `dtype`, on the target's device
     (the last hidden state after the final norm, as the backends' hidden=True returns it)."""
     out = []
     device = target.device
     for start in tqdm(range(0, blocks.shape[0], batch_size), desc=desc, disable=not progress):
         ids = blocks[start : start + batch_size].to(device)
-        h = target(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]  # (b, L, Hm)
+        h = target(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]  # (b, Lb, Hm)
         out.append(h.to(dtype))
     return torch.cat(out)

@@ -17,7 +17,7 @@ counts `unroll_decay`^j.
 The held-out check reports, per pass: top-1 agreement (argmax q = argmax p) and the acceptance
 of one sampled draft at temperature 1, sum_v min(p, q) (what token-level rejection accepts).
 
-Dimension letters: docs/dimensions.md (B batch of blocks, L block length, Hm hidden size, V vocabulary).
+Dimension letters: docs/dimensions.md (B batch of blocks, Lb block length, Hm hidden size, V vocabulary).
 """
 
 from __future__ import annotations
@@ -81,32 +81,32 @@ class TrainResult:
 
 
 def shifted(features: torch.Tensor) -> torch.Tensor:
-    """(B, L, Hm) -> (B, L, Hm): position t reads the feature at t-1 (zeros at t = 0)."""
+    """(B, Lb, Hm) -> (B, Lb, Hm): position t reads the feature at t-1 (zeros at t = 0)."""
     return torch.cat([torch.zeros_like(features[:, :1]), features[:, :-1]], dim=1)
 
 
 def passes(head: DraftHead, ids: torch.Tensor, feats: torch.Tensor, unroll: int, noise: float = 0.0,
            generator: torch.Generator | None = None) -> list[torch.Tensor]:
-    """The head's predicted features for each unroll pass: list of (B, L, Hm).
-    ids: (B, L); feats: (B, L, Hm) the target's features at each position."""
+    """The head's predicted features for each unroll pass: list of (B, Lb, Hm).
+    ids: (B, Lb); feats: (B, Lb, Hm) the target's features at each position."""
     b, length = ids.shape
-    pos = torch.arange(length, device=ids.device)[None].expand(b, -1)  # (B, L)
+    pos = torch.arange(length, device=ids.device)[None].expand(b, -1)  # (B, Lb)
     inp = shifted(feats)
     if noise:
         u = torch.rand(inp.shape, generator=generator, device="cpu").to(inp.device, inp.dtype)
         inp = inp + (2 * u - 1) * noise
     out = []
     for _ in range(unroll):
-        f_hat = head.step(ids, inp, pos)  # (B, L, Hm)
+        f_hat = head.step(ids, inp, pos)  # (B, Lb, Hm)
         out.append(f_hat)
         inp = shifted(f_hat)
     return out
 
 
 def loss_terms(head: DraftHead, f_hat: torch.Tensor, feats: torch.Tensor, p_log: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(feature loss, token loss), scalars. f_hat, feats: (B, L, Hm); p_log: (B, L, V) log p."""
+    """(feature loss, token loss), scalars. f_hat, feats: (B, Lb, Hm); p_log: (B, Lb, V) log p."""
     feature = F.smooth_l1_loss(f_hat.float(), feats.float())
-    q_log = torch.log_softmax(head.logits(f_hat).float(), dim=-1)  # (B, L, V)
+    q_log = torch.log_softmax(head.logits(f_hat).float(), dim=-1)  # (B, Lb, V)
     token = -(p_log.exp() * q_log).sum(-1).mean()
     return feature, token
 
@@ -121,7 +121,7 @@ def train(head: DraftHead, blocks: torch.Tensor, feats: torch.Tensor, config: Tr
           seconds: float | None = None, autocast: torch.dtype | None = None, progress: bool = True) -> TrainResult:
     """Train `head` in place on the target's features.
 
-    blocks: LongTensor (B_t, L) token blocks (any device); feats: (B_t, L, Hm) the target's
+    blocks: LongTensor (B_t, Lb) token blocks (any device); feats: (B_t, Lb, Hm) the target's
     features on them, on the head's device. seconds: stop when this much time has passed
     (None: run config.steps). autocast: dtype of torch.autocast on CUDA (None: off).
     """
@@ -152,7 +152,7 @@ def train(head: DraftHead, blocks: torch.Tensor, feats: torch.Tensor, config: Tr
             group["lr"] = config.lr * lr_factor(step, config, progress_frac)
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None and device.type == "cuda"):
             with torch.no_grad():
-                p_log = torch.log_softmax(lm_head(f.to(lm_head.weight.dtype)).float(), dim=-1)  # (B, L, V)
+                p_log = torch.log_softmax(lm_head(f.to(lm_head.weight.dtype)).float(), dim=-1)  # (B, Lb, V)
             loss = torch.zeros((), device=device)
             for j, f_hat in enumerate(passes(head, ids, f, config.unroll, config.feature_noise, gen)):
                 feature, token = loss_terms(head, f_hat, f, p_log)
@@ -177,7 +177,7 @@ def train(head: DraftHead, blocks: torch.Tensor, feats: torch.Tensor, config: Tr
 def evaluate(head: DraftHead, blocks: torch.Tensor, feats: torch.Tensor, *, unroll: int = 1, batch_size: int = 8,
              autocast: torch.dtype | None = None, progress: bool = True) -> list[PassMetrics]:
     """Held-out top-1 agreement and expected acceptance per unroll pass (see the module docstring).
-    blocks: (B_e, L); feats: (B_e, L, Hm) the target's features."""
+    blocks: (B_e, Lb); feats: (B_e, Lb, Hm) the target's features."""
     device = head.device
     lm_head = head.get_output_embeddings()
     agree = [0.0] * unroll
@@ -187,9 +187,9 @@ def evaluate(head: DraftHead, blocks: torch.Tensor, feats: torch.Tensor, *, unro
         ids = blocks[start : start + batch_size].to(device)
         f = feats[start : start + batch_size].to(device)
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None and device.type == "cuda"):
-            p = torch.softmax(lm_head(f.to(lm_head.weight.dtype)).float(), dim=-1)  # (B, L, V)
+            p = torch.softmax(lm_head(f.to(lm_head.weight.dtype)).float(), dim=-1)  # (B, Lb, V)
             for j, f_hat in enumerate(passes(head, ids, f, unroll)):
-                q = torch.softmax(head.logits(f_hat).float(), dim=-1)  # (B, L, V)
+                q = torch.softmax(head.logits(f_hat).float(), dim=-1)  # (B, Lb, V)
                 agree[j] += (q.argmax(-1) == p.argmax(-1)).float().sum().item()
                 accept[j] += torch.minimum(p, q).sum(-1).sum().item()
         count += ids.numel()
@@ -197,7 +197,7 @@ def evaluate(head: DraftHead, blocks: torch.Tensor, feats: torch.Tensor, *, unro
 
 
 def agreement(head: DraftHead, target, blocks: torch.Tensor) -> float:
-    """Top-1 agreement of the head with the target on `blocks` (B, L), features computed here."""
+    """Top-1 agreement of the head with the target on `blocks` (B, Lb), features computed here."""
     from treespec.heads.features import target_features
 
     feats = target_features(target, blocks, 64, dtype=head.dtype, progress=False)
