@@ -172,9 +172,24 @@ def test_tokenized_sources_are_counted_and_capped():
     assert counts["b"] == 3 + 4 and counts["a"] > 15  # b runs out, a takes the rest
 
 
-def test_the_measured_prompt_sets_cannot_be_training_data():
+def test_the_measured_prompt_sets_cannot_be_training_data(monkeypatch):
     with pytest.raises(ValueError, match="humaneval"):
         DataConfig(exclude=["mtbench"])
+    from treespec.bench import datasets
+    from treespec.heads import features
+
+    asked = []
+
+    def cached(name, download=True):
+        asked.append(name)
+        return [datasets.Prompt(name, [{"role": "user", "content": f"a {name} prompt"}])]
+
+    monkeypatch.setattr(datasets, "load_prompts", cached)
+    sources = features.text_sources(DataConfig(stdlib=True, bench=True))
+    assert sources["stdlib"] and all(p.suffix == ".py" for p in sources["stdlib"][:50])
+    bench = {k for k in sources if k.startswith("bench:")}
+    assert bench == {f"bench:{n}" for n in datasets.DATASETS if n not in features.MEASURED_SETS} != set()
+    assert not set(asked) & set(features.MEASURED_SETS)  # never even read
 
 
 # ------------------------------------------------------------------ the command, files, wrong heads

@@ -139,8 +139,10 @@ def stream(
     drafter = None
     if spec.has_drafts:
         draft_cache = backend.make_cache(draft, draft_capacity, "draft")
-        make = make_head_drafter if is_head(draft) else type(spec).make_drafter  # draft head: drafting/head.py
-        drafter = make(spec, draft, backend, draft_cache, proposer, stats)
+        if is_head(draft):  # draft head: drafting/head.py
+            drafter = make_head_drafter(spec, draft, backend, draft_cache, proposer, stats)
+        else:
+            drafter = spec.make_drafter(draft, backend, draft_cache, proposer, stats)
         if plan is not None:
             drafter.enable_ahead(plan)
         if lookup_config is not None:

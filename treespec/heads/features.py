@@ -22,6 +22,7 @@ Dimension letters: docs/dimensions.md (Lb block length, Hm hidden size, V vocabu
 
 from __future__ import annotations
 
+import os
 import random
 import sysconfig
 from dataclasses import dataclass, field
@@ -75,10 +76,13 @@ class TokenBlocks:
 
 
 def python_files(root: Path, skip: tuple[str, ...] = ("site-packages", "dist-packages", "test", "tests")) -> list[Path]:
-    """Every .py file under root, sorted, outside `skip` directories (packages are their own source)."""
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.rglob("*.py") if not any(part in skip for part in p.relative_to(root).parts))
+    """Every .py file under root, sorted, outside `skip` directories (pruned while walking: the
+    standard library's folder holds site-packages, which is its own source)."""
+    out = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in skip and d != "__pycache__"]
+        out.extend(Path(folder) / f for f in files if f.endswith(".py"))
+    return sorted(out)
 
 
 def text_sources(config: DataConfig) -> dict[str, list[str] | list[Path]]:
