@@ -109,7 +109,7 @@ SAMPLED = [
 ]
 
 
-@pytest.mark.parametrize("method,tree,acceptance,cfg", SAMPLED, ids=[f"{c[0]}-{c[2]}" for c in SAMPLED])
+@pytest.mark.parametrize("method,tree,acceptance,cfg", SAMPLED, ids=["tree-rejection", "tree-traversal", "chain-block", "dynamic-rejection"])
 def test_sampling_with_a_head_keeps_the_targets_distribution(e2e_head, method, tree, acceptance, cfg):
     target, head = e2e_head
     counts = sample_counts(target, head, PROMPT, cfg, seed=sum(map(ord, f"{method}{tree}{acceptance}")), draws=700, method=method, tree=tree,
