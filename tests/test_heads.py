@@ -172,6 +172,15 @@ def test_tokenized_sources_are_counted_and_capped():
     assert counts["b"] == 3 + 4 and counts["a"] > 15  # b runs out, a takes the rest
 
 
+def test_requests_written_from_the_standard_library():
+    from treespec.heads.features import stdlib_requests
+
+    requests = stdlib_requests(6, seed=0)
+    assert len(requests) == 6 and len(set(requests)) == 6
+    assert all(r.startswith("Write a Python function") for r in requests[0::2])
+    assert all(r.startswith("Explain what this Python function does") and "```python" in r for r in requests[1::2])
+
+
 def test_the_measured_prompt_sets_cannot_be_training_data(monkeypatch):
     with pytest.raises(ValueError, match="humaneval"):
         DataConfig(exclude=["mtbench"])

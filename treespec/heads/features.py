@@ -10,7 +10,10 @@ Sources (all offline; `DataConfig` picks them):
   the sets built from them);
 - `text_dir`: every .txt/.md/.py file under a directory;
 - `self_samples`: sequences sampled from the target itself at temperature 1 (the only source for
-  a target without a tokenizer, such as the tiny test models).
+  a target without a tokenizer, such as the tiny test models);
+- `answers`: the target's own greedy answers, in its chat template, to requests written from the
+  standard library (`stdlib_requests`: "write a function that <docstring>" and "explain this
+  code"), the closest offline stand-in for the chat prompts it is benchmarked on.
 
 Texts are tokenized, joined with the end-of-text token, and cut into blocks of `seq_len` tokens
 (B_s blocks); `target_features` runs the target over them once and keeps its features f (the
@@ -22,6 +25,7 @@ Dimension letters: docs/dimensions.md (Lb block length, Hm hidden size, V vocabu
 
 from __future__ import annotations
 
+import ast
 import os
 import random
 import sysconfig
@@ -48,6 +52,9 @@ class DataConfig:
     exclude: list[str] = field(default_factory=lambda: list(MEASURED_SETS))
     text_dir: str | None = None
     self_samples: int = 0  # blocks sampled from the target itself
+    answers: int = 0  # stdlib requests the target answers (chat template, greedy)
+    answer_tokens: int = 256  # most new tokens per answer
+    answer_batch: int = 64  # requests per generate call
     max_tokens: int = 4_000_000  # tokens kept in all (train + held out)
     seq_len: int = 512  # Lb
     eval_blocks: int = 32  # held-out blocks for the final check
@@ -195,6 +202,63 @@ def sample_from_target(target: PreTrainedModel, blocks: int, length: int, genera
     return ids.cpu()
 
 
+def stdlib_requests(count: int, seed: int) -> list[str]:
+    """`count` user requests written from the standard library's documented functions: every
+    other one asks for a function from its signature and docstring, the rest to explain a
+    function's code in prose."""
+    rng = random.Random(seed)
+    files = python_files(Path(sysconfig.get_paths()["stdlib"]))
+    rng.shuffle(files)
+    out: list[str] = []
+    for path in files:
+        try:
+            source = path.read_text(encoding="utf-8", errors="ignore")
+            tree = ast.parse(source)
+        except (SyntaxError, ValueError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
+                continue
+            doc = ast.get_docstring(node) or ""
+            if len(doc) < 40:
+                continue
+            if len(out) % 2 == 0:
+                args = ", ".join(a.arg for a in node.args.args)
+                out.append(f"Write a Python function `{node.name}({args})`: {doc.split(chr(10) * 2)[0]}")
+            else:
+                code = ast.get_source_segment(source, node) or ""
+                if not 80 < len(code) < 3000:
+                    continue
+                out.append(f"Explain what this Python function does, step by step:\n\n```python\n{code}\n```")
+            if len(out) >= count:
+                return out
+    return out
+
+
+@torch.no_grad()
+def target_answers(target: PreTrainedModel, tokenizer, requests: list[str], max_new_tokens: int, batch: int,
+                   progress: bool = True) -> list[torch.Tensor]:
+    """Each request in the target's chat template followed by its greedy answer: LongTensor (T_i,) each."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = []
+    for start in tqdm(range(0, len(requests), batch), desc="data: the target's answers", disable=not progress):
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": r}], tokenize=False, add_generation_prompt=True)
+                 for r in requests[start : start + batch]]
+        enc = [tokenizer(t, add_special_tokens=False)["input_ids"][-1024:] for t in texts]
+        width = max(map(len, enc))
+        ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=target.device)  # left padding
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=target.device)
+        gen = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                              pad_token_id=pad)
+        for row, e in zip(gen.cpu(), enc):
+            answer = row[width:]
+            ends = (answer == tokenizer.eos_token_id).nonzero()
+            if len(ends):
+                answer = answer[: int(ends[0]) + 1]
+            out.append(torch.cat([torch.tensor(e), answer[answer != pad] if pad != tokenizer.eos_token_id else answer]))
+    return out
+
+
 def make_blocks(config: DataConfig, tokenizer, target: PreTrainedModel, progress: bool = True) -> TokenBlocks:
     """The training and held-out token blocks (see the module docstring)."""
     gen = torch.Generator().manual_seed(config.seed)
@@ -206,6 +270,13 @@ def make_blocks(config: DataConfig, tokenizer, target: PreTrainedModel, progress
             stream, counts = tokenize_sources(tokenizer, sources, config, progress)
             n = stream.numel() // config.seq_len
             chunks.append(stream[: n * config.seq_len].view(n, config.seq_len))
+        if config.answers:
+            answered = target_answers(target, tokenizer, stdlib_requests(config.answers, config.seed),
+                                      config.answer_tokens, config.answer_batch, progress)
+            stream = torch.cat(answered) if answered else torch.zeros(0, dtype=torch.long)
+            n = stream.numel() // config.seq_len
+            chunks.append(stream[: n * config.seq_len].view(n, config.seq_len))
+            counts["answers"] = n * config.seq_len
     if config.self_samples:
         chunks.append(sample_from_target(target, config.self_samples, config.seq_len, gen, progress))
         counts["self_samples"] = config.self_samples * config.seq_len
