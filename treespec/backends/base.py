@@ -23,6 +23,7 @@ S_max cache capacity, M kept-index length, V vocabulary).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -86,6 +87,18 @@ class TreeCache(Protocol):
         """Accept every scratch entry (prefill, or tokens known to be accepted)."""
 
 
+@dataclass
+class ForwardOutput:
+    """What a forward asked for `hidden=True` returns: the logits and the model's last hidden
+    states, after its final norm (what the LM head reads; a draft head's features, docs/heads.md).
+
+    logits: FloatTensor (n, V), or (1, V) with last_only. hidden: (n, Hm), every new token's.
+    """
+
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
 @runtime_checkable
 class Backend(Protocol):
     """Runs a model over a block of tree nodes (one forward of the decode loop)."""
@@ -100,13 +113,14 @@ class Backend(Protocol):
         role: 'target' or 'draft' (a backend that keeps its caches holds one per role)."""
 
     def forward(self, model: PreTrainedModel, cache: TreeCache, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                block_mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+                block_mask: torch.Tensor, last_only: bool = False, hidden: bool = False) -> torch.Tensor | ForwardOutput:
         """Run `model` on n new tokens and return their logits.
 
         input_ids, position_ids: LongTensor (1, n).
         block_mask: BoolTensor (n, s) which scratch entries (the s - n written earlier this
             step, then the n new ones) each new token sees; committed entries are always seen.
-        Returns FloatTensor (n, V), or (1, V) with last_only.
+        Returns FloatTensor (n, V), or (1, V) with last_only; with hidden, a `ForwardOutput`
+        that also holds the last hidden states (n, Hm) of the same forward (no second pass).
         """
 
 

@@ -4,6 +4,8 @@
   on every forward and goes away in 5.40); 5.17 only knows `past_key_values`. The model's own
   forward signature says which one it takes (transformers' `deprecate_kwarg` keeps the
   signature of the wrapped function), read once per model class.
+- The hidden states: asked for with `output_hidden_states` only when a caller wants them
+  (`Backend.forward(..., hidden=True)`), read from the output's last entry.
 - The attention layout: which attention type each layer has ('full_attention' or
   'sliding_attention', from `config.layer_types`, or every layer windowed when only
   `config.sliding_window` is set, as Mistral does) and the window size.
@@ -14,7 +16,10 @@ from __future__ import annotations
 import functools
 import inspect
 
+import torch
 from transformers import PreTrainedModel
+
+from treespec.backends.base import ForwardOutput
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 
@@ -63,3 +68,17 @@ def accepts_mask_mapping(model: PreTrainedModel) -> bool:
     `if not isinstance(causal_mask_mapping := attention_mask, dict)` in every model with per-layer
     attention types), read once per class from its source."""
     return _takes_mask_mapping(type(model.base_model))
+
+
+def hidden_kwargs(hidden: bool) -> dict:
+    """The forward keyword that makes a model also return its hidden states (none by default,
+    so that the default path is the model's plain forward)."""
+    return {"output_hidden_states": True} if hidden else {}
+
+
+def with_hidden(out, hidden: bool) -> torch.Tensor | ForwardOutput:
+    """A model output -> logits (n, V), or with hidden a ForwardOutput whose hidden is the last
+    entry of the model's hidden_states (transformers ties it to the final norm's output)."""
+    if not hidden:
+        return out.logits[0]  # (n, V)
+    return ForwardOutput(out.logits[0], out.hidden_states[-1][0])  # (n, V), (n, Hm)

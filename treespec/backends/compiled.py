@@ -84,13 +84,17 @@ class CompiledForwards:
             self._modules[id(model)] = held  # the model is held too, so its id() cannot be reused
         return held[1]
 
-    def forward(self, inner, model: PreTrainedModel, cache, input_ids, position_ids, block_mask, last_only: bool):
-        """`inner.forward` with the model compiled; same contract (logits (n, V) or (1, V)).
+    def forward(self, inner, model: PreTrainedModel, cache, input_ids, position_ids, block_mask, last_only: bool,
+                hidden: bool = False):
+        """`inner.forward` with the model compiled; same contract (logits (n, V) or (1, V), or a
+        ForwardOutput with hidden).
         A shape seen before is a cache hit of dynamo's guards; a new one compiles, and is logged."""
         graphs_before = _compiled_graphs()
         t0 = time.perf_counter()
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, accumulated_recompile_limit=RECOMPILE_LIMIT):
-            logits = inner.forward(self.compiled(model), cache, input_ids, position_ids, block_mask, last_only)
+            # hidden only when asked: the default call (and its compiled graph) stays the plain forward
+            extra = {"hidden": True} if hidden else {}
+            logits = inner.forward(self.compiled(model), cache, input_ids, position_ids, block_mask, last_only, **extra)
         if _compiled_graphs() != graphs_before:
             if input_ids.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
                 torch.cuda.synchronize()
@@ -98,7 +102,7 @@ class CompiledForwards:
             n, s = block_mask.shape
             line = (
                 f"compiled {type(model).__name__} forward ({inner.name} attention, n={n} new tokens, s={s} scratch, "
-                f"last_only={last_only}) with torch.compile({self.backend}, fullgraph, static shapes) in {seconds:.1f} s"
+                f"last_only={last_only}{', hidden' if hidden else ''}) with torch.compile({self.backend}, fullgraph, static shapes) in {seconds:.1f} s"
             )
             log.info(line)
             self.stats.shapes += 1

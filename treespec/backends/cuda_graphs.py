@@ -18,7 +18,8 @@ one launch instead of hundreds.
   hold and nothing recompiles mid-capture), keeps its output logits, then replays it;
 - later calls copy their inputs into the static buffers, advance the cache's host counter,
   and replay. The returned logits are the graph's output buffer: valid until the same shape
-  is replayed again (the engine consumes them at once).
+  is replayed again (the engine consumes them at once). A forward asked for its hidden states
+  (`hidden=True`, what a draft head reads) is its own shape, captured with both outputs.
 
 Prompt chunks of the fixed PREFILL_CHUNKS sizes are captured like every other shape; other
 prompt-sized forwards and forwards with more than `max_graph_tokens` new tokens run eagerly
@@ -46,7 +47,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
-from treespec.backends.base import PREFILL_CHUNKS, Backend, TreeCache
+from treespec.backends.base import PREFILL_CHUNKS, Backend, ForwardOutput, TreeCache
 from treespec.backends.compiled import CompiledForwards
 from treespec.backends.static_cache import StaticTreeKVCache
 
@@ -67,6 +68,7 @@ class CapturedForward:
     position_ids: torch.Tensor  # (1, n)
     block_mask: torch.Tensor  # (n, s)
     logits: torch.Tensor  # (n, V) or (1, V)
+    hidden: torch.Tensor | None = None  # (n, Hm): last hidden states, for a shape captured with hidden=True
     mask_source: torch.Tensor | None = None  # the caller's mask last copied in, and its version
     mask_version: int = -1
 
@@ -180,26 +182,29 @@ class GraphedBackend:
         position_ids: torch.Tensor,
         block_mask: torch.Tensor,
         last_only: bool = False,
-    ) -> torch.Tensor:
+        hidden: bool = False,
+    ) -> torch.Tensor | ForwardOutput:
         """Same contract as the wrapped backend's forward: input_ids, position_ids LongTensor
-        (1, n), block_mask BoolTensor (n, s) -> logits (n, V), or (1, V) with last_only.
+        (1, n), block_mask BoolTensor (n, s) -> logits (n, V), or (1, V) with last_only; with
+        hidden, a ForwardOutput whose hidden states (n, Hm) are the graph's second output buffer.
         Only static caches (the ones make_cache hands out) are captured; any other runs eagerly."""
+        extra = {"hidden": True} if hidden else {}  # the default call stays the inner backend's plain one
         n, s = block_mask.shape
         prompt_chunk = last_only and n > MAX_PENDING and n not in PREFILL_CHUNKS
         if not isinstance(cache, StaticTreeKVCache) or n > self.max_graph_tokens or prompt_chunk:
             self.stats.eager_calls += 1
-            return self.inner.forward(model, cache, input_ids, position_ids, block_mask, last_only)
+            return self.inner.forward(model, cache, input_ids, position_ids, block_mask, last_only, **extra)
         if input_ids.device.type != "cuda" or not self.graphs:
             self.stats.eager_calls += 1
             if self.compile or (self.compile is None and input_ids.device.type == "cuda"):  # the CPU only when asked
-                return self._run(model, cache, input_ids, position_ids, block_mask, last_only)
-            return self.inner.forward(model, cache, input_ids, position_ids, block_mask, last_only)
-        key = (id(cache), id(model), n, s, last_only)
+                return self._run(model, cache, input_ids, position_ids, block_mask, last_only, hidden)
+            return self.inner.forward(model, cache, input_ids, position_ids, block_mask, last_only, **extra)
+        key = (id(cache), id(model), n, s, last_only, hidden)
         captured = self._graphs.get(key)
         if captured is None:
             if len(self._graphs) >= self.max_graphs:
                 self.stats.eager_calls += 1
-                return self._run(model, cache, input_ids, position_ids, block_mask, last_only)
+                return self._run(model, cache, input_ids, position_ids, block_mask, last_only, hidden)
             static = self._static.get(key)
             if static is None:
                 # warm-up, outside any capture: lazy initialisation, and the compilation of the
@@ -207,22 +212,24 @@ class GraphedBackend:
                 # forward's guards (shapes, strides) hold then and nothing compiles mid-capture.
                 static = self._static[key] = tuple(x.clone(memory_format=torch.contiguous_format) for x in (input_ids, position_ids, block_mask))
                 self.stats.eager_calls += 1
-                return self._run(model, cache, *static, last_only)
-            captured = self._capture(model, cache, *static, last_only)
+                return self._run(model, cache, *static, last_only, hidden)
+            captured = self._capture(model, cache, *static, last_only, hidden)
             self._graphs[key] = captured
         captured.feed(input_ids, position_ids, block_mask)
         cache.reserve(n)  # the host half of begin_forward; the device half is in the graph
         captured.graph.replay()
         self.stats.replays += 1
-        return captured.logits
+        return ForwardOutput(captured.logits, captured.hidden) if hidden else captured.logits
 
-    def _run(self, model, cache, input_ids, position_ids, block_mask, last_only) -> torch.Tensor:
+    def _run(self, model, cache, input_ids, position_ids, block_mask, last_only, hidden=False):
         """One forward of the wrapped backend, through the compiled model when compiling."""
         if self.compiler is None:
-            return self.inner.forward(model, cache, input_ids, position_ids, block_mask, last_only)
-        return self.compiler.forward(self.inner, model, cache, input_ids, position_ids, block_mask, last_only)
+            extra = {"hidden": True} if hidden else {}
+            return self.inner.forward(model, cache, input_ids, position_ids, block_mask, last_only, **extra)
+        return self.compiler.forward(self.inner, model, cache, input_ids, position_ids, block_mask, last_only, hidden)
 
-    def _capture(self, model, cache: StaticTreeKVCache, static_ids, static_pos, static_mask, last_only) -> CapturedForward:
+    def _capture(self, model, cache: StaticTreeKVCache, static_ids, static_pos, static_mask, last_only,
+                 hidden: bool = False) -> CapturedForward:
         """Capture the forward on the static input buffers the warm-up call ran on."""
         t0 = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
@@ -235,11 +242,13 @@ class GraphedBackend:
         if stream is None:
             stream = self._capture_streams[id(cache)] = torch.cuda.Stream(static_ids.device)
         with torch.cuda.graph(graph, stream=stream):
-            logits = self._run(model, cache, static_ids, static_pos, static_mask, last_only)
+            out = self._run(model, cache, static_ids, static_pos, static_mask, last_only, hidden)
         # capturing ran the forward's Python once (host counters moved) but no kernel: undo
         # the host side; the caller replays the graph for real next
         cache.set_host_state(host)
         torch.cuda.synchronize()
         self.stats.captures += 1
         self.stats.capture_seconds += time.perf_counter() - t0
-        return CapturedForward(graph, static_ids, static_pos, static_mask, logits)
+        if hidden:  # both outputs are the graph's buffers, rewritten by every replay
+            return CapturedForward(graph, static_ids, static_pos, static_mask, out.logits, out.hidden)
+        return CapturedForward(graph, static_ids, static_pos, static_mask, out)

@@ -45,8 +45,8 @@ from typing import Callable
 import torch
 from transformers import PreTrainedModel
 
-from treespec.backends.base import TreeCache, UnsupportedModelError
-from treespec.backends.compat import FULL, cache_kwargs, layer_types
+from treespec.backends.base import ForwardOutput, TreeCache, UnsupportedModelError
+from treespec.backends.compat import FULL, cache_kwargs, hidden_kwargs, layer_types, with_hidden
 from treespec.backends.kv_cache import TreeKVCache
 
 ATTN_NAME = "treespec_tree_flash"  # the key registered with transformers' AttentionInterface
@@ -325,11 +325,13 @@ class FlashBackend:
         position_ids: torch.Tensor,
         block_mask: torch.Tensor,
         last_only: bool = False,
-    ) -> torch.Tensor:
+        hidden: bool = False,
+    ) -> torch.Tensor | ForwardOutput:
         """Run `model` on n new tokens and return their logits (the `Backend` contract).
 
         input_ids, position_ids: LongTensor (1, n); block_mask: BoolTensor (n, s).
-        Returns FloatTensor (n, V), or (1, V) with last_only.
+        Returns FloatTensor (n, V), or (1, V) with last_only; with hidden, a ForwardOutput
+        with the last hidden states (n, Hm) too.
         """
         _register()
         n, s = block_mask.shape
@@ -356,5 +358,6 @@ class FlashBackend:
                 use_cache=True,
                 logits_to_keep=1 if last_only else 0,
                 tree_attention=meta,
+                **hidden_kwargs(hidden),
             )
-        return out.logits[0]  # (n, V)
+        return with_hidden(out, hidden)

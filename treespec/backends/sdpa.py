@@ -24,8 +24,10 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from treespec.backends.base import TreeCache, UnsupportedModelError
-from treespec.backends.compat import FULL, SLIDING, accepts_mask_mapping, cache_kwargs, layer_types, sliding_window
+from treespec.backends.base import ForwardOutput, TreeCache, UnsupportedModelError
+from treespec.backends.compat import (
+    FULL, SLIDING, accepts_mask_mapping, cache_kwargs, hidden_kwargs, layer_types, sliding_window, with_hidden,
+)
 from treespec.backends.kv_cache import TreeKVCache
 
 SUPPORTED_ATTN = ("sdpa", "eager")
@@ -64,9 +66,11 @@ class SdpaBackend:
         position_ids: torch.Tensor,
         block_mask: torch.Tensor,
         last_only: bool = False,
-    ) -> torch.Tensor:
+        hidden: bool = False,
+    ) -> torch.Tensor | ForwardOutput:
         """`Backend.forward`: input_ids, position_ids LongTensor (1, n); block_mask BoolTensor
-        (n, s) -> logits FloatTensor (n, V), or (1, V) with last_only."""
+        (n, s) -> logits FloatTensor (n, V), or (1, V) with last_only; with hidden, a
+        ForwardOutput with the last hidden states (n, Hm) too."""
         cache.begin_forward(block_mask.shape[0])
         out = model(
             input_ids=input_ids,
@@ -78,8 +82,10 @@ class SdpaBackend:
             **cache_kwargs(model, cache),
             use_cache=True,
             logits_to_keep=1 if last_only else 0,
+            **hidden_kwargs(hidden),
         )
-        return out.logits[0]  # (n, V)
+        return with_hidden(out, hidden)
+
 
 
 def check_layer_types(model: PreTrainedModel) -> None:

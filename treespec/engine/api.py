@@ -81,7 +81,8 @@ def generate(
 
     Args:
         target: the model whose output distribution is kept exactly.
-        draft: the small model that proposes tokens (None for method='autoregressive').
+        draft: the small model that proposes tokens (None for method='autoregressive'), or a
+            draft head trained for the target (`treespec.heads.load_head(target)`, docs/heads.md).
         input_ids: LongTensor (1, T), the prompt.
         method: 'tree' (a token tree), 'linear' (one chain of k drafts) or 'autoregressive'
             (the target alone, through the same engine).

@@ -175,6 +175,9 @@ class SpeculativeEngine:
         self._draft_vocab = draft_vocab if draft_vocab is not None and draft_vocab < vocab_size(target) else None
         self._steps = torch.arange(max_depth + 1, device=device)  # (D+1,)
         self._no_hit = torch.zeros((), dtype=torch.long, device=device)  # the hit flag without overlap
+        # a draft head (drafting/head.py) reads the target's features: verification returns them too
+        self._features = drafter is not None and getattr(drafter, "reads_target_features", False)
+        self._hidden: torch.Tensor | None = None  # (N, Hm) the last verification's features, with a head
 
     # ------------------------------------------------------------------ prefill
     def prefill(self, input_ids: torch.Tensor) -> None:
@@ -189,8 +192,9 @@ class SpeculativeEngine:
         device = input_ids.device
         with self.stopwatch("time_prefill"):
             caches = [(self.target, self.target_cache)]
-            if self.drafter is not None:
+            if self.drafter is not None and not self._features:
                 caches.append((self.drafter.model, self.drafter.cache))
+            features = []  # the target's features per chunk, for a draft head
             for start, real, size in prefill_chunks(t - 1, self.fixed_shapes):
                 chunk = self.out[start : start + size][None]  # (1, c): padded with whatever follows
                 pos = torch.arange(start, start + size, device=device)[None]  # (1, c)
@@ -198,9 +202,24 @@ class SpeculativeEngine:
                 keep = self._offsets(size)  # (c,) offsets 0..c-1; the first `real` are kept
                 for model, cache in caches:
                     ids = chunk if model is self.target else self._for_draft(chunk)
-                    self.backend.forward(model, cache, ids, pos, causal, last_only=True)
+                    hidden = self._hidden_kwargs if model is self.target else {}
+                    out = self.backend.forward(model, cache, ids, pos, causal, last_only=True, **hidden)
+                    if hidden:
+                        features.append(out.hidden[:real])
                     cache.commit(keep, real)
                     self.stats.prefill_forwards += 1
+            if self._features:  # the head runs the prompt reading the target's features
+                hidden = torch.cat(features) if features else self._empty_features()
+                self.stats.prefill_forwards += self.drafter.prefill(input_ids[:, : t - 1], hidden, EAGER_PREFILL_CHUNK)
+
+    @property
+    def _hidden_kwargs(self) -> dict:
+        return {"hidden": True} if self._features else {}
+
+    def _empty_features(self) -> torch.Tensor:
+        """(0, Hm): a one-token prompt has no prefill, so no features."""
+        config = self.target.config.get_text_config()
+        return torch.zeros(0, config.hidden_size, dtype=self.target.dtype, device=self.out.device)
 
     def _causal(self, c: int) -> torch.Tensor:
         """BoolTensor (c, c) lower-triangular, one per size (the same tensor each call, so that a
@@ -261,7 +280,12 @@ class SpeculativeEngine:
         """Target logits at every node, in one forward: FloatTensor (N, V)."""
         self.stats.target_forwards += 1
         pos = (root_pos + tree.structure.depth)[None]  # (1, N)
-        return self.backend.forward(self.target, self.target_cache, tree.tokens[None], pos, tree.structure.ancestors)
+        out = self.backend.forward(self.target, self.target_cache, tree.tokens[None], pos, tree.structure.ancestors,
+                                   **self._hidden_kwargs)
+        if not self._features:
+            return out
+        self._hidden = out.hidden  # (N, Hm): the accepted path's rows go to the head at commit
+        return out.logits
 
     def commit(self, tree: DraftTree, acc: Acceptance, work: AheadWork | None = None) -> StepResult:
         """Keep the accepted path: read it (the one host sync), commit both caches, emit the
@@ -331,6 +355,8 @@ class SpeculativeEngine:
         # the draft keeps the accepted nodes it ran; the accepted nodes it never ran (a leaf,
         # lookup nodes) end the path and are fed to it next step with the new root
         self.drafter.cache.commit(slots, kept)
+        if self._features:  # a head (keeps none) reruns the path from the target's features at it
+            self.drafter.accept_features(self._hidden.index_select(0, acc.path))  # (D+1, Hm)
         self.drafter.observe(a)
         self.pending = emitted[None, kept : a + 1]  # (1, a - kept + 1)
 

@@ -42,6 +42,7 @@ from treespec.backends.fusable import can_fuse
 from treespec.backends.fused import fuse
 from treespec.drafting.ahead import AheadPlan, OverlapConfig
 from treespec.drafting.base import GreedyProposer, SampledProposer
+from treespec.drafting.head import check_head_use, is_head, make_head_drafter
 from treespec.drafting.lookup import LookupConfig, LookupDrafter
 from treespec.drafting.policy import TreePolicy, resolve_policy
 from treespec.drafting.static import StaticTree
@@ -130,6 +131,8 @@ def resolve_plan(target: PreTrainedModel, draft: PreTrainedModel | None, options
     check_lookup(lookup, has_drafts=spec.has_drafts, greedy=True, acceptance=options.acceptance)
     overlap = resolve_switch(options.overlap, OverlapConfig, "overlap")
     check_overlap(overlap, spec, lookup)
+    if spec.has_drafts and is_head(draft):  # a draft head (drafting/head.py)
+        check_head_use(target, draft, lookup=lookup, overlap=overlap)
     backend = make_backend(options.attention, target.device, target.dtype, compile=options.compile,
                            context_length=max_context)
     for model in (target, draft) if spec.has_drafts else (target,):
@@ -137,8 +140,10 @@ def resolve_plan(target: PreTrainedModel, draft: PreTrainedModel | None, options
     if not isinstance(options.fuse, bool):
         raise ArgumentError("fuse", f"fuse must be True or False, got {options.fuse!r}")
     run_target, run_draft = target, draft if spec.has_drafts else None
-    if options.fuse:  # built once; the user's models are not changed
-        run_target, run_draft = (fused(m, backend) if m is not None else None for m in (run_target, run_draft))
+    if options.fuse:  # built once; the user's models are not changed (a head reads the target's own layers)
+        run_target = fused(target, backend)
+        if run_draft is not None and not is_head(run_draft):
+            run_draft = fused(run_draft, backend)
     choice = None
     if isinstance(spec, AutoTreeConfig):  # calibrating is the first work done, after every check
         spec, choice = resolve_auto(spec, run_target, run_draft, backend)
@@ -287,7 +292,10 @@ class Speculator:
         drafter = None
         if plan.spec.has_drafts:
             cache = plan.backend.make_cache(plan.draft, draft_capacity, "draft")
-            drafter = plan.spec.make_drafter(plan.draft, plan.backend, cache, proposer, stats)
+            if is_head(plan.draft):  # the policy's drafter over the head, with its feature bookkeeping
+                drafter = make_head_drafter(plan.spec, plan.draft, plan.backend, cache, proposer, stats)
+            else:
+                drafter = plan.spec.make_drafter(plan.draft, plan.backend, cache, proposer, stats)
             if plan.ahead is not None:
                 drafter.enable_ahead(plan.ahead)
             if plan.lookup is not None:
