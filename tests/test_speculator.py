@@ -128,3 +128,28 @@ def test_fused_speculator_equals_target_greedy_and_leaves_the_models_alone(pair)
         treespec.Speculator(target, draft, fuse="yes")
     with pytest.raises(ValueError, match="attention='sdpa'"):  # no flash here; with it, fuse refuses flash
         treespec.Speculator(target, draft, fuse=True, attention="flash")
+
+
+def test_fixed_size_padded_prefill_leaves_the_cache_an_eager_prefill_leaves():
+    """Prefill through padded PREFILL_CHUNKS-sized chunks over a static cache (compiled) leaves
+    the cache the eager unpadded prefill leaves: the next forward's logits agree."""
+    from treespec.backends.sdpa import SdpaBackend
+
+    model = tiny_model(0, vocab_size=256, hidden_size=32, num_layers=2)
+    prompt = torch.randint(2, 256, (1, 301), generator=torch.Generator().manual_seed(0))
+    backends = (SdpaBackend(), GraphedBackend(StaticSdpaBackend(), compile=True, compile_backend="aot_eager",
+                                              graphs=False))  # fmt: skip
+    results = []
+    for backend in backends:
+        fixed = isinstance(backend, GraphedBackend)
+        cache = backend.make_cache(model, 1024, "target")
+        with torch.no_grad():
+            for start, real, size in prefill_chunks(300, fixed):
+                ids = torch.cat([prompt[:, start : start + real], prompt.new_zeros(1, size - real)], dim=1)
+                causal = torch.ones(size, size, dtype=torch.bool).tril()
+                backend.forward(model, cache, ids, torch.arange(start, start + size)[None], causal, last_only=True)
+                cache.commit(torch.arange(size), real)
+            assert cache.committed == 300
+            results.append(backend.forward(model, cache, prompt[:, 300:], torch.tensor([[300]]),
+                                           torch.ones(1, 1, dtype=torch.bool)))  # fmt: skip
+    torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=1e-5)
