@@ -13,6 +13,7 @@ prompt, and the cost of a large max_context for a short prompt.
 
     python benchmarks/gpu/user_api.py --prompts prompts.json --gguf-dir DIR --out results/ [--per-set 20]
     python benchmarks/gpu/user_api.py --random --out results/     # random weights of the same shapes
+    ... --head qwen2.5-coder-1.5b-instruct                        # adds the draft-head rows
 
 prompts.json: {"humaneval": [{"id", "ids"}], "mtbench": [...], "eos": [...]}, token ids through the
 Qwen2.5-Coder chat template (python -m treespec.bench.gpu_prompts writes it where a tokenizer
@@ -39,6 +40,8 @@ ROWS = {  # label: (kind, options)
     "tree [2,2,1,1,1]": ("kept", dict(method="tree", tree=[2, 2, 1, 1, 1])),
     "chain-4": ("kept", dict(method="linear", tree="chain-4")),
     "generate() tree [4,2,2,1]": ("generate", dict(method="tree", tree=[4, 2, 2, 1])),
+    "head tree [4,2,2,1]": ("head", dict(method="tree", tree=[4, 2, 2, 1])),
+    "head chain-5": ("head", dict(method="linear", tree="chain-5")),
     "HF static": ("hf", dict(cache_implementation="static")),
     "HF assisted": ("hf", dict(assistant=True)),
 }
@@ -106,7 +109,9 @@ class FirstToken:
 class Runner:
     """One object per row: runs a prompt and returns its record."""
 
-    def __init__(self, label, kind, options, target, draft, max_context, eos):
+    def __init__(self, label, kind, options, target, draft, max_context, eos, head=None):
+        if kind == "head":  # a draft head trained for the target (treespec-train-head), kept like a draft
+            kind, draft = "kept", head
         self.label, self.kind, self.options = label, kind, dict(options)
         self.target, self.draft, self.eos = target, draft, eos
         self.uses_draft = options.get("method") != "autoregressive" and not (kind == "hf" and "assistant" not in options)
@@ -242,6 +247,7 @@ def main() -> None:
     ap.add_argument("--rows", default=None, help="labels separated by ';' (default: all)")
     ap.add_argument("--hf-per-set", type=int, default=5, help="prompts per set for the transformers rows")
     ap.add_argument("--max-context", type=int, default=2048)
+    ap.add_argument("--head", default=None, help="a draft head file for the 'head ...' rows (treespec-train-head)")
     ap.add_argument("--deadline", type=float, default=480.0, help="seconds; the run stops between prompts")
     ap.add_argument("--extras", default="costs,ttft,context", help="costs, ttft, context, newprocess")
     ap.add_argument("--warmup-only", action="store_true")
@@ -270,14 +276,19 @@ def main() -> None:
         slim["summary"] = summarize(res["rows"], "AR")
         (out_dir / "user_api.json").write_text(json.dumps(slim, indent=1))
 
-    labels = [k for k in ROWS if args.rows is None or k in args.rows.split(";")]
+    head = None
+    if args.head:
+        from treespec.heads import load_head
+
+        head = load_head(target, args.head)
+    labels = [k for k in ROWS if (args.rows is None or k in args.rows.split(";")) and (head or ROWS[k][0] != "head")]
     runners = {}
     first_prompt = next(iter(prompts.values()))[0]["ids"]
     for label in labels:  # the first call of each row: warm-up (compiling, capturing) included
         kind, options = ROWS[label]
         t0 = time.perf_counter()
         try:
-            runners[label] = Runner(label, kind, options, target, draft, args.max_context, eos)
+            runners[label] = Runner(label, kind, options, target, draft, args.max_context, eos, head)
             runners[label](first_prompt, args.new_tokens)
             res["first_call_s"][label] = round(time.perf_counter() - t0, 1)
         except Exception as e:  # noqa: BLE001 - a failing row is reported, the others go on
