@@ -217,7 +217,7 @@ class DynamicDrafter:
         to_tree: LongTensor (P + 1,) node id of pool index i at i + 1 (the root at 0, -1: not chosen)."""
         c, device = self.config, tokens.device
         n = chosen.shape[0] + 1
-        parents = torch.cat([torch.tensor([-1], device=device), to_tree[parent[chosen] + 1]])  # (N,) root = -1
+        parents = torch.cat([torch.full((1,), -1, dtype=torch.long, device=device), to_tree[parent[chosen] + 1]])  # (N,) root = -1
         depth = torch.cat([torch.zeros(1, dtype=torch.long, device=device), self._pool_depth[chosen]])  # (N,)
         ranks = torch.cat([torch.zeros(1, dtype=torch.long, device=device), self._pool_rank[chosen]])  # (N,)
         # paths (N, D+1): walk up D times; column D+1 swallows the writes of finished walks
@@ -238,10 +238,12 @@ class DynamicDrafter:
             ranks=ranks, draft_slot=torch.cat([torch.full((1,), -1, device=device), slot[chosen]]),
             max_depth=c.depth,
         )
-        q_logits = torch.zeros(n, q_rows.shape[-1], dtype=q_rows.dtype, device=device)
-        q_logits[0] = q_rows[0]
-        ran = structure.draft_slot >= 0
-        q_logits[ran] = q_rows[1 + structure.draft_slot[ran]]
+        # a node's q row: the root's is row 0, a run frontier node's sits at 1 + its slot, the
+        # others (never run) get zeros; fixed-shape index ops, since a boolean-mask index would
+        # sync with the host
+        slot = structure.draft_slot  # (N,) -1: not run
+        keep = (slot >= 0) | (torch.arange(n, device=device) == 0)  # (N,)
+        q_logits = torch.where(keep[:, None], q_rows.index_select(0, 1 + slot), 0.0)  # (N, V); the root's slot -1 reads row 0
         node_tokens = torch.cat([root, tokens[chosen]])
         node_valid = torch.cat([torch.ones(1, dtype=torch.bool, device=device), valid[chosen]])
         return DraftTree(structure=structure, tokens=node_tokens, valid=node_valid, q_logits=q_logits)

@@ -85,8 +85,8 @@ def find_continuations(context: torch.Tensor, length: int, config: LookupConfig)
     eq = context[src.clamp(min=0)] == context[ref.clamp(min=0)][:, None]  # (n, T)
     eq = eq & (src >= 0) & (ref >= 0)[:, None]
     run = eq.int().cumprod(dim=0)  # (n, T) run[i, e] = the last i+1 tokens before e all match
-    sizes = torch.tensor(config.ngram_sizes, device=device)  # (S,)
-    matched = (run[sizes - 1] * sizes[:, None]).amax(dim=0)  # (T,) longest matching n, 0 = none
+    # longest matching n, 0 = none; a tensor of the sizes would be a host-to-device copy every step
+    matched = torch.stack([run[n - 1] * n for n in config.ngram_sizes]).amax(dim=0)  # (T,)
     # e < length: at least one known continuation token (e == length would be the suffix itself)
     score = torch.where((matched > 0) & (starts < length), matched * t + starts, -1)  # (T,)
     first = context[starts.clamp(max=t - 1)]  # (T,) the first token each start proposes
