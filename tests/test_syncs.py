@@ -5,7 +5,9 @@ size depends on the data (`nonzero`, `masked_select`, `unique`, a boolean-mask i
 made from Python data (a host-to-device copy) stalls the host until the device catches up. The
 engine allows itself one per step, in `SpeculativeEngine._read`. `count_syncs` patches those
 entry points to count their calls, so that a CPU run catches what
-`torch.cuda.set_sync_debug_mode("error")` catches on the GPU (tests/test_gpu.py).
+`torch.cuda.set_sync_debug_mode("error")` catches on the GPU (tests/test_gpu.py), where an index
+by a 0-dim tensor (read as a host int) and a Python number assigned into a tensor (copied from
+the host) sync too.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from treespec.testing import tiny_pair
 LOOP = str(Path(treespec.__file__).parent / "engine" / "loop.py")
 TREESPEC = str(Path(treespec.__file__).parent)
 ALLOWED = (LOOP, "_read")  # the step's documented sync point
+ORIGINAL_GETITEM = torch.Tensor.__getitem__
 
 
 @dataclass
@@ -32,9 +35,22 @@ class Syncs:
     calls: list[str] = field(default_factory=list)  # the others: "what at file:line"
 
 
-def _bool_index(index) -> bool:
+def _syncing_index(index) -> bool:
+    """A boolean mask (its size depends on the data) or a 0-dim integer tensor (read as a host
+    int) among the indices."""
     items = index if isinstance(index, tuple) else (index,)
-    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
+    return any(isinstance(i, torch.Tensor) and (i.dtype == torch.bool or i.dim() == 0) for i in items)
+
+
+def _syncing_assignment(self, index, value) -> bool:
+    """A syncing index, or a Python number assigned by a tensor index or to a single element (on
+    CUDA, the number is copied from the host first; a slice of several elements is filled)."""
+    if _syncing_index(index):
+        return True
+    if not isinstance(value, (bool, int, float)):
+        return False
+    items = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(i, (torch.Tensor, list)) for i in items) or ORIGINAL_GETITEM(self, index).dim() == 0
 
 
 @contextlib.contextmanager
@@ -68,8 +84,8 @@ def count_syncs():
     for name in ("item", "tolist", "nonzero", "masked_select", "unique", "unique_consecutive", "numpy",
                  "__bool__", "__int__", "__float__", "__index__"):
         patch(torch.Tensor, name)
-    patch(torch.Tensor, "__getitem__", lambda self, index: _bool_index(index), "boolean-mask index")
-    patch(torch.Tensor, "__setitem__", lambda self, index, value: _bool_index(index), "boolean-mask assignment")
+    patch(torch.Tensor, "__getitem__", lambda self, index: _syncing_index(index), "index by mask or 0-dim tensor")
+    patch(torch.Tensor, "__setitem__", _syncing_assignment, "assignment by mask or 0-dim tensor, or of a number")
     for name in ("nonzero", "masked_select", "unique", "unique_consecutive", "argwhere"):
         patch(torch, name)
     patch(torch, "where", lambda *args, **kwargs: len(args) + len(kwargs) == 1, "where(condition)")
@@ -145,22 +161,36 @@ def test_the_check_catches_an_item_in_a_drafter_step(pair, monkeypatch):
     assert syncs.allowed == 1 and len(syncs.calls) == 1 and syncs.calls[0].startswith("item at " + __file__)
 
 
-@pytest.mark.parametrize("sync", ["mask index", "mask assignment", "nonzero", "bool", "tensor from data"])
+SYNCS = {
+    "mask index": lambda x: x[x > 1],
+    "mask assignment": lambda x: x.__setitem__(x > 1, 0),
+    "0-dim tensor index": lambda x: x[x.argmax()],
+    "number into one element": lambda x: x.__setitem__(0, 5),
+    "number by tensor index": lambda x: x.__setitem__(torch.tensor([0, 1]), 5),
+    "nonzero": lambda x: torch.nonzero(x),
+    "bool": lambda x: bool(x.any()),
+    "tensor from data": lambda x: _from_data_in_treespec(),
+}
+NOT_SYNCS = {  # fixed shapes, nothing read or copied from the host
+    "number into a slice": lambda x: x.__setitem__(slice(0, 1), 5),
+    "index_select": lambda x: x.index_select(0, x.argmax().view(1)),
+    "index_fill_": lambda x: x.index_fill_(0, x[:2].clone(), 5),
+    "where": lambda x: torch.where(x > 1, x, 0),
+}
+
+
+@pytest.mark.parametrize("sync", list(SYNCS))
 def test_the_check_catches_each_kind_of_sync(sync):
-    x = torch.arange(4)
-    mask = x > 1
     with count_syncs() as syncs:
-        if sync == "mask index":
-            x[mask]
-        elif sync == "mask assignment":
-            x[mask] = 0
-        elif sync == "nonzero":
-            torch.nonzero(mask)
-        elif sync == "bool":
-            bool(mask.any())
-        else:
-            _from_data_in_treespec()
+        SYNCS[sync](torch.arange(4))
     assert len(syncs.calls) == 1 and syncs.allowed == 0
+
+
+@pytest.mark.parametrize("op", list(NOT_SYNCS))
+def test_the_check_passes_fixed_shape_ops(op):
+    with count_syncs() as syncs:
+        NOT_SYNCS[op](torch.arange(4))
+    assert syncs.calls == [] and syncs.allowed == 0
 
 
 def _from_data_in_treespec():
