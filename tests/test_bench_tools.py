@@ -48,9 +48,9 @@ def test_tree_policies_presets_rebuild_the_shipped_trees(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["tree_policies", "presets", str(results), "--out-dir", str(tmp_path)])
     tree_policies.main()
     written = sorted(p.name for p in tmp_path.glob("*.yaml"))
-    assert written == sorted(p.name for p in (REPO / "configs" / "presets").glob("*.yaml"))
+    assert written == sorted(p.name for p in (REPO / "treespec" / "configs" / "presets").glob("*.yaml"))
     for name in written:
-        assert load_preset(tmp_path / name) == load_preset(REPO / "configs" / "presets" / name), name
+        assert load_preset(tmp_path / name) == load_preset(REPO / "treespec" / "configs" / "presets" / name), name
 
 
 def test_tree_sweep_replay_counts_greedy_steps():

@@ -8,7 +8,8 @@
 
 (`python -m treespec.bench.run ...` works the same.) Each run writes `results.json` (per prompt
 and aggregated, see treespec.bench.runner.run_cell) into Hydra's output directory. The config
-groups live in `configs/` at the repository root; docs/configs.md documents every key.
+groups live in `treespec/configs/` (package data, so a non-editable install has them too;
+TREESPEC_CONFIG_DIR points elsewhere); docs/configs.md documents every key.
 
 This is the only benchmark module that imports Hydra: it registers the typed schemas of
 treespec.bench.config in Hydra's ConfigStore (so unknown keys and wrong types fail at compose
