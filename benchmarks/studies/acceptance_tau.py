@@ -16,90 +16,61 @@ drives it, and 1 + mean E[accepted] estimates each scheme's tau on the same tree
 comparison with far less noise than separate runs. (A linear run's steps start at different
 positions than a tree run's; the comparison between chain schemes is on the same chains.)
 
-    python3 -m treespec.bench.acceptance_tau --prompts 5 --max-new 64 --out benchmarks/results/acceptance_tau.json
+    python3 benchmarks/studies/acceptance_tau.py --prompts 5 --max-new 64 --out benchmarks/results/acceptance_tau.json
 
-CPU, fp32; tau does not depend on wall time, so a busy machine is fine.
+CPU, fp32; tau does not depend on wall time, so a busy machine is fine. The scores come in
+through the public `acceptance=` option: a TreeVerifier that verifies by token-level rejection
+(the default) and records every scheme's expected accepted length on the step's tree
+(treespec.acceptance.traversal.expected_accepted, treespec.acceptance.block.expected_accepted).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 import treespec
-from treespec.acceptance import block as blockmod
+from treespec.acceptance import block, traversal
 from treespec.acceptance.rejection import rejection_accept
-from treespec.acceptance.sampling import logits_to_probs
-from treespec.acceptance.traversal import _node_states, _usable, postorder_keys
 from treespec.bench.datasets import encode_prompt, load_prompts
-from treespec.loading.models import load_pair
+from treespec.bench.harness import domain_datasets, load_models, model_config, write_json
 from treespec.tree.topology import TreeTopology
 
-DOMAINS = {"code": "humaneval", "text": "mtbench", "structured": "bfcl"}
 REJECTION_DRAWS = 64
 
 
-def traversal_expected(structure, tokens, valid, p, q, wor: bool) -> float:
-    """E[accepted | tree] under traversal verification: P(stop at u) = h_u prod_{v before u}(1 - h_v)
-    over the post-order (independent coins), h = the nodes' final masses."""
-    mass, _ = _node_states(structure, tokens[None], valid[None], p[None], q[None], wor)
-    h = torch.where(_usable(structure, valid[None]), mass, 0.0)[0].double()  # (N,)
-    h[0] = 1.0
-    order = postorder_keys(structure).argsort()
-    h, depth = h[order], structure.depth[order].double()
-    survive = torch.cumprod(torch.cat([h.new_ones(1), 1 - h[:-1]]), dim=0)
-    return float((h * survive * depth).sum())
+class RecordingVerifier:
+    """A TreeVerifier (treespec.acceptance.schemes, passed as acceptance=): verifies by token-level
+    rejection, the default, and records every scheme's E[accepted] on the step's tree and on its
+    rank-0 chain (distributed exactly as a linear draft of the same depth: the first draw without
+    replacement is a draw from q). Its own draws use a generator of its own, so the run is the
+    default's."""
 
-
-def block_expected(tokens, valid, p, q) -> float:
-    """E[accepted | chain] under block verification, from its own h_i (stop = deepest passing)."""
-    x = tokens[None, 1:, None]
-    px, qx = p[None, :-1].gather(-1, x)[..., 0], q[None, :-1].gather(-1, x)[..., 0]
-    usable = torch.cumprod((valid[None, 1:] & (qx > 0)).to(torch.uint8), dim=1).bool()
-    w = blockmod._sequence_weights(px, qx, usable)
-    has_child = torch.cat([usable, usable.new_zeros(1, 1)], dim=1)
-    h = torch.where(has_child, blockmod._stop_prob(w, blockmod._residual(w, p[None], q[None]).sum(-1)), w)[0].double()
-    h = torch.where(torch.cat([usable.new_ones(1, 1), usable], dim=1)[0], h, 0.0)
-    h[0] = 1.0
-    n = h.shape[0]
-    # P(stop = i) = h_i prod_{j > i} (1 - h_j)
-    after = torch.cumprod(torch.cat([(1 - h).flip(0)[:-1].new_ones(1), (1 - h).flip(0)[:-1]]), dim=0).flip(0)
-    return float((h * after * torch.arange(n, dtype=torch.float64)).sum())
-
-
-class PairedAcceptor:
-    """Wraps the engine's acceptor: verifies with it, and records every scheme's E[accepted] on
-    the step's tree and on its rank-0 chain (which is distributed exactly as a linear draft of the
-    same depth: the first draw without replacement is a draw from q)."""
-
-    def __init__(self, inner, chain_depth: int):
-        self.inner, self.chain = inner, TreeTopology.chain(chain_depth)
+    def __init__(self, chain_depth: int):
+        self.chain = TreeTopology.chain(chain_depth)
         self.records: list[dict] = []
         self.gen = torch.Generator().manual_seed(1234)
 
-    def accept(self, tree, p_logits):
-        cfg = self.inner.config
-        wor = cfg.without_replacement
-        p = logits_to_probs(p_logits, cfg)
-        q = logits_to_probs(tree.q_logits, cfg)
-        s, tok, val = tree.structure, tree.tokens, tree.valid
-        rec = {"tree_rejection": self._rejection(s, tok, val, p, q, wor),
-               "tree_traversal": traversal_expected(s, tok, val, p, q, wor)}
+    def __call__(self, tree, tokens, valid, p, q, *, without_replacement=True, generator=None, **lookup):
+        wor = without_replacement
+        rec = {"tree_rejection": self._rejection(tree, tokens, valid, p, q, wor),
+               "tree_traversal": float(traversal.expected_accepted(tree, tokens, valid, p, q, without_replacement=wor))}  # fmt: skip
         node, path = torch.zeros((), dtype=torch.long), [0]
         for _ in range(self.chain.max_depth):
-            node = s.children[node, 0]
+            node = tree.children[node, 0]
             path.append(int(node))
         path = torch.tensor(path)
-        ct, cv, cp, cq = tok[path], val[path], p[path], q[path]
+        ct, cv, cp, cq = tokens[path], valid[path], p[path], q[path]
         rec["chain_rejection"] = self._rejection(self.chain, ct, cv, cp, cq, wor)
-        rec["chain_block"] = block_expected(ct, cv, cp, cq)
-        rec["chain_traversal"] = traversal_expected(self.chain.tensors(), ct, cv, cp, cq, wor)
+        rec["chain_block"] = float(block.expected_accepted(ct, cv, cp, cq))
+        rec["chain_traversal"] = float(traversal.expected_accepted(self.chain, ct, cv, cp, cq, without_replacement=wor))
         self.records.append(rec)
-        return self.inner.accept(tree, p_logits)
+        return rejection_accept(tree, tokens, valid, p, q, without_replacement=wor, generator=generator, **lookup)
 
     def _rejection(self, s, tok, val, p, q, wor) -> float:
         rows = lambda t: t[None].expand(REJECTION_DRAWS, *t.shape)  # noqa: E731
@@ -111,38 +82,36 @@ SCHEMES = ("tree_rejection", "tree_traversal", "chain_rejection", "chain_block",
 
 
 def run(args) -> dict:
-    pair = load_pair()
+    pair = load_models(model_config(args.model))
     torch.set_num_threads(args.threads)
-    out = {"command": "python3 -m treespec.bench.acceptance_tau " + " ".join(args.argv),
-           "machine": f"{platform.machine()}, shared 2-core VM, fp32 CPU, {args.threads} threads",
+    datasets = domain_datasets()
+    out = {"command": "python3 benchmarks/studies/acceptance_tau.py " + " ".join(args.argv),
+           "machine": f"{platform.machine()}, fp32 CPU, {args.threads} threads",
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "tree": args.tree, "chain": args.chain,
-           "cells": []}
+           "cells": []}  # fmt: skip
     for domain in args.domains:
-        prompts = load_prompts(DOMAINS[domain], limit=args.prompts)
+        prompts = load_prompts(datasets[domain], limit=args.prompts)
         for temperature in args.temperatures:
             cell = {"domain": domain, "temperature": temperature, "prompts": []}
             for i, prompt in enumerate(prompts):
                 ids = encode_prompt(pair.tokenizer, prompt)
-                stream = treespec.stream(pair.target, pair.draft, ids, max_new_tokens=args.max_new, tree=args.tree,
-                                         temperature=temperature, generator=torch.Generator().manual_seed(args.seed + i))
-                paired = PairedAcceptor(stream.engine.acceptor, args.chain)
-                stream.engine.acceptor = paired
-                for _ in stream:
-                    pass
-                st = stream.result.stats
+                verifier = RecordingVerifier(args.chain)
+                res = treespec.generate(pair.target, pair.draft, ids, max_new_tokens=args.max_new, tree=args.tree,
+                                        temperature=temperature, acceptance=verifier,
+                                        generator=torch.Generator().manual_seed(args.seed + i))  # fmt: skip
+                st = res.stats
                 rec = {"id": prompt.id, "tokens": st.new_tokens, "forwards": st.target_forwards,
-                       "realised_tau_tree_rejection": st.new_tokens / max(st.target_forwards, 1), "steps": paired.records}
+                       "realised_tau_tree_rejection": st.new_tokens / max(st.target_forwards, 1), "steps": verifier.records}  # fmt: skip
                 cell["prompts"].append(rec)
                 print(domain, temperature, prompt.id, rec["realised_tau_tree_rejection"], flush=True)
-            cell["summary"] = summarise(cell["prompts"])
+            cell["summary"] = scheme_summary(cell["prompts"])
             print("SUMMARY", domain, temperature, cell["summary"], flush=True)
             out["cells"].append(cell)
-            with open(args.out, "w") as f:
-                json.dump(out, f, indent=1)
+            write_json(args.out, out)
     return out
 
 
-def summarise(prompts: list[dict]) -> dict:
+def scheme_summary(prompts: list[dict]) -> dict:
     """Per scheme: tau = 1 + mean E[accepted] over all steps; gains against token-level
     rejection on the same trees / chains, with their standard errors over steps."""
     steps = [s for p in prompts for s in p["steps"]]
@@ -161,17 +130,17 @@ def summarise(prompts: list[dict]) -> dict:
 
 
 def main(argv=None) -> None:
-    import sys
-
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--domains", nargs="+", default=list(DOMAINS))
+    ap = argparse.ArgumentParser(prog="python benchmarks/studies/acceptance_tau.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("--model", default="pretrained", help="'pretrained' (the default pair), 'tiny-random' or a GGUF folder")
+    ap.add_argument("--domains", nargs="+", default=["code", "text", "structured"], help="configs/domain/ presets")
     ap.add_argument("--temperatures", nargs="+", type=float, default=[0.7, 1.0])
     ap.add_argument("--prompts", type=int, default=5)
     ap.add_argument("--max-new", type=int, default=64)
     ap.add_argument("--tree", default="3,2,1,1", help="widths; its rank-0 path is the chain scored for block")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="benchmarks/results/acceptance_tau.json")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/acceptance_tau.json"))
     args = ap.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
     args.tree = [int(w) for w in args.tree.split(",")]

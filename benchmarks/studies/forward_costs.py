@@ -2,19 +2,18 @@
 own attention backend and KV cache (the forwards the engine makes: verification of an n-node
 tree, one draft level of n nodes), after a prompt of `--context` tokens.
 
-    nice -n 10 python -m treespec.bench.forward_costs --threads 1 --out benchmarks/results/forward_costs_1thread.json
+    nice -n 10 python benchmarks/studies/forward_costs.py --threads 1 --out benchmarks/results/forward_costs_1thread.json
 
 The minimum over --reps repetitions is kept, of both the wall time and the process CPU time.
 On a shared machine the wall time of a multi-threaded forward is at the mercy of the other
 processes (a descheduled thread stalls the other at every barrier); the CPU time of a
 single-threaded forward (--threads 1) is not, and equals its wall time on an idle core. These
-costs feed the cost model of treespec.bench.tree_sweep.
+costs feed the cost model of benchmarks/studies/tree_sweep.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -25,8 +24,8 @@ import torch
 
 from treespec.backends.kv_cache import TreeKVCache
 from treespec.backends.sdpa import SdpaBackend
+from treespec.bench.harness import load_models, model_config, write_json
 from treespec.bench.timing import Wall
-from treespec.loading.models import load_pair
 
 SIZES = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 16, 24, 32, 48, 64]
 
@@ -62,8 +61,8 @@ def measure(model, sizes, context: int, reps: int, logits: str) -> dict[int, dic
     return best
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m treespec.bench.forward_costs", description=__doc__,
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python benchmarks/studies/forward_costs.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3)
@@ -71,9 +70,10 @@ def main() -> None:
     ap.add_argument("--target-sizes", default=",".join(map(str, SIZES)))
     ap.add_argument("--draft-sizes", default="1,2,3,4,5,6,8,12,16,24,32")
     ap.add_argument("--out", type=Path, required=True)
-    args = ap.parse_args()
+    ap.add_argument("--model", default="pretrained", help="'pretrained' (the default pair), 'tiny-random' or a GGUF folder")
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    pair = load_pair(dtype=torch.float32, device="cpu")
+    pair = load_models(model_config(args.model))
     load_before = os.getloadavg()
     print("target (all logits, as in verification)")
     target = measure(pair.target, [int(s) for s in args.target_sizes.split(",")], args.context, args.reps, "all")
@@ -96,8 +96,7 @@ def main() -> None:
         "target_cpu_all_reps": {str(k): v["cpu_all"] for k, v in target.items()},
         "draft_cpu_all_reps": {str(k): v["cpu_all"] for k, v in draft.items()},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1))
+    write_json(args.out, doc)
     print(f"-> {args.out}")
 
 

@@ -11,9 +11,10 @@ float ties), instead of one engine run per shape.
 
     # 1. on the real pair: greedy continuations (treespec, linear k=4 - also a check of the
     #    replay against the engine), draft ranks of every generated token, target argmax check
-    nice -n 10 python -m treespec.bench.tree_sweep collect --out benchmarks/results/sweep_ranks.json
-    # 2. replay every shape; cost model from treespec.bench.forward_costs; pick the presets
-    python -m treespec.bench.tree_sweep analyze --ranks benchmarks/results/sweep_ranks.json \
+    #    (the recorded run: --sets code=humaneval:5 text=mtbench:3 text=gsm8k:3 structured=bfcl:5)
+    nice -n 10 python benchmarks/studies/tree_sweep.py collect --out benchmarks/results/sweep_ranks.json
+    # 2. replay every shape; cost model from benchmarks/studies/forward_costs.py; pick the presets
+    python benchmarks/studies/tree_sweep.py analyze --ranks benchmarks/results/sweep_ranks.json \
         --costs benchmarks/results/forward_costs_cpu.json --out benchmarks/results/sweep_summary.json
 
 Selection rule (documented in docs/benchmarks.md): per domain, the tree preset is the branching
@@ -35,63 +36,69 @@ from pathlib import Path
 
 import torch
 
-import treespec
 from treespec.bench.datasets import encode_prompt, load_prompts
-from treespec.loading.models import load_pair
+from treespec.bench.harness import domain_datasets, load_models, model_config, run_treespec, write_json
 from treespec.tree.auto import CostTable, choose_tree, nodes_per_level, step_seconds
 from treespec.tree.profile import AcceptanceProfile
 
-DOMAINS = {
-    "code": [("humaneval", 5)],
-    "text": [("mtbench", 3), ("gsm8k", 3)],
-    "structured": [("bfcl", 5)],
-}
+DOMAINS = ("code", "text", "structured")  # of the domain presets (treespec/configs/domain/)
 OFFSET = 5  # prompts 0-4 are the final comparison's: the presets are chosen on held-out prompts
+
+
+def prompt_sets(specs: list[str], count: int) -> list[tuple[str, str, int]]:
+    """[(domain, dataset, prompts)] from 'domain=dataset:n' specs, by default each domain preset's
+    dataset with `count` prompts."""
+    if not specs:
+        datasets = domain_datasets()
+        return [(d, datasets[d], count) for d in DOMAINS]
+    out = []
+    for spec in specs:
+        domain, _, rest = spec.partition("=")
+        dataset, _, n = rest.partition(":")
+        out.append((domain, dataset, int(n) if n else count))
+    return out
 
 
 # ------------------------------------------------------------------------------------ collect
 def collect(args) -> None:
     torch.set_num_threads(args.threads)
-    pair = load_pair(dtype=torch.float32, device="cpu")
+    pair = load_models(model_config(args.model))
     doc = {"max_new_tokens": args.max_new_tokens, "offset": OFFSET, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "threads": args.threads, "prompts": []}  # fmt: skip
     out = Path(args.out)
     if out.exists():  # resume
         doc = json.loads(out.read_text())
     done = {(p["dataset"], p["id"]) for p in doc["prompts"]}
-    for domain, sets in DOMAINS.items():
+    for domain, ds, n in prompt_sets(args.sets, args.prompts):
         if args.domains and domain not in args.domains.split(","):
             continue
-        for ds, n in sets:
-            for prompt in load_prompts(ds, limit=n, offset=OFFSET):
-                if (ds, prompt.id) in done:
-                    continue
-                ids = encode_prompt(pair.tokenizer, prompt)
-                load0 = os.getloadavg()[0]
-                res = treespec.generate(pair.target, pair.draft, ids, max_new_tokens=args.max_new_tokens, method="linear", tree=[1] * 4)
-                gen = res.sequences[0, ids.shape[1]:]
-                full = res.sequences  # (1, T + L)
-                with torch.no_grad():
-                    q = pair.draft(full).logits[0, ids.shape[1] - 1 : -1].float()  # (L, V) draft given true prefix
-                    true = q.gather(1, gen[:, None])  # (L, 1)
-                    ranks = (q > true).sum(1).tolist()
-                    p_argmax = pair.target(full).logits[0, ids.shape[1] - 1 : -1].argmax(-1)
-                st = res.stats
-                rec = {
-                    "domain": domain, "dataset": ds, "id": prompt.id, "prompt_tokens": ids.shape[1],
-                    "generated": gen.tolist(), "draft_ranks": ranks,
-                    "target_argmax_matches": int((p_argmax == gen).sum()), "new_tokens": len(gen),
-                    "engine_chain4": {"target_forwards": st.target_forwards, "accepted_lengths": st.accepted_lengths,
-                                      "time_total": st.time_total, "time_draft": st.time_draft,
-                                      "time_verify": st.time_verify, "time_prefill": st.time_prefill},
-                    "loadavg_start": load0,
-                }  # fmt: skip
-                doc["prompts"].append(rec)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(doc))
-                print(f"{domain}/{ds}/{prompt.id}: {len(gen)} tokens, chain-4 tau {st.tau:.2f}, "
-                      f"{st.time_total:.1f} s, target argmax matches {rec['target_argmax_matches']}/{len(gen)}, "
-                      f"ranks {ranks[:24]}...", flush=True)  # fmt: skip
+        for prompt in load_prompts(ds, limit=n, offset=OFFSET):
+            if (ds, prompt.id) in done:
+                continue
+            ids = encode_prompt(pair.tokenizer, prompt)
+            load0 = os.getloadavg()[0]
+            res = run_treespec(pair.target, pair.draft, ids, max_new_tokens=args.max_new_tokens, method="linear",
+                               tree=[1] * 4)  # fmt: skip
+            gen = torch.tensor(res.tokens)  # (L,)
+            full = res.sequences  # (1, T + L)
+            with torch.no_grad():
+                q = pair.draft(full).logits[0, ids.shape[1] - 1 : -1].float()  # (L, V) draft given true prefix
+                true = q.gather(1, gen[:, None])  # (L, 1)
+                ranks = (q > true).sum(1).tolist()
+                p_argmax = pair.target(full).logits[0, ids.shape[1] - 1 : -1].argmax(-1)
+            rec = {
+                "domain": domain, "dataset": ds, "id": prompt.id, "prompt_tokens": ids.shape[1],
+                "generated": gen.tolist(), "draft_ranks": ranks,
+                "target_argmax_matches": int((p_argmax == gen).sum()), "new_tokens": len(gen),
+                "engine_chain4": {"target_forwards": res.target_forwards, "accepted_lengths": res.accepted_lengths,
+                                  "time_total": res.seconds, "time_prefill": res.time_prefill},
+                "loadavg_start": load0,
+            }  # fmt: skip
+            doc["prompts"].append(rec)
+            write_json(out, doc)
+            print(f"{domain}/{ds}/{prompt.id}: {len(gen)} tokens, chain-4 tau {len(gen) / res.target_forwards:.2f}, "
+                  f"{res.seconds:.1f} s, target argmax matches {rec['target_argmax_matches']}/{len(gen)}, "
+                  f"ranks {ranks[:24]}...", flush=True)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ replay
@@ -152,7 +159,7 @@ def evaluate(prompts: list[dict], grid: list[list[int]], costs: CostTable) -> di
     step model (treespec.tree.auto.step_seconds: the one tree='auto' uses)."""
     ar_step = step_seconds([], costs)
     results = {}
-    for domain in DOMAINS:
+    for domain in dict.fromkeys(p["domain"] for p in prompts):
         ps = [p for p in prompts if p["domain"] == domain]
         if not ps:
             continue
@@ -255,7 +262,7 @@ def analyze(args) -> None:
         summary["auto"][domain] = {"profile": [list(r) for r in profile.probs]} | choice.as_dict()
         print(f"  tree='auto' under {primary}, from the rank profile: {choice.best.name}: {choice.reason}")
     print(f"\nreplay vs engine (chain-4): {mismatch} mismatching prompts; target argmax == generated: {argmax_ok[0]}/{argmax_ok[1]}")
-    Path(args.out).write_text(json.dumps(summary, indent=1))
+    write_json(args.out, summary)
     print(f"-> {args.out}")
     if args.markdown:
         Path(args.markdown).write_text(to_markdown(summary, models[primary], by_model, args.top))
@@ -290,14 +297,18 @@ def to_markdown(summary: dict, primary: CostTable, by_model: dict, top: int) -> 
     return "\n".join(out) + "\n"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m treespec.bench.tree_sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python benchmarks/studies/tree_sweep.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("collect")
     c.add_argument("--out", required=True)
     c.add_argument("--max-new-tokens", type=int, default=64)
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--domains", default="", help="comma-separated subset of code,text,structured")
+    c.add_argument("--model", default="pretrained", help="'pretrained' (the default pair) or a GGUF folder")
+    c.add_argument("--sets", nargs="*", default=[], help="domain=dataset:n prompt sets (default: each domain preset's)")
+    c.add_argument("--prompts", type=int, default=5, help="prompts per set without an explicit n")
     a = sub.add_parser("analyze")
     a.add_argument("--ranks", required=True, nargs="+")
     a.add_argument("--costs", required=True, nargs="+")
@@ -309,7 +320,7 @@ def main() -> None:
     a.add_argument("--max-nodes", type=int, default=64)
     a.add_argument("--top", type=int, default=12)
     a.add_argument("--markdown", default="", help="also write the tables as markdown here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     {"collect": collect, "analyze": analyze}[args.cmd](args)
 
 

@@ -1,30 +1,31 @@
 """bf16 tree-forward error of each backend against a float32 reference, and transformers'
 compiled static-cache generate as a fused-kernel speed reference.
 
-    python -m treespec.bench.gpu_precision [--sections precision,hf_compiled]
+    python benchmarks/gpu/gpu_precision.py [--sections precision,hf_compiled] [--out-dir OUT]
 
 precision    random-weight decoders with real attention shapes (2 layers), prefixes 0/1/1000/8000,
              trees of 1 to 128 nodes: ||logits - ref|| / ||ref|| for flash (static cache), sdpa
              (static cache) and sdpa (TreeKVCache) in bf16, ref = sdpa in float32 on the same weights
 hf_compiled  transformers' generate with cache_implementation="static" (auto torch.compile) on a
              random Qwen2.5-1.5B-shaped model: what fused kernels give per token
-Results: $OUT/precision.json and a summary on stdout.
+Results: OUT/precision.json and a summary on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
+from pathlib import Path
 
 import torch
+from gpu_common import DEVICE, device_info, random_qwen
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-from treespec.bench.gpu_common import DEVICE, device_info, random_qwen, save_json, sync
 
 from treespec.backends.flash import FlashBackend, reference_prefix_attention
 from treespec.backends.kv_cache import TreeKVCache
 from treespec.backends.static_cache import StaticSdpaBackend, StaticTreeKVCache
+from treespec.bench.harness import hf_generate, out_dir, write_json
+from treespec.bench.timing import Wall
 from treespec.tree.topology import TreeTopology
 
 SHAPES = {"qwen2.5-0.5b": ("qwen2", 896, 14, 2), "qwen2.5-1.5b": ("qwen2", 1536, 12, 2),
@@ -107,36 +108,33 @@ def section_precision(prefixes) -> list[dict]:
 
 
 def section_hf_compiled(new_tokens: int) -> dict:
-    model = random_qwen("1.5b", seed=3)
-    prompt = torch.randint(2, 150000, (1, 160), device=DEVICE)
+    model = random_qwen("1.5b" if DEVICE == "cuda" else "tiny", seed=3)
+    prompt = torch.randint(2, model.config.vocab_size, (1, 160), device=DEVICE)
     out = {}
-    for label, kwargs in (("eager dynamic cache", {}), ("static cache + auto compile", dict(cache_implementation="static"))):
+    for label, static in (("eager dynamic cache", False), ("static cache + auto compile", True)):
         times = []
         for i in range(3):  # the first call compiles
-            sync()
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                seq = model.generate(prompt, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                     pad_token_id=0, **kwargs)  # fmt: skip
-            sync()
-            times.append(time.perf_counter() - t0)
-        n = seq.shape[1] - prompt.shape[1]
+            g = hf_generate(model, prompt, max_new_tokens=new_tokens, static_cache=static, ignore_eos=True)
+            times.append(g.seconds)
+        n = g.new_tokens
         out[label] = dict(first_call_s=times[0], tokens_per_s=n / min(times[1:]), ms_per_token=1e3 * min(times[1:]) / n)
         print(f"  hf generate 1.5B-shaped {label:28s} first call {times[0]:6.1f} s, then {out[label]['tokens_per_s']:7.1f} tok/s "
               f"({out[label]['ms_per_token']:.2f} ms/token)", flush=True)  # fmt: skip
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python benchmarks/gpu/gpu_precision.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--sections", default="precision,hf_compiled")
+    parser.add_argument("--out-dir", type=Path, default=out_dir("outputs/gpu"), help="default: $OUT")
     parser.add_argument("--prefixes", default="0,1,1000,8000")
     parser.add_argument("--new-tokens", type=int, default=128)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     results = dict(device=device_info())
     print(results["device"], flush=True)
     for section in args.sections.split(","):
-        t0 = time.perf_counter()
+        clock = Wall().start()
         print(f"== {section}", flush=True)
         try:
             if section == "precision":
@@ -148,8 +146,8 @@ def main() -> None:
 
             traceback.print_exc()
             results[f"{section}_error"] = repr(err)
-        print(f"   ({time.perf_counter() - t0:.0f} s)", flush=True)
-        save_json("precision.json", results)
+        print(f"   ({clock.stop():.0f} s)", flush=True)
+        write_json(args.out_dir / "precision.json", results)
 
 
 if __name__ == "__main__":

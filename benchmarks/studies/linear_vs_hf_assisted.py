@@ -3,7 +3,7 @@
 forward timed by a forward hook (wall time). Answers: is a forward slower in one of them, or
 does one of them make more forwards?
 
-    python -m treespec.bench.linear_vs_hf_assisted --dataset bfcl --index 1 --k 7 --reps 4
+    python benchmarks/studies/linear_vs_hf_assisted.py --dataset bfcl --index 1 --k 7 --reps 4
 
 Needs the real pair in the cache (treespec-demo puts it there). CPU, fp32, 2 threads.
 """
@@ -15,10 +15,9 @@ from collections import defaultdict
 
 import torch
 
-import treespec
 from treespec.bench.datasets import encode_prompt, load_prompts
+from treespec.bench.harness import hf_generate, load_models, model_config, run_treespec
 from treespec.bench.timing import Wall
-from treespec.loading.models import load_pair
 
 
 class ForwardTimer:
@@ -59,37 +58,32 @@ class ForwardTimer:
         return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m treespec.bench.linear_vs_hf_assisted", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python benchmarks/studies/linear_vs_hf_assisted.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("--model", default="pretrained", help="'pretrained' (the default pair) or a GGUF folder")
     ap.add_argument("--dataset", default="bfcl")
     ap.add_argument("--index", type=int, default=1)
     ap.add_argument("--k", type=int, default=7)
     ap.add_argument("--reps", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    pair = load_pair()
+    pair = load_models(model_config(args.model))
     target, draft, tok = pair.target, pair.draft, pair.tokenizer
     prompt = load_prompts(args.dataset, limit=args.index + 1)[args.index]
     ids = encode_prompt(tok, prompt)  # (1, T)
     print(f"{prompt.id}: {ids.shape[1]} prompt tokens, k={args.k}, max_new_tokens={args.max_new_tokens}")
-    gc = draft.generation_config  # like for like: k drafts every step, no confidence early stop
-    gc.num_assistant_tokens, gc.num_assistant_tokens_schedule, gc.assistant_confidence_threshold = args.k, "constant", 0.0
     timer = ForwardTimer(target=target, draft=draft)
     for rep in range(args.reps):
-        with Wall() as w:
-            r = treespec.generate(target, draft, ids, max_new_tokens=args.max_new_tokens, method="linear", tree=[1] * args.k)
-        print(timer.report(f"rep {rep} treespec linear ({r.stats.new_tokens} tokens)", w.seconds))
-        with torch.no_grad(), Wall() as w:
-            out = target.generate(
-                ids, attention_mask=torch.ones_like(ids), assistant_model=draft, max_new_tokens=args.max_new_tokens,
-                do_sample=False, temperature=None, top_k=None, top_p=None, pad_token_id=tok.eos_token_id,
-            )  # fmt: skip
-        new = out.shape[1] - ids.shape[1]
-        same = torch.equal(out[0, ids.shape[1] :], r.sequences[0, ids.shape[1] :])
-        print(timer.report(f"rep {rep} hf assisted ({new} tokens, same tokens as treespec: {same})", w.seconds))
+        r = run_treespec(target, draft, ids, max_new_tokens=args.max_new_tokens, method="linear", tree=[1] * args.k)
+        print(timer.report(f"rep {rep} treespec linear ({r.new_tokens} tokens)", r.seconds))
+        # like for like: k drafts every step, no confidence early stop
+        h = hf_generate(target, ids, max_new_tokens=args.max_new_tokens, assistant_model=draft, num_assistant_tokens=args.k)
+        print(timer.report(f"rep {rep} hf assisted ({h.new_tokens} tokens, same tokens as treespec: {h.tokens == r.tokens})",
+                           h.seconds))  # fmt: skip
 
 
 if __name__ == "__main__":

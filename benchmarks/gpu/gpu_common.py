@@ -1,19 +1,19 @@
-"""Shared pieces of the GPU benchmarks: real-architecture random-weight models, timers, and a
-backend wrapper that times each forward on the device.
+"""Shared pieces of the GPU studies: real-architecture random-weight models, the device, the
+GPU-only timers (CUDA events, kernel counts) and a backend wrapper that times each forward on
+the device, and the analysis of two outputs that differ (bf16 near-ties).
 
-Timers come from treespec/bench/timing.py. Dimension letters: docs/dimensions.md.
+Loading, prompts, the transformers baselines, timing and JSON records are the package's
+harness (treespec.bench.harness, treespec.bench.timing). GPU_BENCH_DEVICE=cpu (with the tiny
+shapes / --model tiny-random) smoke-tests the scripts' logic without a GPU.
+Dimension letters: docs/dimensions.md.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from treespec.bench import timing
@@ -28,45 +28,21 @@ QWEN25_SHAPES = {
                  num_key_value_heads=2, tie_word_embeddings=True),
     "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                num_key_value_heads=4, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=True),
 }  # fmt: skip
 VOCAB = 151936
-# GPU_BENCH_DEVICE=cpu (with --targets tiny) smoke-tests the scripts' logic without a GPU
 DEVICE = os.environ.get("GPU_BENCH_DEVICE", "cuda")
-QWEN25_SHAPES["tiny"] = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
 
 
 def sync() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
+    timing.synchronize(DEVICE)
 
 
-class _HostEvent:
-    """torch.cuda.Event stand-in for CPU smoke runs."""
-
-    def __init__(self, **kwargs):
-        self.t = 0.0
-
-    def record(self):
-        self.t = time.perf_counter()
-
-    def synchronize(self):
-        pass
-
-    def elapsed_time(self, other) -> float:
-        return (other.t - self.t) * 1e3
-
-
-def event():
-    return torch.cuda.Event(enable_timing=True) if DEVICE == "cuda" else _HostEvent()
-
-
-def random_qwen(shape: str, seed: int, dtype: torch.dtype = torch.bfloat16) -> Qwen2ForCausalLM:
-    """A Qwen2.5-shaped model on CUDA with N(0, 0.02) weights drawn from a seeded generator."""
-    config = Qwen2Config(
-        vocab_size=VOCAB, max_position_embeddings=32768, rms_norm_eps=1e-6, bos_token_id=151643,
-        eos_token_id=151645, pad_token_id=151643, **QWEN25_SHAPES[shape],
-    )  # fmt: skip
+def random_qwen(shape: str, seed: int, dtype: torch.dtype = torch.bfloat16, vocab_size: int = VOCAB) -> Qwen2ForCausalLM:
+    """A Qwen2.5-shaped model on DEVICE with N(0, 0.02) weights drawn from a seeded generator; it
+    never stops early (no stop ids: random weights)."""
+    config = Qwen2Config(vocab_size=vocab_size, max_position_embeddings=32768, rms_norm_eps=1e-6, **QWEN25_SHAPES[shape])
     config._attn_implementation = "sdpa"
     with torch.device(DEVICE):
         model = Qwen2ForCausalLM._from_config(config, dtype=dtype).eval()
@@ -75,7 +51,7 @@ def random_qwen(shape: str, seed: int, dtype: torch.dtype = torch.bfloat16) -> Q
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0.0, 0.02, generator=gen)
-    model.generation_config.eos_token_id = None  # random weights: never stop early
+    model.generation_config.eos_token_id = None
     return model
 
 
@@ -105,11 +81,11 @@ def kernel_count(fn) -> int | None:
 
 @dataclass
 class TimedBackend:
-    """Wraps a backend; records a CUDA event pair (and the model) around every forward, with no
-    host sync."""
+    """Wraps a backend; times every forward on the device (timing.DeviceSpan: CUDA events, no
+    host sync) and records its model."""
 
     inner: object
-    events: list = field(default_factory=list)
+    spans: list = field(default_factory=list)
     models: list = field(default_factory=list)  # id() of the model of each forward
 
     @property
@@ -120,37 +96,27 @@ class TimedBackend:
         self.inner.check_model(model)
 
     def __getattr__(self, attr):  # make_cache and friends, when the inner backend has them
-        if attr in ("inner", "events", "models"):
+        if attr in ("inner", "spans", "models"):
             raise AttributeError(attr)
         return getattr(self.inner, attr)
 
     def forward(self, model, *args, **kwargs):
-        a, b = event(), event()
-        a.record()
+        span = timing.DeviceSpan(DEVICE).start()
         out = self.inner.forward(model, *args, **kwargs)
-        b.record()
-        self.events.append((a, b))
+        self.spans.append(span.stop())
         self.models.append(id(model))
         return out
 
+    def clear(self) -> None:
+        self.spans.clear()
+        self.models.clear()
+
     def forward_ms(self, start: int = 0) -> float:
-        sync()
-        return sum(a.elapsed_time(b) for a, b in self.events[start:])
+        return sum(s.ms() for s in self.spans[start:])
 
     def forward_ms_of(self, model, skip: int = 0) -> float:
         """Device ms in forwards of `model`, after the first `skip` forwards (prefill)."""
-        sync()
-        return sum(a.elapsed_time(b) for (a, b), m in list(zip(self.events, self.models))[skip:] if m == id(model))
-
-
-def out_dir() -> Path:
-    path = Path(os.environ.get("OUT", "outputs/gpu"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def save_json(name: str, data) -> None:
-    (out_dir() / name).write_text(json.dumps(data, indent=1, default=str))
+        return sum(s.ms() for s, m in list(zip(self.spans, self.models))[skip:] if m == id(model))
 
 
 def device_info() -> dict:
@@ -170,23 +136,18 @@ def device_info() -> dict:
     return info
 
 
-def hf_generate(target, ids: list[int], new_tokens: int, eos: list[int], **generate_kwargs) -> dict:
-    """transformers' greedy `generate` on one prompt, timed, with its target forwards counted:
-    dict(tokens, seconds, new, forwards, tau). generate_kwargs: assistant_model=...,
-    cache_implementation=..., prompt_lookup_num_tokens=..."""
-    prompt = torch.tensor([ids], device=DEVICE)
-    calls = [0]
-    hook = target.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
-    try:
-        sync()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            seq = target.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, temperature=None,
-                                  top_p=None, top_k=None, max_new_tokens=new_tokens, eos_token_id=eos,
-                                  pad_token_id=eos[-1], **generate_kwargs)  # fmt: skip
-        sync()
-        seconds = time.perf_counter() - t0
-    finally:
-        hook.remove()
-    new = seq.shape[1] - len(ids)
-    return dict(tokens=seq[0, len(ids):].tolist(), seconds=seconds, new=new, forwards=calls[0], tau=new / max(calls[0], 1))
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def divergence_margin(target, ids: torch.Tensor, ref_tokens: list[int], i: int) -> dict:
+    """At the first position where two outputs differ: the target's top-2 logits there (one plain
+    forward over the prompt (1, T) and the common prefix). A gap of about one bf16 step is a tie."""
+    seq = torch.cat([ids, torch.tensor([ref_tokens[:i]], dtype=ids.dtype, device=ids.device)], dim=1)
+    with torch.no_grad():
+        logits = target(seq, logits_to_keep=1).logits[0, -1].float()
+    top = logits.topk(2)
+    return dict(position=i, top2=top.indices.tolist(), gap=(top.values[0] - top.values[1]).item(), top1=top.values[0].item())

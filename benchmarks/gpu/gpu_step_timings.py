@@ -1,6 +1,6 @@
 """Step timings of the GPU path on real Qwen2.5 architecture shapes with random weights (bf16).
 
-    python -m treespec.bench.gpu_step_timings [--sections forwards,steps,crossover,warmup,long]
+    python benchmarks/gpu/gpu_step_timings.py [--sections forwards,steps,crossover,warmup,long] [--out-dir OUT]
 
 forwards   per forward, sdpa vs flash, three ways: eager, CUDA graph of the eager forward, CUDA
            graph of the torch.compile'd forward; device time and kernels per forward (profiler
@@ -17,7 +17,7 @@ long       an 8192-token prompt: verification latency, flash vs sdpa, and a shor
 
 Random weights make the draft useless (acceptance ~0), but every step has the same fixed shapes
 whatever is accepted, so step times are those of real decoding; tau comes from the real pair
-(treespec.bench.gpu_e2e, or the CPU runs for greedy). Results: $OUT/step_timings.json and a
+(benchmarks/gpu/gpu_e2e.py, or the CPU runs for greedy). Results: OUT/step_timings.json and a
 summary on stdout. GPU_BENCH_DEVICE=cpu --targets tiny --draft tiny smoke-tests the logic.
 """
 
@@ -25,21 +25,22 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
-import time
+import tempfile
+from pathlib import Path
 
 import torch
-
-from treespec.bench.gpu_common import (
-    DEVICE, TimedBackend, VOCAB, device_info, event, kernel_count, out_dir, random_qwen, save_json, sync,
-)  # fmt: skip
+from gpu_common import DEVICE, VOCAB, TimedBackend, device_info, kernel_count, random_qwen
 
 import treespec
 from treespec.backends.cuda_graphs import GraphedBackend
 from treespec.backends.flash import FlashBackend, flash_available, reference_prefix_attention
 from treespec.backends.static_cache import StaticSdpaBackend
+from treespec.bench.harness import out_dir, write_json
+from treespec.bench.timing import DeviceSpan, Wall
 from treespec.tree.topology import TreeTopology
 
 VERIFY_TREES = {1: [], 16: [15], 45: [4, 2, 2, 1], 64: [3, 4, 4], 128: [127]}
@@ -88,16 +89,13 @@ def time_forward(backend, model, cache, n, s, mask, pos, last_only, iters, kerne
 
     wall, dev = [], []
     for i in range(iters + 3):
-        sync()
-        a, b = event(), event()
-        t0 = time.perf_counter()
-        a.record()
-        one()
-        b.record()
-        sync()
+        with Wall(DEVICE) as w:
+            span = DeviceSpan(DEVICE).start()
+            one()
+            span.stop()
         if i >= 3:  # the first calls warm up (compile, capture)
-            wall.append((time.perf_counter() - t0) * 1e3)
-            dev.append(a.elapsed_time(b))
+            wall.append(w.seconds * 1e3)
+            dev.append(span.ms())
         cache.commit(keep, 0)  # drop the scratch entries
     count = None
     if kernels:
@@ -144,12 +142,12 @@ def section_forwards(models: dict, prefix: int, iters: int, bnames: list[str], s
                     with torch.no_grad():
                         prefill(backend.inner, model, cache, torch.randint(2, VOCAB, (1, prefix), device=DEVICE))
                         m, p = mask.to(DEVICE), pos.to(DEVICE)
-                        t0 = time.perf_counter()
+                        clock = Wall().start()
                         wall, dev, kernels = time_forward(run, model, cache, n, s, m, p, last_only,
                                                           max(5, iters // 5) if mode == "eager" else iters, kernels=True)  # fmt: skip
                     row.update({f"{mode}_ms": wall, f"{mode}_device_ms": dev, f"{mode}_kernels": kernels})
                     if mode != "eager":
-                        row[f"{mode}_warmup_s"] = time.perf_counter() - t0  # compile + capture + the timed calls
+                        row[f"{mode}_warmup_s"] = clock.stop()  # compile + capture + the timed calls
                         row[f"{mode}_capture_s"] = backend.stats.capture_seconds
                     if mode == "compiled":
                         row["compile_s"] = backend.compiler.stats.seconds
@@ -170,17 +168,17 @@ def step_breakdown(target, draft, method, tree, backend, prompt_len: int, new_to
     kwargs = dict(max_new_tokens=new_tokens, method=method, tree=tree, attention=timed, eos_token_id=[])
     d = None if method == "autoregressive" else draft
     with torch.no_grad():
-        t0 = time.perf_counter()
-        treespec.generate(target, d, prompt, **kwargs)  # warm-up: compiles and captures every shape once
-        warmup_s = time.perf_counter() - t0
-        timed.events.clear()
-        marks = []
+        with Wall() as w:
+            treespec.generate(target, d, prompt, **kwargs)  # warm-up: compiles and captures every shape once
+        warmup_s = w.seconds
+        timed.clear()
+        clock, marks = Wall(DEVICE).start(), []
         token_stream = treespec.stream(target, d, prompt, **kwargs)
         for _ in token_stream:
-            marks.append((time.perf_counter(), len(timed.events)))
+            marks.append((clock.stop(), len(timed.spans)))
     stats = token_stream.result.stats
     steps = len(marks) - 1  # from the end of step 1 (prefill excluded) to the end of the last
-    wall = (marks[-1][0] - marks[0][0]) * 1e3
+    wall = (marks[-1][0] - marks[0][0]) * 1e3  # seconds since the clock started -> ms
     fwd = timed.forward_ms(marks[0][1]) if steps else 0.0
     forwards = (marks[-1][1] - marks[0][1]) / max(steps, 1)
     return dict(method=method, tree=stats.tree, backend=stats.backend, steps=steps, step_ms=wall / max(steps, 1),
@@ -247,20 +245,20 @@ def section_warmup(args) -> list[dict]:
     as this process left it (run after `steps`, which compiled the same shapes); with
     --warmup-cold, first another one with an empty cache directory."""
     rows = []
-    cold_dir = "/tmp/treespec_inductor_cold"
+    scratch = Path(tempfile.mkdtemp(prefix="treespec_warmup_"))  # the child's output and the empty inductor cache
     for run in (["empty cache"] if args.warmup_cold else []) + ["on-disk cache"]:
-        cmd = [sys.executable, "-m", "treespec.bench.gpu_step_timings", "--sections", "warmup_child",
+        cmd = [sys.executable, __file__, "--sections", "warmup_child", "--out-dir", scratch / "child",
                "--targets", args.targets.split(",")[0], "--draft", args.draft, "--backends", args.backends.split(",")[0]]  # fmt: skip
-        env = dict(os.environ, OUT="/tmp/treespec_warmup_child")
+        env = dict(os.environ)
         if run == "empty cache":
-            env["TORCHINDUCTOR_CACHE_DIR"] = cold_dir
-        t0 = time.perf_counter()
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            env["TORCHINDUCTOR_CACHE_DIR"] = str(scratch / "inductor_cold")
+        with Wall() as w:
+            done = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True)
         line = [x for x in done.stdout.splitlines() if x.startswith("WARMUP ")]
-        rows.append(dict(run=run, process_s=time.perf_counter() - t0, returncode=done.returncode,
+        rows.append(dict(run=run, process_s=w.seconds, returncode=done.returncode,
                          result=line[-1][7:] if line else done.stderr[-2000:]))  # fmt: skip
         print(f"  {run}: {rows[-1]['result']} (whole process {rows[-1]['process_s']:.1f} s)", flush=True)
-    subprocess.run(["rm", "-rf", cold_dir])
+    shutil.rmtree(scratch, ignore_errors=True)
     return rows
 
 
@@ -271,11 +269,10 @@ def warmup_child(models: dict, bname: str, prompt_len: int) -> None:
     prompt = torch.randint(2, VOCAB, (1, prompt_len), device=DEVICE)
     times = []
     for _ in range(2):
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            treespec.generate(target, models["0.5b"], prompt, max_new_tokens=32, tree=[4, 2, 2, 1], attention=backend, eos_token_id=[])
-        sync()
-        times.append(time.perf_counter() - t0)
+        with torch.no_grad(), Wall(DEVICE) as w:
+            treespec.generate(target, models["0.5b"], prompt, max_new_tokens=32, tree=[4, 2, 2, 1], attention=backend,
+                              eos_token_id=[])  # fmt: skip
+        times.append(w.seconds)
     stats = backend.compiler.stats
     print("WARMUP " + f"first generate {times[0]:.1f} s (compiled {stats.shapes} shapes in {stats.seconds:.1f} s), "
           f"second {times[1]:.2f} s", flush=True)  # fmt: skip
@@ -290,10 +287,9 @@ def section_long(models: dict, prompt_len: int, iters: int) -> list[dict]:
             graphed = GraphedBackend(inner_backend(bname))
             cache = graphed.make_cache(model, prompt_len + 256)
             with torch.no_grad():
-                t0 = time.perf_counter()
-                prefill(graphed.inner, model, cache, ctx)
-                sync()
-                prefill_s = time.perf_counter() - t0
+                with Wall(DEVICE) as w:
+                    prefill(graphed.inner, model, cache, ctx)
+                prefill_s = w.seconds
                 for size in (1, 16, 64, 128):
                     topo = TreeTopology.from_widths(VERIFY_TREES[size])
                     pos = (prompt_len + topo.depth)[None].to(DEVICE)
@@ -306,7 +302,6 @@ def section_long(models: dict, prompt_len: int, iters: int) -> list[dict]:
     target, draft = models[[k for k in models if k != "0.5b"][0]], models["0.5b"]
     for bname in backends():
         backend = GraphedBackend(inner_backend(bname), min_capacity=prompt_len + 256)
-        prompt = torch.randint(2, VOCAB, (1, prompt_len), device=DEVICE)
         r = step_breakdown(target, draft, "tree", [4, 2, 2, 1], backend, prompt_len, 48)
         r.update(kind="decode", target=[k for k in models if k != "0.5b"][0], prefix=prompt_len)
         rows.append(r)
@@ -316,8 +311,10 @@ def section_long(models: dict, prompt_len: int, iters: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python benchmarks/gpu/gpu_step_timings.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--out-dir", type=Path, default=out_dir("outputs/gpu"), help="default: $OUT")
     parser.add_argument("--sections", default="forwards,steps,crossover,warmup")
     parser.add_argument("--backends", default="sdpa,flash", help="those of them that run here")
     parser.add_argument("--sizes", default="1,16,64", help="verification sizes of the forwards section")
@@ -332,20 +329,20 @@ def main() -> None:
     parser.add_argument("--long-prefix", type=int, default=8192)
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--new-tokens", type=int, default=64)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     sections = args.sections.split(",")
     bnames = [b for b in args.backends.split(",") if b in backends()]
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     info = device_info()
     print(info, flush=True)
-    t0 = time.perf_counter()
-    models = {"0.5b": random_qwen(args.draft, seed=1)}  # keyed "0.5b" whatever --draft says
-    for i, name in enumerate(args.targets.split(",")):
-        models[name] = random_qwen(name, seed=2 + i)
-    print(f"models built in {time.perf_counter() - t0:.1f} s", flush=True)
+    with Wall(DEVICE) as w:
+        models = {"0.5b": random_qwen(args.draft, seed=1)}  # keyed "0.5b" whatever --draft says
+        for i, name in enumerate(args.targets.split(",")):
+            models[name] = random_qwen(name, seed=2 + i)
+    print(f"models built in {w.seconds:.1f} s", flush=True)
     results = dict(device=info, args=vars(args))
     for section in sections:
-        t1 = time.perf_counter()
+        clock = Wall().start()
         print(f"== {section}", flush=True)
         try:
             if section == "forwards":
@@ -367,8 +364,8 @@ def main() -> None:
 
             traceback.print_exc()
             results[f"{section}_error"] = repr(err)
-        print(f"   ({time.perf_counter() - t1:.0f} s)", flush=True)
-        save_json("step_timings.json", results)
+        print(f"   ({clock.stop():.0f} s)", flush=True)
+        write_json(args.out_dir / "step_timings.json", results)
 
 
 if __name__ == "__main__":
