@@ -15,7 +15,7 @@ from treespec.bench import harness
 from treespec.bench.config import DATASET_NAMES, ModelConfig
 from treespec.bench.datasets import Prompt
 from treespec.bench.harness import Generation, hf_generate, run_treespec, summarize
-from treespec.bench.timing import DeviceSpan
+from treespec.bench.timing import DeviceSpan, Wall
 from treespec.testing import tiny_pair
 
 PROMPT = torch.tensor([[3, 5, 7, 9, 11, 13]])
@@ -173,6 +173,15 @@ def test_out_dir_is_the_environments_or_the_default(monkeypatch):
     assert harness.out_dir("outputs/x") == Path("outputs/x")
     monkeypatch.setenv("OUT", "/somewhere")
     assert harness.out_dir("outputs/x") == Path("/somewhere")
+
+
+def test_wall_block_and_start_stop_measure_the_span():
+    with Wall() as w:
+        time.sleep(0.02)
+    assert w.seconds >= 0.02 and w.cpu_seconds >= 0.0
+    span = Wall().start()
+    time.sleep(0.02)
+    assert span.stop() >= 0.02 and span.seconds >= 0.02
 
 
 def test_device_span_on_the_cpu_is_wall_time():
