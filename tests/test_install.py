@@ -86,3 +86,16 @@ def test_the_library_does_without_matplotlib(tmp_path):
     )
     done = _run([sys.executable, "-c", code], tmp_path, dict(os.environ, PYTHONPATH=str(REPO)))
     assert "pip install 'treespec[plot]'" in done.stdout and "--no-plots" in done.stdout
+
+
+def test_one_place_resolves_the_config_folder(tmp_path):
+    """treespec.bench.config.CONFIG_DIR: the package's configs, or TREESPEC_CONFIG_DIR's folder,
+    for the Hydra app, the presets and the harness's domain table alike."""
+    code = ("from treespec.bench import config, harness, run\n"
+            "print(config.CONFIG_DIR, run.CONFIG_DIR, harness.CONFIG_DIR)\n")  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("TREESPEC_CONFIG_DIR", None)
+    default = _run([sys.executable, "-c", code], tmp_path, env).stdout.split()
+    assert set(default) == {str(REPO / "treespec" / "configs")}
+    moved = _run([sys.executable, "-c", code], tmp_path, dict(env, TREESPEC_CONFIG_DIR=str(tmp_path))).stdout.split()
+    assert set(moved) == {str(tmp_path)}

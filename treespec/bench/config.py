@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import typing
 from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
@@ -26,7 +27,9 @@ from treespec.tree.topology import TreeShapeError
 
 MISSING = "???"  # omegaconf.MISSING, spelled out so that this module does not import omegaconf
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # treespec/configs/: package data, so any install has it
+# The one place the config folder is resolved: treespec/configs/ (package data, so any install has
+# it), or the folder TREESPEC_CONFIG_DIR names.
+CONFIG_DIR = Path(os.environ.get("TREESPEC_CONFIG_DIR") or Path(__file__).resolve().parents[1] / "configs")
 
 METHODS = ("tree", "linear", "autoregressive", "hf_assisted", "hf_generate", "hf_static", "hf_prompt_lookup")
 TREE_POLICIES = ("preset", "dynamic", "adaptive", "optimized", "auto")

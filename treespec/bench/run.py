@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -31,13 +30,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from treespec.bench.config import CONFIG_DIR as DEFAULT_CONFIG_DIR
-from treespec.bench.config import GROUP_SCHEMAS, BenchConfig, ConfigError
+from treespec.bench.config import CONFIG_DIR, GROUP_SCHEMAS, BenchConfig, ConfigError
 from treespec.loading.cache import atomic_write
 
 log = logging.getLogger("treespec.bench")
 
-CONFIG_DIR = Path(os.environ.get("TREESPEC_CONFIG_DIR") or DEFAULT_CONFIG_DIR)
 SCHEMA_NAME = "schema"  # each group's typed schema: configs/<group>/*.yaml start from it
 
 
