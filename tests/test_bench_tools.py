@@ -135,3 +135,26 @@ def test_gpu_compare_runs_on_the_cpu_with_tiny_models(gpu_compare, monkeypatch, 
     assert summary["humaneval|hf generate"]["prompts"] == 1 and summary["humaneval|hf generate"]["identical_to_autoregressive"] == "1/1"
     assert summary["mtbench|T0.7 tree [4,2,2,1]"]["new_tokens"] == 6
     assert summary["humaneval|tree [4,2,2,1]"]["speedup_vs_autoregressive (graphs)"] > 0
+
+
+def test_acceptance_tau_scores_every_scheme_through_the_public_option(monkeypatch):
+    """The study's verifier goes in as acceptance= (no engine internals): one record per sampled
+    step, every scheme's expected accepted length within the tree's depth."""
+    import torch
+
+    import treespec
+    from treespec.testing import tiny_pair
+
+    study = load_script(REPO / "benchmarks" / "studies" / "acceptance_tau.py", monkeypatch)
+    target, _ = tiny_pair(0)
+    verifier = study.RecordingVerifier(chain_depth=3)
+    out = treespec.generate(target, target, torch.tensor([[3, 5, 7, 9]]), max_new_tokens=10, tree=[2, 1, 1],
+                            temperature=0.8, eos_token_id=[], acceptance=verifier,
+                            generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert len(verifier.records) == out.stats.target_forwards
+    for rec in verifier.records:
+        assert set(rec) == set(study.SCHEMES) and all(0.0 <= v <= 3.0 for v in rec.values())
+    summary = study.scheme_summary([{"tokens": out.stats.new_tokens, "forwards": out.stats.target_forwards,
+                                     "steps": verifier.records}])  # fmt: skip
+    # the draft is the target: every scheme accepts (almost) the whole tree
+    assert summary["steps"] == len(verifier.records) and summary["tau_chain_block"] > 3.5
