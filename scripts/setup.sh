@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install treespec into the current Python environment.
-#   bash scripts/setup.sh          # the library and its demo
+#   bash scripts/setup.sh          # the library, its demo and the report's plots (the [plot] extra)
 #   bash scripts/setup.sh --dev    # plus the test tools
 # A plain `torch` requirement with no torch installed pulls the multi-GB CUDA build from PyPI,
 # so when no torch is importable we first install the CPU build pinned here; an existing torch
@@ -18,7 +18,7 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
 else
     step "1/2 torch $("$PY" -c 'import torch; print(torch.__version__)') is installed: keeping it"
 fi
-extra=""
+extra="[plot]"  # treespec-report's plots
 [ "${1:-}" = "--dev" ] && extra="[dev]"
 step "2/2 installing treespec${extra} and its dependencies (transformers, hydra, ...; about a minute)"
 "$PY" -m pip install --progress-bar on -e ".${extra}"

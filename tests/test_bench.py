@@ -56,7 +56,7 @@ def test_every_group_option_composes(group, option):
 
 def test_every_group_has_options():
     for g in GROUPS:
-        assert _options(g), f"configs/{g}/ has no yaml"
+        assert _options(g), f"treespec/configs/{g}/ has no yaml"
     assert {"code", "text", "structured"} <= set(_options("domain"))
     assert {"tree", "linear", "autoregressive", "hf_assisted", "hf_generate", "hf_static", "hf_prompt_lookup"} == set(_options("method"))
 

@@ -197,3 +197,44 @@ def test_generate_refuses_block_for_a_tree_and_ignores_it_when_greedy():
     greedy = [treespec.generate(target, draft, E2E_PROMPT, max_new_tokens=8, method="linear", tree="chain-3", eos_token_id=[],
                                 acceptance=a).sequences for a in ("rejection", "block", "traversal")]
     assert torch.equal(greedy[0], greedy[1]) and torch.equal(greedy[0], greedy[2])
+
+
+# --------------------------------------------------------------------------- expected_accepted
+def _exact_and_drawn(depth, dists, seed, chains=6, reps=4000):
+    """Per drawn chain: block.expected_accepted, and the mean (and its standard error) of
+    block_accept's num_accepted over `reps` verifications of that same chain."""
+    topo = TreeTopology.chain(depth)
+    p1, p2, q1, q2 = dists
+    gen = torch.Generator().manual_seed(seed)
+    tokens, valid = draw_trees(topo, q1, q2, chains, True, gen)
+    p, q = rows_for(tokens, topo.depth, p1, p2), rows_for(tokens, topo.depth, q1, q2)
+    exact = block.expected_accepted(tokens, valid, p, q)  # (chains,)
+    rep = lambda t: t.repeat_interleave(reps, dim=0)  # noqa: E731
+    acc = block_accept(topo, rep(tokens), rep(valid), rep(p), rep(q), generator=gen)
+    drawn = acc.num_accepted.double().view(chains, reps)
+    return exact, drawn.mean(dim=1), drawn.std(dim=1) / reps**0.5
+
+
+def _agree(exact, mean, se) -> bool:
+    return bool(((exact - mean).abs() <= 5 * se + 1e-3).all())
+
+
+@pytest.mark.parametrize("depth,case", [(3, "far"), (4, "close"), (3, "zeros")])
+def test_expected_accepted_is_the_mean_of_block(depth, case):
+    exact, mean, se = _exact_and_drawn(depth, make_case(case), seed=13)
+    assert _agree(exact, mean, se), (exact, mean)
+
+
+def test_expected_accepted_check_catches_a_wrong_stop_probability(monkeypatch):
+    # the same check fails when the expectation uses a wrong h_i (block_accept keeps the right one)
+    real_stop, real_accept = block._stop_prob, block_accept
+
+    def verify_with_real_stop(*args, **kwargs):
+        with monkeypatch.context() as m:
+            m.setattr(block, "_stop_prob", real_stop)
+            return real_accept(*args, **kwargs)
+
+    monkeypatch.setattr(block, "_stop_prob", _stop_prob_is_weight)
+    monkeypatch.setitem(globals(), "block_accept", verify_with_real_stop)
+    exact, mean, se = _exact_and_drawn(3, make_case("close"), seed=13)
+    assert not _agree(exact, mean, se)

@@ -274,3 +274,54 @@ def test_chunked_graphed_prefill_equals_an_eager_prefill():
         mask = torch.ones(1, 1, dtype=torch.bool, device="cuda")
         results.append(backend.forward(model, cache, prompt[:, 300:], torch.tensor([[300]], device="cuda"), mask))
     assert rel_err(results[1], results[0]) < 1e-4
+
+SYNC_DRAFTERS = {  # one step of each must not sync with the host but at the engine's one sync point
+    "static": dict(tree=[4, 2, 2, 1]),
+    "linear": dict(method="linear", tree="chain-4"),
+    "autoregressive": dict(method="autoregressive"),
+    "dynamic": dict(tree=treespec.DynamicTreeConfig(width=2, children=2, depth=3, budget=6)),
+    "adaptive": dict(tree=treespec.AdaptiveTreeConfig(widths=(2, 1), min_depth=1, max_depth=3)),
+    "lookup": dict(tree=[2, 1], lookup=True),
+    "overlap": dict(tree=[4, 2, 2, 1], overlap=treespec.OverlapConfig(leaves=2)),
+    "dynamic overlap": dict(tree=treespec.DynamicTreeConfig(width=2, children=2, depth=3, budget=6), overlap=True),
+}
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "auto"])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("drafter", list(SYNC_DRAFTERS))
+def test_a_step_syncs_once_under_sync_debug_mode(drafter, temperature, attention, monkeypatch):
+    """One steady-state step of every drafter under torch.cuda.set_sync_debug_mode("error"): any
+    synchronising call other than the engine's `_read` (the step's documented sync) raises."""
+    from treespec.engine.loop import SpeculativeEngine
+
+    target = random_model("qwen2.5-0.5b", torch.bfloat16, seed=1)
+    draft = random_model("qwen2.5-0.5b", torch.bfloat16, num_layers=1, seed=2)
+    kwargs = dict(SYNC_DRAFTERS[drafter], temperature=temperature)
+    if temperature:
+        kwargs["generator"] = torch.Generator(device="cuda").manual_seed(0)
+    prompt = torch.randint(2, VOCAB, (1, 40), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    prompt[0, 20:] = prompt[0, :20]  # a repeat: lookup finds matches
+    use_draft = kwargs.get("method") != "autoregressive"
+    steps = iter(treespec.stream(target, draft if use_draft else None, prompt, max_new_tokens=32, eos_token_id=[],
+                                 attention=attention, **kwargs))  # fmt: skip
+    next(steps)  # prefill, the first step: buffers made, graphs captured
+    next(steps)
+    read, reads = SpeculativeEngine._read, []
+
+    def allowed_read(self, *args, **kwargs):
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            reads.append(1)
+            return read(self, *args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    monkeypatch.setattr(SpeculativeEngine, "_read", allowed_read)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        next(steps)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert reads == [1]

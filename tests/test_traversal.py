@@ -224,3 +224,66 @@ def test_generate_with_traversal_follows_the_target():
     joint = exact_joint(target, E2E_PROMPT, cfg)
     assert pvalue(counts.sum(1), joint.sum(1)) > ALPHA
     assert pvalue(counts, joint) > ALPHA
+
+
+# --------------------------------------------------------------------------- expected_accepted
+def _exact_and_drawn(topo, dists, wor, seed, trees=6, reps=4000):
+    """Per drawn tree: expected_accepted, and the mean (and its standard error) of traversal_accept's
+    num_accepted over `reps` verifications of that same tree."""
+    p1, p2, q1, q2 = dists
+    gen = torch.Generator().manual_seed(seed)
+    tokens, valid = draw_trees(topo, q1, q2, trees, wor, gen)
+    p, q = rows_for(tokens, topo.depth, p1, p2), rows_for(tokens, topo.depth, q1, q2)
+    exact = traversal.expected_accepted(topo, tokens, valid, p, q, without_replacement=wor)  # (trees,)
+    rep = lambda t: t.repeat_interleave(reps, dim=0)  # noqa: E731
+    acc = traversal_accept(topo, rep(tokens), rep(valid), rep(p), rep(q), without_replacement=wor, generator=gen)
+    drawn = acc.num_accepted.double().view(trees, reps)
+    return exact, drawn.mean(dim=1), drawn.std(dim=1) / reps**0.5
+
+
+def _agree(exact, mean, se) -> bool:
+    return bool(((exact - mean).abs() <= 5 * se + 1e-3).all())
+
+
+@pytest.mark.parametrize("tree,case,wor", [("w3x1x1", "far", True), ("irregular", "close", False), ("chain3", "far", True)])
+def test_expected_accepted_is_the_mean_of_traversal(tree, case, wor):
+    exact, mean, se = _exact_and_drawn(TREES[tree], make_case(case), wor, seed=11)
+    assert _agree(exact, mean, se), (exact, mean)
+
+
+def test_expected_accepted_check_catches_a_wrong_order(monkeypatch):
+    # the same check fails when the expectation walks the tree in the wrong order
+    real = traversal_accept
+
+    def verify_with_real_order(*args, **kwargs):
+        with monkeypatch.context() as m:
+            m.setattr(traversal, "postorder_keys", postorder_keys)
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(traversal, "postorder_keys", _keys_deepest_first)
+    monkeypatch.setitem(globals(), "traversal_accept", verify_with_real_order)
+    exact, mean, se = _exact_and_drawn(TREES["w3x1x1"], make_case("far"), True, seed=11)
+    assert not _agree(exact, mean, se)
+
+
+def test_a_verifier_of_ones_own_verifies_the_sampled_steps():
+    """acceptance= takes a TreeVerifier callable (treespec.acceptance.schemes): every sampled step
+    verifies with it, and one that delegates to rejection_accept gives the default's output."""
+    import treespec
+    from treespec.testing import tiny_pair
+
+    target, draft = tiny_pair(0)
+    prompt = torch.tensor([[3, 5, 7, 9]])
+    calls = []
+
+    def recording(tree, tokens, valid, p, q, **kwargs):
+        calls.append(tokens.shape)
+        return rejection_accept(tree, tokens, valid, p, q, **kwargs)
+
+    def run_with(acceptance):
+        return treespec.generate(target, draft, prompt, max_new_tokens=12, tree=[2, 1], temperature=0.9,
+                                 eos_token_id=[], acceptance=acceptance, generator=torch.Generator().manual_seed(0))  # fmt: skip
+
+    out = run_with(recording)
+    assert len(calls) == out.stats.target_forwards
+    assert torch.equal(out.sequences, run_with("rejection").sequences)

@@ -32,7 +32,7 @@ from treespec.acceptance.greedy import Acceptance
 from treespec.acceptance.rejection import _as_float, _sample_categorical, _uniform
 from treespec.tree.topology import TreeTensors, TreeTopology
 
-__all__ = ["block_accept", "check_chain"]
+__all__ = ["block_accept", "check_chain", "expected_accepted"]
 
 
 def check_chain(tree: TreeTensors | TreeTopology) -> None:
@@ -96,6 +96,28 @@ def block_accept(
     if unbatched:
         out = Acceptance(path=out.path[0], num_accepted=out.num_accepted[0], next_token=out.next_token[0])
     return out
+
+
+def expected_accepted(tokens: torch.Tensor, valid: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """E[accepted drafts | the chain] under block verification, exactly (no coins drawn): the
+    stop is the deepest node whose coin passes, P(stop = i) = h_i times the product of (1 - h_j)
+    over j > i. Arguments as `block_accept`; returns float64 (B,) (() without a batch dimension)."""
+    unbatched = tokens.dim() == 1
+    if unbatched:
+        tokens, valid, p, q = tokens[None], valid[None], p[None], q[None]
+    p, q = _as_float(p), _as_float(q)
+    x = tokens[:, 1:, None]  # (B, D, 1)
+    px, qx = p[:, :-1].gather(-1, x)[..., 0], q[:, :-1].gather(-1, x)[..., 0]  # (B, D)
+    usable = torch.cumprod((valid[:, 1:] & (qx > 0)).to(torch.uint8), dim=1).bool()  # (B, D)
+    w = _sequence_weights(px, qx, usable)  # (B, N)
+    has_child = torch.cat([usable, usable.new_zeros(usable.shape[0], 1)], dim=1)  # (B, N)
+    h = torch.where(has_child, _stop_prob(w, _residual(w, p, q).sum(-1)), w).double()  # (B, N)
+    h = torch.where(torch.cat([usable.new_ones(usable.shape[0], 1), usable], dim=1), h, 0.0)
+    h[:, 0] = 1.0
+    fail = (1 - h).flip(1)  # (B, N) deepest first
+    after = torch.cumprod(torch.cat([fail.new_ones(fail.shape[0], 1), fail[:, :-1]], dim=1), dim=1).flip(1)
+    out = (h * after * torch.arange(h.shape[1], dtype=torch.float64, device=h.device)).sum(dim=-1)  # (B,)
+    return out[0] if unbatched else out
 
 
 def _deepest(stops: torch.Tensor) -> torch.Tensor:

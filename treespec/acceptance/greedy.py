@@ -45,16 +45,18 @@ def greedy_accept(tree: TreeTensors, tokens: torch.Tensor, valid: torch.Tensor, 
     depth, anc, paths = tree.depth, tree.ancestors, tree.paths
     best = p_logits.argmax(dim=-1)  # (N,) target's greedy token after each node
     match = (tokens == best[tree.parents.clamp(min=0)]) & valid  # (N,)
-    match[0] = True  # the root is accepted already
+    match[:1] = True  # the root is accepted already (a slice: a 0-dim target would copy True from the host)
     # a node is accepted iff it and all its ancestors match: no ancestor-or-self is a mismatch
     accepted = ~(anc & ~match[None, :]).any(dim=-1)  # (N,)
     score = torch.where(accepted, depth, -1)  # (N,)
     last = score.argmax()  # deepest accepted node (the first such node on ties, all greedy paths equal)
-    return _path_to(paths, depth, last, best[last])
+    return _path_to(paths, depth, last, best.index_select(0, last.view(1))[0])
 
 
 def _path_to(paths: torch.Tensor, depth: torch.Tensor, last: torch.Tensor, next_token: torch.Tensor) -> Acceptance:
-    """Acceptance for the path from the root to node `last` (a 0-d LongTensor)."""
-    path = paths[last]  # (D+1,)
+    """Acceptance for the path from the root to node `last` (a 0-d LongTensor). index_select, not
+    `paths[last]`: an index by a 0-d tensor reads it on the host (a sync on CUDA)."""
+    at = last.view(1)  # (1,)
+    path = paths.index_select(0, at)[0]  # (D+1,)
     path = torch.where(path >= 0, path, last)  # pad with the last node
-    return Acceptance(path=path, num_accepted=depth[last], next_token=next_token)
+    return Acceptance(path=path, num_accepted=depth.index_select(0, at)[0], next_token=next_token)

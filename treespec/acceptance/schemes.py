@@ -9,7 +9,8 @@
 All three are lossless for children drawn i.i.d. or without replacement (docs/sampling.md). At
 temperature 0 every scheme is greedy verification (`greedy_accept`): the option is accepted and
 has no effect, because with one-hot p and q every lossless verifier accepts exactly the
-target's argmax path.
+target's argmax path. A `TreeVerifier` callable may be passed instead of a name: the sampled
+steps then verify with it.
 """
 
 from __future__ import annotations
@@ -52,9 +53,13 @@ VERIFIERS: dict[str, TreeVerifier] = {
 ACCEPTANCES = tuple(VERIFIERS)
 
 
-def check_acceptance(acceptance: str, tree: object) -> None:
+def check_acceptance(acceptance: str | TreeVerifier, tree: object) -> None:
     """Fail before any work: an unknown scheme, or block verification of anything but a chain.
-    tree: the resolved tree spec (a TreeTopology, or a dynamic/adaptive tree config)."""
+    tree: the resolved tree spec (a TreeTopology, or a dynamic/adaptive tree config).
+    A TreeVerifier of the caller's own (a study recording what each step verifies, say) passes:
+    whether it is lossless is the caller's to show."""
+    if callable(acceptance):
+        return
     if acceptance not in VERIFIERS:
         raise ValueError(f"unknown acceptance {acceptance!r}; choose one of {ACCEPTANCES}")
     if acceptance == "block":

@@ -36,7 +36,7 @@ from treespec.acceptance.greedy import Acceptance
 from treespec.acceptance.rejection import _accept_prob, _as_float, _remove_token, _sample_categorical, _uniform
 from treespec.tree.topology import TreeTensors, TreeTopology
 
-__all__ = ["traversal_accept", "postorder_keys"]
+__all__ = ["traversal_accept", "expected_accepted", "postorder_keys"]
 
 
 def traversal_accept(
@@ -82,6 +82,35 @@ def traversal_accept(
     if unbatched:
         out = Acceptance(path=out.path[0], num_accepted=out.num_accepted[0], next_token=out.next_token[0])
     return out
+
+
+def expected_accepted(
+    tree: TreeTensors | TreeTopology,
+    tokens: torch.Tensor,
+    valid: torch.Tensor,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    *,
+    without_replacement: bool = True,
+) -> torch.Tensor:
+    """E[accepted drafts | the tree] under traversal verification, exactly (no coins drawn): the
+    walk stops at node u with probability M_u times the product of (1 - M_v) over the nodes v
+    before u in post-order (independent coins, M the final masses). Arguments as
+    `traversal_accept`; returns float64 (B,) (() without a batch dimension)."""
+    unbatched = tokens.dim() == 1
+    if unbatched:
+        tokens, valid, p, q = tokens[None], valid[None], p[None], q[None]
+    p, q = _as_float(p), _as_float(q)
+    if isinstance(tree, TreeTopology):
+        tree = tree.tensors(tokens.device)
+    mass, _ = _node_states(tree, tokens, valid, p, q, without_replacement)  # (B, N)
+    h = torch.where(_usable(tree, valid), mass, 0.0).double()  # (B, N)
+    h[:, 0] = 1.0  # the walk always ends at the root at the latest
+    order = postorder_keys(tree).argsort()  # (N,)
+    h, depth = h[:, order], tree.depth[order].double()
+    survive = torch.cumprod(torch.cat([h.new_ones(h.shape[0], 1), 1 - h[:, :-1]], dim=1), dim=1)  # (B, N)
+    out = (h * survive * depth).sum(dim=-1)  # (B,)
+    return out[0] if unbatched else out
 
 
 def _usable(tree: TreeTensors, valid: torch.Tensor) -> torch.Tensor:

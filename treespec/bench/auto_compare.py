@@ -11,8 +11,8 @@ first prompt untimed (weights touched; tree=auto calibrates there, or reads its 
 Variants:
 
     auto            method=tree, tree="auto" with the domain's acceptance profile
-    preset          method=tree with the domain preset's fixed widths (configs/domain/<domain>.yaml, tree=preset)
-    optimized       method=tree with the domain's Sequoia preset (configs/presets/optimized_<domain>.yaml)
+    preset          method=tree with the domain preset's fixed widths (treespec/configs/domain/<domain>.yaml, tree=preset)
+    optimized       method=tree with the domain's Sequoia preset (treespec/configs/presets/optimized_<domain>.yaml)
     <name>          a treespec.PRESETS tree (small, medium, large, wide, chain-4, ...)
     linear          method=linear, the domain preset's linear_k
     autoregressive  the target alone, through the same engine (the ratios' denominator)
@@ -50,7 +50,7 @@ DOMAINS = {"demo": (None, "code"), "code": ("humaneval", "code"), "text": ("mtbe
 
 
 def domain_preset(name: str) -> DomainConfig:
-    """configs/domain/<name>.yaml (its fixed tree, linear k) as the benchmark reads it."""
+    """treespec/configs/domain/<name>.yaml (its fixed tree, linear k) as the benchmark reads it."""
     from omegaconf import OmegaConf
 
     data = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "domain" / f"{name}.yaml"))

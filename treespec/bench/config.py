@@ -1,7 +1,7 @@
 """Typed configuration of one benchmark cell.
 
 Plain dataclasses: the Hydra app (`treespec.bench.run`) registers them in Hydra's ConfigStore as
-the schemas of the config groups under `configs/`, so composing rejects unknown keys and values
+the schemas of the config groups under `treespec/configs/`, so composing rejects unknown keys and values
 of the wrong type, and `OmegaConf.to_object` turns the composed config into these objects, which
 runs the `__post_init__` checks below (bad values, e.g. a negative depth, raise ConfigError naming
 the key). Library code (`treespec.bench.runner`) only ever sees these objects, never Hydra.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import typing
 from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
@@ -26,7 +27,9 @@ from treespec.tree.topology import TreeShapeError
 
 MISSING = "???"  # omegaconf.MISSING, spelled out so that this module does not import omegaconf
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs/ (editable install)
+# The one place the config folder is resolved: treespec/configs/ (package data, so any install has
+# it), or the folder TREESPEC_CONFIG_DIR names.
+CONFIG_DIR = Path(os.environ.get("TREESPEC_CONFIG_DIR") or Path(__file__).resolve().parents[1] / "configs")
 
 METHODS = ("tree", "linear", "autoregressive", "hf_assisted", "hf_generate", "hf_static", "hf_prompt_lookup")
 TREE_POLICIES = ("preset", "dynamic", "adaptive", "optimized", "auto")

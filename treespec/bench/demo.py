@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--tree", default="auto", help="auto (default), widths per level (e.g. 4,2,2,1) or a preset name")
     ap.add_argument("--domain", default="code", choices=DOMAINS,
-                    help="whose acceptance profile tree=auto assumes (configs/presets/optimized_<domain>.yaml)")
+                    help="whose acceptance profile tree=auto assumes (treespec/configs/presets/optimized_<domain>.yaml)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the target-alone run")
     ap.add_argument("--no-warmup", action="store_true", help="time the very first generation too")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")

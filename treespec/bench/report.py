@@ -268,11 +268,22 @@ def to_csv(table: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------ plots
-def plot_all(table: list[dict], out: Path) -> list[Path]:
-    import matplotlib
-
+def pyplot():
+    """matplotlib.pyplot on the Agg backend. matplotlib is an extra (treespec[plot]): the library
+    and the tables do without it."""
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise SystemExit("the plots need matplotlib: pip install 'treespec[plot]' (or pass --no-plots: "
+                         "the tables are written without it)") from err
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_all(table: list[dict], out: Path) -> list[Path]:
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     written = []

@@ -8,7 +8,8 @@
 
 (`python -m treespec.bench.run ...` works the same.) Each run writes `results.json` (per prompt
 and aggregated, see treespec.bench.runner.run_cell) into Hydra's output directory. The config
-groups live in `configs/` at the repository root; docs/configs.md documents every key.
+groups live in `treespec/configs/` (package data, so a non-editable install has them too;
+TREESPEC_CONFIG_DIR points elsewhere); docs/configs.md documents every key.
 
 This is the only benchmark module that imports Hydra: it registers the typed schemas of
 treespec.bench.config in Hydra's ConfigStore (so unknown keys and wrong types fail at compose
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -30,13 +30,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from treespec.bench.config import CONFIG_DIR as DEFAULT_CONFIG_DIR
-from treespec.bench.config import GROUP_SCHEMAS, BenchConfig, ConfigError
+from treespec.bench.config import CONFIG_DIR, GROUP_SCHEMAS, BenchConfig, ConfigError
 from treespec.loading.cache import atomic_write
 
 log = logging.getLogger("treespec.bench")
 
-CONFIG_DIR = Path(os.environ.get("TREESPEC_CONFIG_DIR") or DEFAULT_CONFIG_DIR)
 SCHEMA_NAME = "schema"  # each group's typed schema: configs/<group>/*.yaml start from it
 
 

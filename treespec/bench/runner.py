@@ -14,7 +14,7 @@ import logging
 import os
 import platform
 import zlib
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
@@ -23,48 +23,14 @@ from treespec.drafting.policy import resolve_policy
 from treespec.tree.auto import AutoTreeConfig
 from treespec.tree.topology import TreeTopology
 
-from treespec.bench.config import BenchConfig, ModelConfig
+from treespec.bench.config import BenchConfig
+from treespec.bench.harness import LoadedPair, hf_generate, load_models
 from treespec.bench.metrics import PromptRecord, aggregate
 from treespec.bench.timing import Wall
 
 log = logging.getLogger(__name__)
 
 RESULTS_SCHEMA = "treespec-bench/v1"
-
-
-@dataclass
-class LoadedPair:
-    target: Any
-    draft: Any
-    tokenizer: Any  # None for tiny-random
-
-
-_PAIRS: dict[tuple, LoadedPair] = {}
-
-
-def load_models(cfg: ModelConfig) -> LoadedPair:
-    """The (target, draft, tokenizer) of `cfg`, loaded once per process."""
-    key = tuple(sorted(asdict(cfg).items()))
-    if key in _PAIRS:
-        return _PAIRS[key]
-    dtype = getattr(torch, cfg.dtype)
-    if cfg.source == "tiny-random":
-        from treespec.testing import tiny_pair
-
-        target, draft = tiny_pair(
-            cfg.seed, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers
-        )
-        pair = LoadedPair(target.to(device=cfg.device, dtype=dtype), draft.to(device=cfg.device, dtype=dtype), None)
-    else:
-        from treespec.loading.models import load_pair
-
-        loaded = load_pair(cfg.target, cfg.draft, dtype=dtype, device=cfg.device)
-        pair = LoadedPair(loaded.target, loaded.draft, loaded.tokenizer)
-    pair.target.eval()
-    pair.draft.eval()
-    _PAIRS.clear()  # keep one pair in memory at most
-    _PAIRS[key] = pair
-    return pair
 
 
 def build_prompts(cfg: BenchConfig, pair: LoadedPair) -> list[tuple[str, torch.Tensor]]:
@@ -228,115 +194,23 @@ def _generate_treespec(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, ma
     )
 
 
-class _StepRecorder:
-    """A transformers streamer that records how many tokens each assisted step appended."""
-
-    def __init__(self):
-        self.calls: list[int] = []
-
-    def put(self, value):
-        self.calls.append(int(value.numel()))
-
-    def end(self):
-        pass
-
-
 HF_METHODS = ("hf_generate", "hf_static", "hf_assisted", "hf_prompt_lookup")
 
 
-def _hf_method_kwargs(cfg: BenchConfig, pair: LoadedPair) -> dict[str, Any]:
-    """generate() kwargs of each transformers baseline (what a GPU user would pick instead)."""
-    k = cfg.domain.linear_k
-    return {
-        "hf_generate": {},  # eager, DynamicCache
-        "hf_static": {"cache_implementation": "static"},  # transformers compiles the forward itself on CUDA
-        "hf_assisted": {"assistant_model": pair.draft},
-        "hf_prompt_lookup": {"prompt_lookup_num_tokens": k},  # n-gram drafts from the prompt, no draft model
-    }[cfg.method.name]
-
-
 def _generate_hf(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, max_new: int, seed: int):
-    """A transformers baseline (HF_METHODS). hf_assisted is like for like with method=linear:
-    num_assistant_tokens = domain.linear_k with a constant schedule and no confidence early stop.
-    Target forwards are counted with a forward pre-hook (the first one prefills the prompt and
-    verifies the first candidates in one pass, so it counts as a step), except for hf_static,
-    whose compiled forward a Python hook would break: there one forward per new token; per-step
-    emitted tokens come from a streamer."""
-    target, draft = pair.target, pair.draft
-    method = cfg.method.name
-    s = cfg.sampling
-    saved = {}
-    gc = draft.generation_config
-    if method == "hf_assisted":
-        settings = (("num_assistant_tokens", cfg.domain.linear_k), ("num_assistant_tokens_schedule", "constant"),
-                    ("assistant_confidence_threshold", 0.0))  # fmt: skip
-        for name, value in settings:
-            saved[name] = getattr(gc, name, None)
-            setattr(gc, name, value)
-    target_inputs: list[int] = []
-    draft_calls = [0]
-
-    def count_target(_module, args, kwargs):
-        x = kwargs.get("input_ids", args[0] if args else None)
-        if x is None:  # called with inputs_embeds
-            x = kwargs["inputs_embeds"]
-        target_inputs.append(int(x.shape[1]))
-
-    def count_draft(_module, _args, _kwargs):
-        draft_calls[0] += 1
-
-    hooks = []
-    if method != "hf_static":
-        hooks.append(target.register_forward_pre_hook(count_target, with_kwargs=True))
-    if method == "hf_assisted":
-        hooks.append(draft.register_forward_pre_hook(count_draft, with_kwargs=True))
-    recorder = _StepRecorder()
-    eos = target.generation_config.eos_token_id
-    pad = target.generation_config.pad_token_id
-    if pad is None:
-        pad = eos[0] if isinstance(eos, (list, tuple)) else eos
-    gen_kwargs: dict[str, Any] = dict(
-        max_new_tokens=max_new,
-        do_sample=not s.greedy,
-        pad_token_id=pad,
-        repetition_penalty=1.0,
-        **_hf_method_kwargs(cfg, pair),
-    )
-    if s.greedy:
-        gen_kwargs.update(temperature=None, top_k=None, top_p=None)
-    else:
-        gen_kwargs.update(temperature=float(s.temperature), top_k=s.top_k or None, top_p=float(s.top_p))
-        torch.manual_seed(seed)
-    if cfg.ignore_eos:
-        gen_kwargs["min_new_tokens"] = max_new  # transformers has no "never stop": mask EOS instead
-    try:
-        with torch.no_grad(), Wall(ids.device) as wall:
-            out = target.generate(ids, attention_mask=torch.ones_like(ids), streamer=recorder, **gen_kwargs)
-        elapsed = wall.seconds
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for name, value in saved.items():
-            setattr(gc, name, value)
-    t = ids.shape[1]
-    new = out.shape[1] - t
-    steps = recorder.calls[1:]  # the first put() is the prompt
-    if method == "hf_static":
-        target_inputs = [t] + [1] * max(new - 1, 0)
-    proposed = 0
-    for i, n in enumerate(target_inputs):
-        proposed += (n - t) if i == 0 else (n - 1)
-    return out, PromptRecord(
-        id="",
-        prompt_tokens=t,
-        new_tokens=new,
-        target_forwards=len(target_inputs),
-        draft_forwards=draft_calls[0],
-        prefill_forwards=0,
-        draft_tokens_proposed=proposed,
-        accepted_lengths=[n - 1 for n in steps],
-        time_total=elapsed,
-    )
+    """A transformers baseline (HF_METHODS) through the harness's hf_generate. hf_assisted is like
+    for like with method=linear: num_assistant_tokens = domain.linear_k, constant schedule."""
+    method, s, k = cfg.method.name, cfg.sampling, cfg.domain.linear_k
+    sampled = {} if s.greedy else dict(temperature=float(s.temperature), top_k=s.top_k, top_p=float(s.top_p))
+    run = hf_generate(
+        pair.target, ids, max_new_tokens=max_new, seed=seed, ignore_eos=cfg.ignore_eos,
+        assistant_model=pair.draft if method == "hf_assisted" else None,
+        num_assistant_tokens=k if method == "hf_assisted" else None,
+        static_cache=method == "hf_static",  # transformers compiles the forward itself on CUDA
+        prompt_lookup_tokens=k if method == "hf_prompt_lookup" else 0,  # n-gram drafts, no draft model
+        **sampled,
+    )  # fmt: skip
+    return run.sequences, run.record()
 
 
 def generate_one(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, max_new: int, seed: int):

@@ -5,6 +5,7 @@ number is the latency a decode loop with one host sync per step sees (on a CPU, 
     w = Wall(device); w.start(); ...; w.stop()   the same, for spans that a block cannot enclose (hooks)
     median_ms(fn, iters, device=...)     median over calls, each synchronised before and after
     device_ms(fn, iters)                 median CUDA-event time (launch gaps included, no host sync)
+    s = DeviceSpan(device); s.start(); ...; s.stop()   one span without a host sync; s.ms() reads it later
 """
 
 from __future__ import annotations
@@ -74,3 +75,33 @@ def device_ms(fn: Callable[[], object], iters: int) -> float:
         b.synchronize()
         times.append(a.elapsed_time(b))
     return statistics.median(times)
+
+
+class DeviceSpan:
+    """One span timed without a host sync: two CUDA events on CUDA (ms() waits for the end event),
+    the wall clock elsewhere (where nothing runs asynchronously)."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.cuda = torch.device(device).type == "cuda"
+        if self.cuda:
+            self._a, self._b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def start(self) -> "DeviceSpan":
+        if self.cuda:
+            self._a.record()
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def stop(self) -> "DeviceSpan":
+        if self.cuda:
+            self._b.record()
+        else:
+            self._t1 = time.perf_counter()
+        return self
+
+    def ms(self) -> float:
+        if self.cuda:
+            self._b.synchronize()
+            return self._a.elapsed_time(self._b)
+        return (self._t1 - self._t0) * 1e3

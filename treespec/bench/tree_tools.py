@@ -2,7 +2,7 @@
 (treespec.tree.sequoia), written as a preset file and optionally drawn.
 
     python -m treespec.bench.tree_tools --profile profile.json --budget 32 --max-depth 6 \
-        --out configs/presets/code-32.yaml [--png tree.png]
+        --out treespec/configs/presets/code-32.yaml [--png tree.png]
 """
 
 from __future__ import annotations

@@ -138,6 +138,7 @@ class DynamicDrafter:
         self._parent = torch.zeros(p, dtype=torch.long, device=device)  # (P,) pool index, -1 = root
         self._slot = torch.zeros(p, dtype=torch.long, device=device)  # (P,) draft scratch offset
         self._scratch_anc = torch.zeros(frontiers, frontiers, dtype=torch.bool, device=device)
+        self._true = torch.ones((), dtype=torch.bool, device=device)
         self._q_rows: torch.Tensor | None = None  # (1 + (D-1) W, V): root, then frontiers; made at the first step
         self.plan: DynamicAheadPlan | None = None
         self._resume: torch.Tensor | None = None  # (1,) guess the next tree's root is (drafted ahead)
@@ -191,7 +192,7 @@ class DynamicDrafter:
             slot[frontier_pool] = new_slots
             if d > 0:  # a frontier node sees what its parent (a frontier node one level up) sees
                 scratch_anc[new_slots] = scratch_anc[slot[parent[frontier_pool]]]
-            scratch_anc[new_slots, new_slots] = True
+            scratch_anc.index_put_((new_slots, new_slots), self._true)  # a Python True would be copied from the host
             ids = tokens[frontier_pool][None]  # (1, W)
             pos = torch.full_like(ids, root_pos + d + 1)
             frontier_q = self.backend.forward(self.model, self.cache, ids, pos, scratch_anc[new_slots, : (d + 1) * w])  # (W, V)
@@ -205,7 +206,7 @@ class DynamicDrafter:
             chosen = (score - 1e-4 * self._pool_depth).topk(c.budget).indices.sort().values  # (B,)
         n = chosen.shape[0] + 1
         to_tree = torch.full((self.pool + 1,), -1, dtype=torch.long, device=device)  # pool index (+1) -> node
-        to_tree[0] = 0  # pool index -1 is the root
+        to_tree[:1] = 0  # pool index -1 is the root (a slice: a 0-dim target would copy 0 from the host)
         to_tree[chosen + 1] = torch.arange(1, n, device=device)
         tree = self._tree(pending[0, -1:], chosen, to_tree, tokens, valid, parent, slot, q_rows)
         if self.plan is not None:
@@ -217,7 +218,7 @@ class DynamicDrafter:
         to_tree: LongTensor (P + 1,) node id of pool index i at i + 1 (the root at 0, -1: not chosen)."""
         c, device = self.config, tokens.device
         n = chosen.shape[0] + 1
-        parents = torch.cat([torch.tensor([-1], device=device), to_tree[parent[chosen] + 1]])  # (N,) root = -1
+        parents = torch.cat([torch.full((1,), -1, dtype=torch.long, device=device), to_tree[parent[chosen] + 1]])  # (N,) root = -1
         depth = torch.cat([torch.zeros(1, dtype=torch.long, device=device), self._pool_depth[chosen]])  # (N,)
         ranks = torch.cat([torch.zeros(1, dtype=torch.long, device=device), self._pool_rank[chosen]])  # (N,)
         # paths (N, D+1): walk up D times; column D+1 swallows the writes of finished walks
@@ -238,10 +239,12 @@ class DynamicDrafter:
             ranks=ranks, draft_slot=torch.cat([torch.full((1,), -1, device=device), slot[chosen]]),
             max_depth=c.depth,
         )
-        q_logits = torch.zeros(n, q_rows.shape[-1], dtype=q_rows.dtype, device=device)
-        q_logits[0] = q_rows[0]
-        ran = structure.draft_slot >= 0
-        q_logits[ran] = q_rows[1 + structure.draft_slot[ran]]
+        # a node's q row: the root's is row 0, a run frontier node's sits at 1 + its slot, the
+        # others (never run) get zeros; fixed-shape index ops, since a boolean-mask index would
+        # sync with the host
+        slot = structure.draft_slot  # (N,) -1: not run
+        keep = (slot >= 0) | (torch.arange(n, device=device) == 0)  # (N,)
+        q_logits = torch.where(keep[:, None], q_rows.index_select(0, 1 + slot), 0.0)  # (N, V); the root's slot -1 reads row 0
         node_tokens = torch.cat([root, tokens[chosen]])
         node_valid = torch.cat([torch.ones(1, dtype=torch.bool, device=device), valid[chosen]])
         return DraftTree(structure=structure, tokens=node_tokens, valid=node_valid, q_logits=q_logits)
@@ -253,11 +256,11 @@ class DynamicDrafter:
         sees them). The tree marks them as run at the plan's end slots."""
         plan, c = self.plan, self.config
         in_tree = torch.zeros(self.pool, dtype=torch.bool, device=chosen.device)  # (P,)
-        in_tree[chosen] = True
+        in_tree.index_fill_(0, chosen, True)
         # leaves of the tree: chosen, real, and no chosen child (an expanded node can be one at
         # T = 0, when its children miss the budget: it is run again at its end slot)
         has_child = torch.zeros(self.pool + 1, dtype=torch.bool, device=chosen.device)  # (P + 1,) root at 0
-        has_child[self._parent[chosen] + 1] = True
+        has_child.index_fill_(0, self._parent[chosen] + 1, True)
         leaf = in_tree & self._valid & ~has_child[1:]  # (P,)
         own_path, node = self._pool_rank == 0, self._parent  # (P,) each; walk up to the root
         for _ in range(c.depth - 1):

@@ -85,8 +85,8 @@ def find_continuations(context: torch.Tensor, length: int, config: LookupConfig)
     eq = context[src.clamp(min=0)] == context[ref.clamp(min=0)][:, None]  # (n, T)
     eq = eq & (src >= 0) & (ref >= 0)[:, None]
     run = eq.int().cumprod(dim=0)  # (n, T) run[i, e] = the last i+1 tokens before e all match
-    sizes = torch.tensor(config.ngram_sizes, device=device)  # (S,)
-    matched = (run[sizes - 1] * sizes[:, None]).amax(dim=0)  # (T,) longest matching n, 0 = none
+    # longest matching n, 0 = none; a tensor of the sizes would be a host-to-device copy every step
+    matched = torch.stack([run[n - 1] * n for n in config.ngram_sizes]).amax(dim=0)  # (T,)
     # e < length: at least one known continuation token (e == length would be the suffix itself)
     score = torch.where((matched > 0) & (starts < length), matched * t + starts, -1)  # (T,)
     first = context[starts.clamp(max=t - 1)]  # (T,) the first token each start proposes
@@ -94,8 +94,9 @@ def find_continuations(context: torch.Tensor, length: int, config: LookupConfig)
     for _ in range(config.branches):
         best = score.argmax()  # () most recent of the longest matches
         picks.append(best)
-        found.append(score[best] >= 0)
-        score = torch.where(first == first[best], -1, score)  # the next branch proposes another token
+        at = best.view(1)  # (1,) index_select: an index by a 0-d tensor would read it on the host
+        found.append(score.index_select(0, at)[0] >= 0)
+        score = torch.where(first == first.index_select(0, at), -1, score)  # the next branch proposes another token
     pos = torch.stack(picks)[:, None] + torch.arange(config.length, device=device)  # (B, L)
     valid = torch.stack(found)[:, None] & (pos < length)  # (B, L)
     tokens = torch.where(valid, context[pos.clamp(max=t - 1)], 0)  # (B, L)
@@ -131,7 +132,8 @@ def merge_branches(tree: DraftTree, tokens: torch.Tensor, valid: torch.Tensor) -
     ancestors = torch.zeros(m, m, dtype=torch.bool, device=device)  # (M, M)
     ancestors[:n, :n] = s.ancestors
     ancestors[n:, 0] = True
-    ancestors[extra, extra] = True
+    true = torch.ones((), dtype=torch.bool, device=device)  # a Python True assigned by index is copied from the host
+    ancestors.index_put_((extra, extra), true)
     children = torch.full((m + 1, k + b), -1, dtype=torch.long, device=device)  # row M absorbs padding writes
     children[:n, :k] = s.children
     node_valid = torch.cat([tree.valid, torch.zeros(b * l, dtype=torch.bool, device=device)])  # (M,)
@@ -153,7 +155,7 @@ def merge_branches(tree: DraftTree, tokens: torch.Tensor, valid: torch.Tensor) -
         paths[slot] = torch.where(new[:, None], paths[cur], paths[slot])
         paths[slot, depth[slot]] = slot
         ancestors[slot] = torch.where(new[:, None], ancestors[cur], ancestors[slot])
-        ancestors[slot, slot] = True
+        ancestors.index_put_((slot, slot), true)
         node_valid[slot] = new
         children[torch.where(new, cur, m), k + branch] = slot
         cur = torch.where(ok, torch.where(merged, kid, slot), cur)

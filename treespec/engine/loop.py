@@ -30,7 +30,7 @@ import torch
 from transformers import PreTrainedModel
 
 from treespec.acceptance.greedy import Acceptance, greedy_accept
-from treespec.acceptance.schemes import VERIFIERS
+from treespec.acceptance.schemes import VERIFIERS, TreeVerifier
 from treespec.engine.checks import vocab_size
 from treespec.acceptance.sampling import SamplingConfig, logits_to_probs
 from treespec.backends.base import PREFILL_CHUNKS, Backend, TreeCache
@@ -72,11 +72,11 @@ class GreedyAcceptor:
 @dataclass
 class SampledAcceptor:
     """Temperature > 0: a lossless stochastic verifier for the processed p, chosen by
-    `acceptance` ("rejection", "traversal" or "block": treespec.acceptance.schemes)."""
+    `acceptance` ("rejection", "traversal" or "block": treespec.acceptance.schemes; or a TreeVerifier)."""
 
     config: SamplingConfig
     generator: torch.Generator
-    acceptance: str = "rejection"
+    acceptance: str | TreeVerifier = "rejection"
 
     def accept(self, tree: DraftTree, p_logits: torch.Tensor) -> Acceptance:
         p = logits_to_probs(p_logits, self.config)  # (N, V)
@@ -86,7 +86,8 @@ class SampledAcceptor:
         # lookup nodes: q = delta at their token (docs/sampling.md); only token-level rejection
         # takes them, which `stream` checks before any work
         lookup = {} if tree.lookup is None else {"point_mass": tree.lookup}
-        return VERIFIERS[self.acceptance](
+        verify = VERIFIERS[self.acceptance] if isinstance(self.acceptance, str) else self.acceptance
+        return verify(
             tree.structure, tree.tokens, tree.valid, p, q,
             without_replacement=self.config.without_replacement, generator=self.generator, **lookup,
         )

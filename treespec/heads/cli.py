@@ -4,8 +4,8 @@
     treespec-train-head train_head=tiny                     # the tiny cycle model on the CPU, seconds
     treespec-train-head target=... data.text_dir=my_texts/ data.packages=false train.unroll=1
 
-(`python -m treespec.heads.cli ...` works the same.) The config is configs/train_head.yaml plus
-one recipe from the `train_head` group (configs/train_head/: `default` for a real target on a
+(`python -m treespec.heads.cli ...` works the same.) The config is treespec/configs/train_head.yaml plus
+one recipe from the `train_head` group (treespec/configs/train_head/: `default` for a real target on a
 GPU, `tiny` for the tiny test models); docs/configs.md documents every key. This is the only
 heads module that imports Hydra: the composed config becomes a typed HeadTrainConfig (unknown
 keys and wrong types fail at compose time) and the library does the rest.

@@ -49,7 +49,7 @@ __all__ = [
 COSTS_FORMAT = "treespec.forward_costs/v1"
 
 # The profile tree="auto" assumes when it is given none: the real Qwen2.5-Coder 0.5B -> 1.5B
-# pair's on MT-Bench/GSM8K text (configs/presets/optimized_text.yaml, estimated by
+# pair's on MT-Bench/GSM8K text (treespec/configs/presets/optimized_text.yaml, estimated by
 # profile_from_stats from a wide collection tree), the least favourable of the three domains
 # measured: a tree that pays under it pays on code and structured output too.
 DEFAULT_PROFILE = AcceptanceProfile(
