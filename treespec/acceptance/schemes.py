@@ -22,6 +22,7 @@ from treespec.acceptance.block import block_accept
 from treespec.acceptance.greedy import Acceptance
 from treespec.acceptance.rejection import rejection_accept
 from treespec.acceptance.traversal import traversal_accept
+from treespec.tree.auto import AutoTreeConfig
 from treespec.tree.topology import TreeTensors, TreeTopology
 
 __all__ = ["TreeVerifier", "VERIFIERS", "ACCEPTANCES", "check_acceptance"]
@@ -58,6 +59,12 @@ def check_acceptance(acceptance: str, tree: object) -> None:
     if acceptance not in VERIFIERS:
         raise ValueError(f"unknown acceptance {acceptance!r}; choose one of {ACCEPTANCES}")
     if acceptance == "block":
+        if isinstance(tree, AutoTreeConfig):
+            raise ValueError(
+                "acceptance='block' verifies one fixed chain, but tree='auto' chooses its tree (or the target alone) "
+                "only after measuring this machine; pass a chain (method='linear', tree='chain-4'), or keep "
+                "tree='auto' with acceptance='rejection' or 'traversal'"
+            )
         chain = isinstance(tree, TreeTopology) and tree.children.shape[1] == 1 and tree.num_nodes == tree.max_depth + 1
         if not chain:
             raise ValueError(

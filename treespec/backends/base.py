@@ -28,13 +28,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from transformers import PreTrainedModel
 
-
-class UnsupportedModelError(ValueError):
-    """A model a backend cannot drive (the message says what to do instead)."""
-
-
-class CacheFullError(RuntimeError):
-    """A forward would write past the end of a KV cache."""
+from treespec.errors import CacheFullError, UnsupportedModelError  # noqa: F401  (re-exported)
 
 
 def cache_full(capacity: int, used: int, asked: int) -> CacheFullError:

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 from treespec.engine.calibrate import resolve_auto
 from treespec.engine.checks import (
     check_lookup, check_max_new_tokens, check_method, check_overlap, check_pair, check_prompt, check_prompt_for,
-    eos_ids, generator_for, resolve_switch,
+    eos_ids, generator_for, resolve_switch, check_inputs,
 )
 from treespec.drafting.ahead import OverlapConfig
 from treespec.drafting.lookup import LookupConfig, LookupDrafter
@@ -103,6 +103,7 @@ def stream(
     overlap: bool | OverlapConfig = False,
 ) -> TokenStream:
     """Like `generate`, but returns an iterator over the tokens of each step."""
+    check_inputs(target, draft, compile=compile, streamer=streamer, eos_token_id=eos_token_id)
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     spec, max_new_tokens = _check_and_resolve(target, draft, input_ids, max_new_tokens, method, tree)
     check_acceptance(acceptance, spec.topology if isinstance(spec, StaticTree) else spec)

@@ -16,20 +16,13 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedModel
 
+from treespec.errors import ArgumentError
 from treespec.drafting.ahead import OverlapConfig
 from treespec.drafting.dynamic import DynamicTreeConfig
 from treespec.drafting.static import StaticTree
 from treespec.tree.auto import AutoTreeConfig
 
 METHODS = ("tree", "linear", "autoregressive")
-
-
-class ArgumentError(ValueError):
-    """A bad argument of `generate` / `stream`; `argument` is its name."""
-
-    def __init__(self, argument: str, message: str):
-        super().__init__(message)
-        self.argument = argument
 
 
 def as_int(value) -> int | None:
@@ -54,6 +47,29 @@ def resolve_switch(value, config_cls: type, argument: str):
     if isinstance(value, config_cls):
         return value
     raise TypeError(f"{argument} must be True, False or a treespec.{config_cls.__name__}, got {type(value).__name__}")
+
+
+def check_inputs(target, draft, *, compile, streamer, eos_token_id) -> None:
+    """The arguments that are objects or switches, checked first (before any other check reads
+    a model): the models are loaded models, `compile` is a bool or None, `streamer` has put and
+    end, and eos_token_id holds token ids."""
+    for name, model in (("target", target), ("draft", draft)):
+        if model is None and name == "draft":
+            continue
+        if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+            raise ArgumentError(name, f"{name} is {str(model)!r}, a name or path, but generate/stream take a loaded model: "
+                                f"load it first with treespec.loading.load_model({str(model)!r}) (or transformers' "
+                                "AutoModelForCausalLM.from_pretrained)")  # fmt: skip
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+            raise ArgumentError(name, f"{name} must be a transformers causal LM (a PreTrainedModel), got "
+                                f"{type(model).__name__}; load one with treespec.loading.load_model")  # fmt: skip
+    if compile is not None and not isinstance(compile, bool):
+        raise ArgumentError("compile", f"compile must be True, False or None (None: compile on CUDA only), got {compile!r}")
+    if streamer is not None and not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
+        raise ArgumentError("streamer", f"streamer must have put(token_ids) and end() methods, like transformers' "
+                            f"TextStreamer(tokenizer), got {type(streamer).__name__} {streamer!r:.40}")  # fmt: skip
+    if eos_token_id is not None:
+        eos_ids(target, eos_token_id)
 
 
 def check_method(method: str) -> None:
@@ -171,6 +187,9 @@ def eos_ids(target: PreTrainedModel, eos_token_id) -> set[int]:
         raise ArgumentError(
             "eos_token_id", f"eos_token_id must be a token id (an int) or a list of ids, got {argument!r}"
         )
+    if any(v < 0 for v in values):
+        raise ArgumentError("eos_token_id", f"eos_token_id must hold token ids >= 0, got {argument!r}; pass the id "
+                            "of the stop token (tokenizer.eos_token_id), or [] to never stop early")  # fmt: skip
     return set(values)
 
 

