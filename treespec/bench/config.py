@@ -97,6 +97,9 @@ def check_overrides(overrides: list[str], config_dir: Path | None = None) -> Non
     Sweep values (a,b) are each checked; Hydra's sweep functions (range(), choice()) are left to
     the full check. Raises ConfigError naming the key."""
     config_dir = Path(config_dir or CONFIG_DIR)
+    # another config directory on the command line may add group options: Hydra judges those
+    own_groups = not any(a.split("=")[0] in ("-cd", "--config-dir", "-cp", "--config-path", "-cn", "--config-name")
+                         for a in overrides)  # fmt: skip
     for arg in overrides:
         if arg.startswith("-") or "=" not in arg:
             continue
@@ -107,7 +110,7 @@ def check_overrides(overrides: list[str], config_dir: Path | None = None) -> Non
             v = v.strip().strip("'\"")
             if key in _CHEAP_CHECKS:
                 _CHEAP_CHECKS[key](v)
-            elif key in _GROUPS and not (config_dir / key / f"{v}.yaml").exists():
+            elif key in _GROUPS and own_groups and not (config_dir / key / f"{v}.yaml").exists():
                 options = sorted(q.stem for q in (config_dir / key).glob("*.yaml"))
                 raise ConfigError(f"{key}={v}: no such config group option; choose one of {options}", key)
 
