@@ -140,7 +140,9 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
      ("model.target=qwen-coder-7b", "model.target=qwen-coder-7b: unknown model name; use one of qwen2.5-coder"),
      ("model.draft=./no/such/dir", "model.draft=./no/such/dir: no such file or directory"),
      ("model=qwen-big", "model=qwen-big: no such config group option; choose one of ['qwen-coder', 'tiny-random']"),
-     ("method.name=tree,beam", "method.name must be one of")],
+     ("method.name=tree,beam", "method.name must be one of"),
+     ("max_new_tokens=abc", "max_new_tokens must be a whole number, got 'abc'"),
+     ("+domain.widht=3", "unknown key 'domain.widht': DomainConfig has")],
 )  # fmt: skip
 def test_bench_config_errors_exit_2_before_torch(override, message):
     proc = _bench(override)

@@ -108,11 +108,42 @@ def check_overrides(overrides: list[str], config_dir: Path | None = None) -> Non
             continue
         for v in (value.split(",") if value else [value]):
             v = v.strip().strip("'\"")
+            _check_type(key, v)
             if key in _CHEAP_CHECKS:
                 _CHEAP_CHECKS[key](v)
             elif key in _GROUPS and own_groups and not (config_dir / key / f"{v}.yaml").exists():
                 options = sorted(q.stem for q in (config_dir / key).glob("*.yaml"))
                 raise ConfigError(f"{key}={v}: no such config group option; choose one of {options}", key)
+
+
+_BOOLS = ("true", "false", "yes", "no", "on", "off", "1", "0")  # what OmegaConf reads as a bool
+
+
+def _check_type(key: str, value: str) -> None:
+    """A command-line value of the type its field declares (int, float, bool, optional ones), and
+    a key that exists; Hydra would refuse both too, but with exit code 1. The tree.* keys (their
+    schema is built from the library's classes) are left to the full check."""
+    group, _, name = key.rpartition(".")
+    owners = {"": "BenchConfig", "model": "ModelConfig", "method": "MethodConfig", "domain": "DomainConfig",
+              "dataset": "DatasetConfig", "sampling": "SamplingSettings"}  # fmt: skip
+    if group not in owners or (not group and name in _GROUPS):
+        return
+    hints = {f.name: str(f.type) for f in fields(globals()[owners[group]])}
+    if name not in hints:
+        raise ConfigError(f"unknown key {key!r}: {owners[group]} has {sorted(hints)}", key)
+    kind = hints[name].replace("Optional[", "").rstrip("]")
+    if value == "null" and hints[name].startswith("Optional["):
+        return
+    try:
+        if kind == "int":
+            int(value)
+        elif kind == "float":
+            float(value)
+        elif kind == "bool" and value.lower() not in _BOOLS:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"{key} must be {'a whole number' if kind == 'int' else 'a number' if kind == 'float' else 'true or false'}"
+                          f", got {value!r}", key) from None
 
 
 @dataclass
