@@ -38,6 +38,12 @@ def test_the_hierarchy_keeps_the_old_names_and_bases():
     assert not issubclass(ValueError, TreespecError)  # the check can fail
 
 
+def test_sampling_settings_raise_config_errors_naming_the_field():
+    with pytest.raises(ConfigError, match="top_p must be in") as info:
+        treespec.SamplingConfig(temperature=1.0, top_p=1.5)
+    assert info.value.key == "top_p"
+
+
 def test_config_classes_raise_config_errors_naming_the_field():
     with pytest.raises(treespec.TreeConfigError, match="OverlapConfig.levels must be an int >= 1") as info:
         treespec.OverlapConfig(levels=0)
@@ -54,8 +60,9 @@ def _gen(target, draft, **kwargs):
 
 
 def test_block_acceptance_with_tree_auto_says_auto_chooses_later(target, unrelated_draft):
-    with pytest.raises(ValueError, match=r"tree='auto' chooses its tree .* only after measuring this machine; pass a chain"):
+    with pytest.raises(ArgumentError, match=r"tree='auto' chooses its tree .* only after measuring this machine; pass a chain") as info:
         _gen(target, unrelated_draft, method="linear", tree="auto", acceptance="block", temperature=1.0)
+    assert info.value.argument == "acceptance"
 
 
 @pytest.mark.parametrize("tree", ["dynamic", "adaptive", treespec.DynamicTreeConfig()])

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import torch
 
+from treespec.errors import ArgumentError
 from treespec.acceptance.block import block_accept
 from treespec.acceptance.greedy import Acceptance
 from treespec.acceptance.rejection import rejection_accept
@@ -57,17 +58,19 @@ def check_acceptance(acceptance: str, tree: object) -> None:
     """Fail before any work: an unknown scheme, or block verification of anything but a chain.
     tree: the resolved tree spec (a TreeTopology, or a dynamic/adaptive tree config)."""
     if acceptance not in VERIFIERS:
-        raise ValueError(f"unknown acceptance {acceptance!r}; choose one of {ACCEPTANCES}")
+        raise ArgumentError("acceptance", f"unknown acceptance {acceptance!r}; choose one of {ACCEPTANCES}")
     if acceptance == "block":
         if isinstance(tree, AutoTreeConfig):
-            raise ValueError(
+            raise ArgumentError(
+                "acceptance",
                 "acceptance='block' verifies one fixed chain, but tree='auto' chooses its tree (or the target alone) "
                 "only after measuring this machine; pass a chain (method='linear', tree='chain-4'), or keep "
                 "tree='auto' with acceptance='rejection' or 'traversal'"
             )
         chain = isinstance(tree, TreeTopology) and tree.children.shape[1] == 1 and tree.num_nodes == tree.max_depth + 1
         if not chain:
-            raise ValueError(
+            raise ArgumentError(
+                "acceptance",
                 "acceptance='block' verifies a single chain only; use method='linear' (e.g. tree='chain-4'), "
                 "or acceptance='traversal' for trees"
             )
