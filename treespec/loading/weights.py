@@ -155,6 +155,19 @@ def _problem(path: Path, pkg: GGUFPackage) -> str | None:
     return None
 
 
+def recheck_gguf(name: str) -> str | None:
+    """Hash the cached file in full, whatever its marker says (a reader found it unreadable):
+    None when it is intact; else what is wrong, and the file has been moved aside (fetch_gguf
+    then fetches it again)."""
+    pkg = _package(name)
+    path = _gguf_dir() / pkg.filename
+    _marker_path(path).unlink(missing_ok=True)
+    problem = _problem(path, pkg) if path.exists() else "missing"
+    if problem is not None and path.exists():
+        move_aside(path, problem, fix=f" (then: python -m treespec.loading.weights {name})")
+    return problem
+
+
 def cached_gguf(name: str) -> Path | None:
     """Path of the assembled, verified GGUF file for `name`, or None if it is not in the cache
     or fails its check (fetch_gguf then moves it aside and fetches it again).
