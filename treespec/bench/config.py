@@ -142,8 +142,8 @@ def _check_type(key: str, value: str) -> None:
         elif kind == "bool" and value.lower() not in _BOOLS:
             raise ValueError
     except ValueError:
-        raise ConfigError(f"{key} must be {'a whole number' if kind == 'int' else 'a number' if kind == 'float' else 'true or false'}"
-                          f", got {value!r}", key) from None
+        what = {"int": "a whole number", "float": "a number"}.get(kind, "true or false")
+        raise ConfigError(f"{key} must be {what}, got {value!r}", key) from None
 
 
 @dataclass

@@ -92,14 +92,19 @@ def check_prompt(input_ids) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.long:
         raise TypeError("input_ids must be a LongTensor of shape (1, T), e.g. tokenizer(text, return_tensors='pt').input_ids")
     if input_ids.dim() != 2:
-        raise ArgumentError("input_ids", f"input_ids must have shape (1, T), got {tuple(input_ids.shape)}; use input_ids[None] for one prompt")
+        raise ArgumentError(
+            "input_ids", f"input_ids must have shape (1, T), got {tuple(input_ids.shape)}; use input_ids[None] for one prompt"
+        )
     if input_ids.shape[0] != 1:
-        raise ArgumentError("input_ids", 
+        raise ArgumentError(
+            "input_ids",
             f"batch size {input_ids.shape[0]} is not supported yet: treespec decodes one prompt at a time; "
             "call generate once per prompt"
         )
     if input_ids.shape[1] == 0:
-        raise ArgumentError("input_ids", "the prompt is empty: give at least one token (e.g. the BOS token or a chat template)")
+        raise ArgumentError(
+            "input_ids", "the prompt is empty: give at least one token (e.g. the BOS token or a chat template)"
+        )
 
 
 def check_lookup(lookup_config: object | None, *, has_drafts: bool, greedy: bool, acceptance: str) -> None:
@@ -109,10 +114,10 @@ def check_lookup(lookup_config: object | None, *, has_drafts: bool, greedy: bool
         return
     if not has_drafts:
         raise ArgumentError("lookup", "lookup=True merges context n-gram branches into a draft model's tree; "
-                         "use method='tree' or 'linear' with a draft model")
+                            "use method='tree' or 'linear' with a draft model")
     if not greedy and acceptance != "rejection":
         raise ArgumentError("lookup", f"lookup branches are verified as point masses by acceptance='rejection' only; "
-                         f"acceptance={acceptance!r} does not handle them: use acceptance='rejection' or lookup=False")
+                            f"acceptance={acceptance!r} does not handle them: use acceptance='rejection' or lookup=False")
 
 
 def vocab_size(model: PreTrainedModel) -> int:
@@ -125,13 +130,15 @@ def check_pair(target: PreTrainedModel, draft: PreTrainedModel) -> None:
     or a prefix of it (the same tokenizer with fewer padding rows, docs/sampling.md)."""
     vt, vd = vocab_size(target), vocab_size(draft)
     if vd > vt:
-        raise ArgumentError("draft", 
+        raise ArgumentError(
+            "draft",
             f"the draft scores {vd} token ids but the target only {vt}: the draft could propose ids the target has "
             "no probability for. Use a draft with at most the target's vocabulary (the same tokenizer; fewer "
             "padding rows are fine), or swap the models if the larger one is meant to be the target"
         )
     if draft.device != target.device:
-        raise ArgumentError("draft", f"target is on {target.device} but draft is on {draft.device}; put both on one device")
+        raise ArgumentError("draft", f"target is on {target.device} but draft is on {draft.device}; put both on one "
+                            "device")
 
 
 def check_prompt_for(input_ids: torch.Tensor, models: Sequence[tuple[str, PreTrainedModel]], max_new_tokens: int) -> None:
@@ -202,7 +209,8 @@ def generator_for(device: torch.device, generator: torch.Generator | None) -> to
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if torch.device(generator.device).type != device.type:
-        raise ArgumentError("generator", 
+        raise ArgumentError(
+            "generator",
             f"the generator is on {generator.device} but the models are on {device}; "
             f"use torch.Generator(device='{device.type}').manual_seed(...)"
         )
