@@ -137,6 +137,8 @@ def cache_lock(final: Path, what: str) -> Iterator[None]:
             except BlockingIOError:
                 notice(f"waiting for another process that is {what} (lock {lock})")
                 fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as err:  # a filesystem without locks (some network mounts): go on unlocked
+                log.warning("cannot lock %s (%s); going on without the lock", lock, err)
         yield
     finally:
         os.close(fd)  # closing releases the flock
