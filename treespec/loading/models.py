@@ -17,9 +17,10 @@ representable in 16 bits, so a smaller copy would change the model) and keyed by
 sha256. Pass `cache_converted=False` to skip it. Each of these one-time phases says so on stderr.
 
 The converted directories record every file's size and sha256 when they are written
-(checksums.json) and are checked before each load (treespec.loading.cache.check_directory): the
-full hash costs about 0.5 s per GB the first time, later loads only stat the files unless a
-file changed. A directory that fails (a truncated or overwritten file, a missing config.json) is
+(checksums.json) and are checked before each load (treespec.loading.cache.check_directory).
+Hashing happens once, at conversion (1-3 s per GB by the CPU, against about a minute of
+dequantizing); later loads only stat each file (microseconds) and hash one again only when it
+changed since its last check (its ctime moved). A directory that fails (a truncated or overwritten file, a missing config.json) is
 moved aside and converted again from the GGUF, under a lock that makes a second process wait.
 """
 

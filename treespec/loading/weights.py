@@ -172,7 +172,7 @@ def cached_gguf(name: str) -> Path | None:
     """Path of the assembled, verified GGUF file for `name`, or None if it is not in the cache
     or fails its check (fetch_gguf then moves it aside and fetches it again).
 
-    The first call on a file without a valid marker hashes it once (about a second per GB) and
+    The first call on a file without a valid marker hashes it once (1-3 s per GB, by the CPU) and
     writes the marker; later calls only stat the file and compare it with the marker.
     """
     pkg = _package(name)
