@@ -10,8 +10,8 @@ prompt sets, forward-cost tables) lives under `cache_dir()`.
   built, so a second process waits for the first instead of repeating the work; under the lock,
   leftovers of that file's killed writers are removed (`remove_leftovers`), whatever their age.
 - Trusting: a file is checked against a sha256 recorded when it was written. The full hash
-  (1-3 s per GB, by the CPU: 2.5 s on a 2-core VM) is needed once; a `.verified` record then binds the hash to the file's
-  size, mtime, ctime and inode, so later reads only stat it. Any write to the file, even one
+  (1-3 s per GB, by the CPU) is needed once; a `.verified` record then binds the hash to the
+  file's size, mtime, ctime and inode, so later reads only stat it. Any write to the file, even one
   that restores its mtime, changes its ctime, and the next read hashes it again.
 - Repairing: a file that fails its check is moved aside (`move_aside`, to `<name>.bad-<time>`,
   with one line on stderr) and rebuilt by its owner.
