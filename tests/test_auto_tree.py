@@ -151,10 +151,10 @@ def test_a_table_measured_on_a_busy_cpu_is_measured_again_when_it_is_quiet(small
     calls = []
     monkeypatch.setattr(calibrate, "measure_costs", lambda *a, **k: calls.append(1) or CostTable({1: 1.0}, {1: 1.0}))
     monkeypatch.setattr(calibrate.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    path.write_text(json.dumps(dict(data, loadavg=0.5)))  # measured on a quiet machine: kept
+    path.write_text(json.dumps(dict(data, loadavg=0.5, provisional=False)))  # measured on a quiet machine: kept
     calibrate.calibrated_costs(target, draft, SdpaBackend(), progress=None)
     assert calls == []
-    path.write_text(json.dumps(dict(data, loadavg=100.0)))  # measured on a busy one: measured again
+    path.write_text(json.dumps(dict(data, loadavg=100.0, provisional=True)))  # measured on a busy one: measured again
     assert calibrate.calibrated_costs(target, draft, SdpaBackend(), progress=None).target == {1: 1.0}
     assert calls == [1]
 

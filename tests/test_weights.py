@@ -79,7 +79,8 @@ def three_parts(tmp_path, monkeypatch):
 
 
 def _leftovers(root: Path) -> list[str]:
-    return sorted(p.name for p in root.rglob("*") if p.is_file())
+    """Files left in the cache, but the lock files (they stay, empty, for the next fetch)."""
+    return sorted(p.name for p in root.rglob("*") if p.is_file() and not p.name.endswith(".lock"))
 
 
 def test_cache_dir_precedence(monkeypatch, tmp_path):
@@ -193,17 +194,28 @@ def test_download_failure_midway_leaves_nothing(three_parts, monkeypatch, isolat
     assert _leftovers(isolated_cache) == []
 
 
-def test_stale_leftovers_of_killed_fetches_are_removed(three_parts, isolated_cache):
+def test_leftovers_of_killed_fetches_are_removed_whatever_their_age(three_parts, isolated_cache):
+    """Under the file's lock no other fetch of it runs: every partial file and scratch folder of
+    it is a leftover, however recent; another file's partial, of a live writer, stays."""
+    from treespec.loading.cache import remove_leftovers, writer_tag
+
     gguf_dir = isolated_cache / "gguf"
-    (gguf_dir / ".download-old").mkdir(parents=True)
-    stale, fresh = gguf_dir / ".fake.gguf.old.partial", gguf_dir / ".fake.gguf.busy.partial"
-    stale.write_bytes(b"x")
-    fresh.write_bytes(b"y")  # may belong to a fetch running in another process
-    for path in (stale, gguf_dir / ".download-old"):
-        os.utime(path, (time.time() - 7200, time.time() - 7200))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    tag = writer_tag().replace(f"pid{os.getpid()}", f"pid{dead.pid}")
+    (gguf_dir / f".download-fake.gguf-{tag}-x").mkdir(parents=True)
+    fresh = [gguf_dir / f".fake.gguf.{tag}.abc.partial", gguf_dir / ".fake.gguf.untagged.partial"]
+    for path in fresh:
+        path.write_bytes(b"x" * 100)  # just written: no age rule would remove them
+    other_live = gguf_dir / f".other.gguf.{writer_tag()}.abc.partial"
+    other_dead = gguf_dir / f".other.gguf.{tag}.abc.partial"
+    other_live.write_bytes(b"y")
+    other_dead.write_bytes(b"z")
     fetch_gguf(FAKE, progress=False)
-    assert _leftovers(isolated_cache) == [fresh.name, "fake.gguf", "fake.gguf.verified"]
-    assert not (gguf_dir / ".download-old").exists()
+    assert _leftovers(isolated_cache) == sorted([other_dead.name, other_live.name, "fake.gguf", "fake.gguf.verified"])
+    # unlocked (another file's fetch may be running): only the dead writer's entry goes
+    assert remove_leftovers(gguf_dir, "other.gguf", locked=False) == [other_dead]
+    assert other_live.exists()
 
 
 def test_not_enough_space(three_parts, monkeypatch):

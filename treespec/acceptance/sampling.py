@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from treespec.errors import ConfigError
+
 __all__ = ["SamplingConfig", "logits_to_probs"]
 
 
@@ -47,19 +49,20 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         t, k, p = self.temperature, self.top_k, self.top_p
         if isinstance(t, bool) or not isinstance(t, numbers.Real):
-            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {t!r}")
+            raise ConfigError(f"temperature must be a number >= 0 (0 = greedy), got {t!r}", "temperature")
         if math.isnan(t) or t < 0 or math.isinf(t):
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+            raise ConfigError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}", "temperature")
         if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-            raise ValueError(f"top_k must be a whole number >= 0 (0 = off), got {k!r}")
+            raise ConfigError(f"top_k must be a whole number >= 0 (0 = off), got {k!r}", "top_k")
         if k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {k!r}")
+            raise ConfigError(f"top_k must be >= 0 (0 = off), got {k!r}", "top_k")
         if isinstance(p, bool) or not isinstance(p, numbers.Real):
-            raise ValueError(f"top_p must be a number in (0, 1] (1 = off), got {p!r}")
+            raise ConfigError(f"top_p must be a number in (0, 1] (1 = off), got {p!r}", "top_p")
         if math.isnan(p) or not 0 < p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {p!r}")
+            raise ConfigError(f"top_p must be in (0, 1] (1 = off), got {p!r}", "top_p")
         if not isinstance(self.without_replacement, bool):
-            raise ValueError(f"without_replacement must be True or False, got {self.without_replacement!r}")
+            raise ConfigError(f"without_replacement must be True or False, got {self.without_replacement!r}",
+                              "without_replacement")
         # store plain Python numbers (numpy scalars etc. would otherwise leak into the warpers)
         object.__setattr__(self, "temperature", float(t))
         object.__setattr__(self, "top_k", int(k))

@@ -19,10 +19,12 @@ from typing import Protocol
 
 import torch
 
+from treespec.errors import ArgumentError
 from treespec.acceptance.block import block_accept
 from treespec.acceptance.greedy import Acceptance
 from treespec.acceptance.rejection import rejection_accept
 from treespec.acceptance.traversal import traversal_accept
+from treespec.tree.auto import AutoTreeConfig
 from treespec.tree.topology import TreeTensors, TreeTopology
 
 __all__ = ["TreeVerifier", "VERIFIERS", "ACCEPTANCES", "check_acceptance"]
@@ -61,11 +63,19 @@ def check_acceptance(acceptance: str | TreeVerifier, tree: object) -> None:
     if callable(acceptance):
         return
     if acceptance not in VERIFIERS:
-        raise ValueError(f"unknown acceptance {acceptance!r}; choose one of {ACCEPTANCES}")
+        raise ArgumentError("acceptance", f"unknown acceptance {acceptance!r}; choose one of {ACCEPTANCES}")
     if acceptance == "block":
+        if isinstance(tree, AutoTreeConfig):
+            raise ArgumentError(
+                "acceptance",
+                "acceptance='block' verifies one fixed chain, but tree='auto' chooses its tree (or the target alone) "
+                "only after measuring this machine; pass a chain (method='linear', tree='chain-4'), or keep "
+                "tree='auto' with acceptance='rejection' or 'traversal'"
+            )
         chain = isinstance(tree, TreeTopology) and tree.children.shape[1] == 1 and tree.num_nodes == tree.max_depth + 1
         if not chain:
-            raise ValueError(
+            raise ArgumentError(
+                "acceptance",
                 "acceptance='block' verifies a single chain only; use method='linear' (e.g. tree='chain-4'), "
                 "or acceptance='traversal' for trees"
             )

@@ -29,18 +29,12 @@ from typing import Protocol, runtime_checkable
 import torch
 from transformers import PreTrainedModel
 
+from treespec.errors import CacheFullError, UnsupportedModelError  # noqa: F401  (re-exported)
+
 
 # the fixed sizes a prompt is cut into (the last chunk padded): every prefill forward has one of
 # these shapes, so that compiled and captured prefill serves any prompt length
 PREFILL_CHUNKS = (32, 256)
-
-
-class UnsupportedModelError(ValueError):
-    """A model a backend cannot drive (the message says what to do instead)."""
-
-
-class CacheFullError(RuntimeError):
-    """A forward would write past the end of a KV cache."""
 
 
 def cache_full(capacity: int, used: int, asked: int) -> CacheFullError:

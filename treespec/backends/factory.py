@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from treespec.errors import ArgumentError
 from treespec.backends.base import Backend
 from treespec.backends.cuda_graphs import GraphedBackend
 from treespec.backends.flash import FLASH_DTYPES, FlashBackend, flash_available
@@ -40,7 +41,7 @@ def make_backend(
     if not isinstance(name, str):
         return name
     if name not in NAMES:
-        raise ValueError(f"unknown attention backend {name!r}; choose 'auto', 'sdpa' or 'flash'")
+        raise ArgumentError("attention", f"unknown attention backend {name!r}; choose 'auto', 'sdpa' or 'flash'")
     device = torch.device(device)
     cuda = device.type == "cuda"
     graphed = cuda if graphs is None else graphs

@@ -12,6 +12,13 @@ cache), so the prefix is never recomputed. RoPE was applied with each node's tru
 (prefix length + depth), so a moved entry stays valid. The cache follows the `TreeCache`
 protocol (backends/base.py); `SdpaBackend` and `FlashBackend` make it.
 
+The buffers grow as the generation needs them: a layer's first write allocates room for it
+rounded up to INITIAL_SLOTS, and a write past the end reallocates to twice the size (at most
+`capacity`) and copies what is there, so memory follows the tokens actually generated, not
+max_new_tokens (amortised: each entry is copied about once). This cache is never captured in a
+CUDA graph, so reallocating is safe; the graph backends use the fixed-capacity
+StaticTreeKVCache (backends/static_cache.py) instead.
+
 Dimension letters: docs/dimensions.md (H_kv key/value heads, S cache slots, Dh head size).
 """
 
@@ -23,9 +30,11 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from treespec.backends.base import cache_full, compact_scratch
 
+INITIAL_SLOTS = 256  # the first allocation of a layer (or the prompt, when longer), in slots
+
 
 class TreeKVLayer(CacheLayerMixin):
-    """One attention layer's preallocated keys and values."""
+    """One attention layer's keys and values, grown by doubling up to `capacity` slots."""
 
     is_compileable = False
 
@@ -36,9 +45,10 @@ class TreeKVLayer(CacheLayerMixin):
         self.seen = 0  # committed + scratch slots written this step
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, _, d = key_states.shape
-        self.keys = key_states.new_zeros(b, h, self.capacity, d)  # (1, H_kv, S_max, Dh)
-        self.values = value_states.new_zeros(b, h, self.capacity, value_states.shape[-1])
+        b, h, n, d = key_states.shape
+        slots = min(self.capacity, max(INITIAL_SLOTS, n))
+        self.keys = key_states.new_zeros(b, h, slots, d)  # (1, H_kv, S_alloc, Dh), S_alloc <= S_max
+        self.values = value_states.new_zeros(b, h, slots, value_states.shape[-1])
         self.device, self.dtype = key_states.device, key_states.dtype
         self.is_initialized = True
 
@@ -50,10 +60,26 @@ class TreeKVLayer(CacheLayerMixin):
         end = self.seen + n
         if end > self.capacity:
             raise cache_full(self.capacity, self.seen, n)
+        if end > self.keys.shape[2]:
+            self._grow(end)
         self.keys[:, :, self.seen : end] = key_states
         self.values[:, :, self.seen : end] = value_states
         self.seen = end
         return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def _grow(self, needed: int) -> None:
+        """Reallocate to max(needed, twice the current slots), at most capacity; keep the written entries."""
+        slots = min(self.capacity, max(needed, 2 * self.keys.shape[2]))
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:2], slots, old.shape[3])
+            new[:, :, : self.seen] = old[:, :, : self.seen]
+            setattr(self, name, new)
+
+    @property
+    def allocated(self) -> int:
+        """Slots allocated so far (0 before the first write)."""
+        return self.keys.shape[2] if self.is_initialized else 0
 
     def commit(self, keep: torch.Tensor, count: int, retain: int = 0) -> None:
         """Keep scratch entries `keep[:count]` (offsets into the scratch region) and drop the

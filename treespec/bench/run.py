@@ -8,19 +8,21 @@
 
 (`python -m treespec.bench.run ...` works the same.) Each run writes `results.json` (per prompt
 and aggregated, see treespec.bench.runner.run_cell) into Hydra's output directory. The config
-groups live in `treespec/configs/` (package data, so a non-editable install has them too;
-TREESPEC_CONFIG_DIR points elsewhere); docs/configs.md documents every key.
+groups live in `configs/` at the repository root; docs/configs.md documents every key.
 
 This is the only benchmark module that imports Hydra: it registers the typed schemas of
 treespec.bench.config in Hydra's ConfigStore (so unknown keys and wrong types fail at compose
 time), turns the composed config into a BenchConfig (whose checks name any bad value), and hands
-that to the library code.
+that to the library code. Every config error ends the run with exit code 2 and one line naming
+the key, no traceback; the command line's cheap keys (devices, names, choices) are checked
+before torch and transformers are imported, so a typo is answered in about a second.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -30,7 +32,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from treespec.bench.config import CONFIG_DIR, GROUP_SCHEMAS, BenchConfig, ConfigError
+from treespec.bench.config import CONFIG_DIR
+from treespec.bench.config import ConfigError, check_overrides, schemas
+from treespec.errors import ModelLoadError
 from treespec.loading.cache import atomic_write
 
 log = logging.getLogger("treespec.bench")
@@ -39,18 +43,21 @@ SCHEMA_NAME = "schema"  # each group's typed schema: configs/<group>/*.yaml star
 
 
 def register_configs() -> None:
-    """Register BenchConfig as `bench_schema` and each group's dataclass as `<group>/schema`."""
+    """Register BenchConfig as `bench_schema` and each group's dataclass as `<group>/schema`
+    (building the tree schema imports torch: done by main after the cheap checks, and by a
+    caller composing the config itself)."""
+    from treespec.bench.config import BenchConfig
+
     cs = ConfigStore.instance()
-    cs.store(name="bench_schema", node=BenchConfig)
-    for group, schema in GROUP_SCHEMAS.items():
+    for group, schema in schemas().items():
         cs.store(group=group, name=SCHEMA_NAME, node=schema)
-
-
-register_configs()
+    cs.store(name="bench_schema", node=BenchConfig)
 
 
 def to_bench_config(cfg: DictConfig) -> BenchConfig:
     """The composed config as typed objects; runs every check (ConfigError names the key)."""
+    from treespec.bench.config import BenchConfig
+
     cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
     _check_no_extra_keys(cfg, "")
     try:
@@ -101,8 +108,19 @@ def write_results(results: dict, path: Path) -> None:
         tmp.write_text(json.dumps(results, indent=1))
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="bench", version_base="1.3")
-def main(cfg: DictConfig) -> float:
+def main() -> float | None:
+    """The console script: the cheap checks of the command line, then the Hydra app."""
+    try:
+        check_overrides(sys.argv[1:], CONFIG_DIR)
+    except ConfigError as err:
+        print(f"treespec-bench: bad config: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    register_configs()
+    return hydra.main(config_path=str(CONFIG_DIR), config_name="bench", version_base="1.3")(run)()
+
+
+def run(cfg: DictConfig) -> float:
+    """One cell (Hydra calls this once per cell of a sweep)."""
     try:
         bench = to_bench_config(cfg)
     except ConfigError as err:
@@ -121,6 +139,9 @@ def main(cfg: DictConfig) -> float:
     except ArgumentError as err:  # a value only the models and prompts can judge (e.g. the context length)
         key = CONFIG_KEYS.get(err.argument, err.argument)
         log.error("bad config: %s=%s: %s", key, OmegaConf.select(cfg, key, default="?"), err)
+        sys.exit(2)
+    except ModelLoadError as err:  # e.g. a hub id the hub does not have
+        log.error("bad config: model.target=%s / model.draft=%s: %s", bench.model.target, bench.model.draft, err)
         sys.exit(2)
     outs = {}
     for method, results in by_method.items():

@@ -37,7 +37,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from treespec.tree.topology import TreeShapeError, TreeTopology
+from treespec.errors import TreeConfigError, TreeShapeError
+from treespec.tree.topology import TreeTopology
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class OverlapConfig:
         for name in ("leaves", "candidates", "levels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"OverlapConfig.{name} must be an int >= 1, got {value!r}")
+                raise TreeConfigError(name, f"OverlapConfig.{name} must be an int >= 1, got {value!r}")
 
 
 @dataclass

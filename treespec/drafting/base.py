@@ -23,7 +23,8 @@ from transformers import PreTrainedModel
 from treespec.acceptance.rejection import sample_children
 from treespec.acceptance.sampling import SamplingConfig, logits_to_probs
 from treespec.backends.base import Backend, TreeCache
-from treespec.tree.topology import TreeShapeError, TreeTensors
+from treespec.errors import TreeConfigError  # noqa: F401  (re-exported)
+from treespec.tree.topology import TreeTensors
 
 
 @dataclass
@@ -131,15 +132,6 @@ def _pending_layout(size: int, pad: int, device: torch.device) -> tuple[torch.Te
 
 
 # ------------------------------------------------------------------ checks of the policy configs
-class TreeConfigError(TreeShapeError):
-    """A tree-policy setting that cannot be used; `key` names the field ('depth', 'widths[1]')
-    so that a caller with its own names for the fields (the benchmark's config) can say which."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(message)
-        self.key = key
-
-
 def check_count(policy: str, key: str, value, minimum: int = 1) -> None:
     """A whole number >= minimum (bools refused), or TreeConfigError."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:

@@ -38,7 +38,8 @@ from transformers import PreTrainedModel
 
 from treespec.backends.kv_cache import TreeKVCache
 from treespec.drafting.base import DraftTree, Drafter
-from treespec.tree.topology import TreeShapeError, TreeTensors
+from treespec.errors import TreeConfigError
+from treespec.tree.topology import TreeTensors
 
 
 @dataclass(frozen=True)
@@ -53,12 +54,12 @@ class LookupConfig:
     def __post_init__(self) -> None:
         sizes = tuple(self.ngram_sizes)
         if not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
-            raise TreeShapeError(f"lookup ngram_sizes must be ints >= 1, got {self.ngram_sizes!r}")
+            raise TreeConfigError("ngram_sizes", f"lookup ngram_sizes must be ints >= 1, got {self.ngram_sizes!r}")
         object.__setattr__(self, "ngram_sizes", tuple(sorted(set(sizes))))
         for name in ("branches", "length"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise TreeShapeError(f"lookup {name} must be an int >= 1, got {value!r}")
+                raise TreeConfigError(name, f"lookup {name} must be an int >= 1, got {value!r}")
 
     @property
     def slots(self) -> int:

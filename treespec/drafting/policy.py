@@ -28,6 +28,7 @@ from treespec.drafting.adaptive import AdaptiveTreeConfig
 from treespec.drafting.base import ChildProposer, Drafter
 from treespec.drafting.dynamic import DynamicTreeConfig
 from treespec.drafting.static import StaticTree
+from treespec.errors import TreeShapeError
 from treespec.stats import GenerationStats
 from treespec.tree.auto import AutoTreeConfig
 from treespec.tree.topology import TreeTopology, resolve_tree
@@ -58,14 +59,20 @@ class TreePolicy(Protocol):
 def resolve_policy(tree: TreePolicy | TreeTopology | Sequence[int] | str | None, method: str) -> TreePolicy:
     """The policy `tree=` names for `method` ('tree', 'linear' or 'autoregressive').
     Raises TreeShapeError for a tree the method cannot use (see resolve_tree)."""
-    if method in ("tree", "linear") and (tree == "auto" or isinstance(tree, AutoTreeConfig)):
-        return (AutoTreeConfig() if tree == "auto" else tree).for_method(method)  # chains only for 'linear'
+    if hasattr(tree, "tolist") and not isinstance(tree, (str, TreeTopology)):  # a numpy array or tensor of widths
+        tree = tree.tolist()
+    if isinstance(tree, (DynamicTreeConfig, AdaptiveTreeConfig)) and method == "linear":
+        raise TreeShapeError(f"a {type(tree).__name__} grows a tree each step, and method='linear' drafts one chain: "
+                             "use method='tree' with it, or a chain for method='linear' ('chain-4' or 'auto')")  # fmt: skip
+    name = tree if isinstance(tree, str) else None  # compared by name only: a list's == is elementwise for arrays
+    if method in ("tree", "linear") and (name == "auto" or isinstance(tree, AutoTreeConfig)):
+        return (AutoTreeConfig() if name == "auto" else tree).for_method(method)  # chains only for 'linear'
     if method == "tree":
         if isinstance(tree, (DynamicTreeConfig, AdaptiveTreeConfig)):
             return tree
-        if tree == "dynamic":
+        if name == "dynamic":
             return DynamicTreeConfig()
-        if tree == "adaptive":
+        if name == "adaptive":
             return AdaptiveTreeConfig()
     if isinstance(tree, StaticTree):
         tree = tree.topology

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 
 from treespec.drafting.ahead import OverlapConfig
 from treespec.drafting.lookup import LookupConfig
-from treespec.engine.checks import check_max_new_tokens, check_prompt, check_prompt_for
+from treespec.engine.checks import check_inputs, check_max_new_tokens, check_prompt, check_prompt_for
 from treespec.engine.speculator import SpeculatorOptions, kept_speculator, release
 from treespec.engine.stream import GenerationResult, TokenStream
 from treespec.tree.topology import TreeTopology
@@ -46,6 +46,7 @@ def stream(
     fuse: bool = False,
 ) -> TokenStream:
     """Like `generate`, but returns an iterator over the tokens of each step."""
+    check_inputs(target, draft, compile=compile, streamer=streamer, eos_token_id=eos_token_id)
     check_prompt(input_ids)
     max_new_tokens = check_max_new_tokens(max_new_tokens)
     check_prompt_for(input_ids, [("target", target)], max_new_tokens)  # before the kept object is made

@@ -31,7 +31,8 @@ from transformers import PreTrainedModel
 
 from treespec.backends.base import Backend
 from treespec.drafting.static import StaticTree
-from treespec.loading.cache import atomic_write, cache_dir
+from treespec.errors import CacheError
+from treespec.loading.cache import atomic_write, cache_dir, move_aside
 from treespec.tree.auto import AutoTreeConfig, CostTable, TreeChoice
 from treespec.tree.topology import TreeTopology
 
@@ -146,7 +147,7 @@ def measure_costs(target: PreTrainedModel, draft: PreTrainedModel, backend: Back
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if progress is not None and not cuda and load > (os.cpu_count() or 1):
         progress.write(f"tree='auto': this machine is busy (load {load:.1f} on {os.cpu_count()} cores): the costs measured "
-                       f"now will be pessimistic; to measure again later, delete {cache_dir() / 'calibration'}\n")  # fmt: skip
+                       "now will be pessimistic: they are kept as provisional and measured again on a quieter run\n")  # fmt: skip
     t = _time_sizes(target, backend, "target", target_sizes, rounds, report)
     d = _time_sizes(draft, backend, "draft", draft_sizes, rounds, report)
     if progress is not None:
@@ -154,38 +155,105 @@ def measure_costs(target: PreTrainedModel, draft: PreTrainedModel, backend: Back
     return CostTable(t, d, overhead=0.0, device=name)
 
 
+# Costs measured where the cache cannot keep them (a read-only or full cache directory), by key
+# hash: later generations of this process reuse them instead of measuring again.
+_IN_MEMORY: dict[str, CostTable] = {}
+_ANNOUNCED: set[str] = set()  # tables whose provenance line this process has printed
+
+
+def _loadavg() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def _busy(load: float | None, cores: int) -> bool:
+    """Over one runnable process per core: multi-threaded forwards stall, costs come out high."""
+    return load is not None and load > cores
+
+
+def _quiet(cores: int) -> bool:
+    load = _loadavg()
+    return load is not None and load < cores / 2
+
+
 def calibrated_costs(target: PreTrainedModel, draft: PreTrainedModel, backend: Backend, *,
                      refresh: bool = False, progress: TextIO | None = sys.stderr) -> CostTable:  # fmt: skip
     """The pair's CostTable on this machine: read from cache_dir()/calibration/ when a table with
     the same calibration_key is there (and not `refresh`), else measured and written there.
-    Measured while other processes load the machine, the table is pessimistic for multi-thread
-    forwards (a descheduled thread stalls the others at every barrier): a table measured with a
-    CPU load above the core count is measured again once the load is below half of it; delete
-    the file, or pass refresh=True, to measure again at any time."""
+
+    Every process that uses a cached table says once where it comes from: when it was measured
+    and under what load. A table measured on a CPU while other processes loaded it above one
+    per core is pessimistic (a descheduled thread stalls the others at every barrier): it is
+    marked provisional and measured again by the first run that finds the load below half the
+    cores. An unreadable table is moved aside (one line) and measured again. When the cache
+    cannot be written (read-only, disk full) the measurement is kept in memory for this
+    process, with one line saying so. Delete the file, or pass refresh=True, to measure again."""
     key = calibration_key(target, draft, backend)
-    path = cache_dir() / "calibration" / f"{_key_hash(key)}.json"
-    if path.exists() and not refresh:
-        try:
-            data = json.loads(path.read_text())
-            if data.get("key") == json.loads(json.dumps(key, default=str)) and not _busy_then_quiet_now(data):
-                return CostTable.from_dict(data["costs"])
-        except (ValueError, KeyError, TypeError):
-            pass  # unreadable or from another format: measure again and overwrite
+    digest = _key_hash(key)
+    if not refresh and digest in _IN_MEMORY:
+        return _IN_MEMORY[digest]
+    path = cache_dir() / "calibration" / f"{digest}.json"
+    data = None if refresh else _read_table(path, key)
+    cpu = target.device.type != "cuda"
+    cores = os.cpu_count() or 1
+    if data is not None:
+        provisional = cpu and bool(data.get("provisional", _busy(data.get("loadavg"), cores)))
+        if not (provisional and _quiet(cores)):
+            _announce(path, data, provisional, progress)
+            return CostTable.from_dict(data["costs"])
+        if progress is not None:
+            progress.write(f"tree='auto': the costs in {path} were measured under load {data.get('loadavg')}; this "
+                           f"machine is quiet now (load {_loadavg():.1f}): measuring them again\n")  # fmt: skip
+    before = _loadavg()
     costs = measure_costs(target, draft, backend, progress=progress)
-    with atomic_write(path, suffix=".json") as tmp:
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # a busy machine inflates the costs
-        tmp.write_text(json.dumps({"key": key, "costs": costs.to_dict(), "loadavg": load,
-                                   "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1, default=str))  # fmt: skip
+    loads = [x for x in (before, _loadavg()) if x is not None]
+    load = max(loads) if loads else None  # the 1-minute average, over the measurement
+    record = {"key": key, "costs": costs.to_dict(), "loadavg": load, "cores": cores,
+              "provisional": cpu and _busy(load, cores), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+    try:
+        with atomic_write(path, suffix=".json") as tmp:
+            tmp.write_text(json.dumps(record, indent=1, default=str))
+    except OSError as err:
+        _IN_MEMORY[digest] = costs
+        if progress is not None:
+            progress.write(f"tree='auto': cannot save the measured costs in {path.parent} ({err.strerror or err}); "
+                           "keeping them in memory for this process (a new process measures again; point "
+                           "TREESPEC_CACHE at a writable directory to keep them)\n")  # fmt: skip
+    _ANNOUNCED.add(digest)  # the measurement has said what it did
     return costs
 
 
-def _busy_then_quiet_now(data: dict) -> bool:
-    """A table measured while the CPU was overloaded, now that it is quiet: worth measuring again
-    (a busy machine inflates multi-threaded forward costs several times over)."""
-    cores, then = os.cpu_count() or 1, data.get("loadavg")
-    if then is None or not hasattr(os, "getloadavg") or not data.get("key", {}).get("device", "").startswith("cpu"):
-        return False
-    return then > cores and os.getloadavg()[0] < cores / 2
+def _read_table(path: Path, key: dict) -> dict | None:
+    """The cached record for `key`, or None (absent; or unreadable, then moved aside)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    try:
+        data = json.loads(text)
+        if data.get("key") != json.loads(json.dumps(key, default=str)):
+            raise ValueError("its key is not this pair's")
+        CostTable.from_dict(data["costs"])
+        return data
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        try:
+            move_aside(path, f"unreadable: {type(err).__name__}: {err}"[:200])
+        except CacheError:
+            pass  # a read-only cache: measured again and kept in memory
+        return None
+
+
+def _announce(path: Path, data: dict, provisional: bool, progress: TextIO | None) -> None:
+    """One line per process and table: where the costs come from, when and under what load."""
+    if progress is None or path.stem in _ANNOUNCED:
+        return
+    _ANNOUNCED.add(path.stem)
+    load, cores = data.get("loadavg"), data.get("cores")
+    under = ""
+    if isinstance(load, (int, float)):
+        under = f" at load {load:.1f}" + (f" on {cores} cores" if cores else "")
+    note = " (provisional: measured under load; measured again on a quieter run)" if provisional else ""
+    progress.write(f"tree='auto': using forward costs measured {data.get('date', 'at an unknown date')}{under}{note}, "
+                   f"from {path} (delete it to measure again)\n")  # fmt: skip
 
 
 def resolve_auto(config: AutoTreeConfig, target: PreTrainedModel, draft: PreTrainedModel,

@@ -16,20 +16,13 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedModel
 
+from treespec.errors import ArgumentError
 from treespec.drafting.ahead import OverlapConfig
 from treespec.drafting.dynamic import DynamicTreeConfig
 from treespec.drafting.static import StaticTree
 from treespec.tree.auto import AutoTreeConfig
 
 METHODS = ("tree", "linear", "autoregressive")
-
-
-class ArgumentError(ValueError):
-    """A bad argument of `generate` / `stream`; `argument` is its name."""
-
-    def __init__(self, argument: str, message: str):
-        super().__init__(message)
-        self.argument = argument
 
 
 def as_int(value) -> int | None:
@@ -56,6 +49,29 @@ def resolve_switch(value, config_cls: type, argument: str):
     raise TypeError(f"{argument} must be True, False or a treespec.{config_cls.__name__}, got {type(value).__name__}")
 
 
+def check_inputs(target, draft, *, compile, streamer, eos_token_id) -> None:
+    """The arguments that are objects or switches, checked first (before any other check reads
+    a model): the models are loaded models, `compile` is a bool or None, `streamer` has put and
+    end, and eos_token_id holds token ids."""
+    for name, model in (("target", target), ("draft", draft)):
+        if model is None and name == "draft":
+            continue
+        if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+            raise ArgumentError(name, f"{name} is {str(model)!r}, a name or path, but generate/stream take a loaded model: "
+                                f"load it first with treespec.loading.load_model({str(model)!r}) (or transformers' "
+                                "AutoModelForCausalLM.from_pretrained)")  # fmt: skip
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+            raise ArgumentError(name, f"{name} must be a transformers causal LM (a PreTrainedModel), got "
+                                f"{type(model).__name__}; load one with treespec.loading.load_model")  # fmt: skip
+    if compile is not None and not isinstance(compile, bool):
+        raise ArgumentError("compile", f"compile must be True, False or None (None: compile on CUDA only), got {compile!r}")
+    if streamer is not None and not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
+        raise ArgumentError("streamer", f"streamer must have put(token_ids) and end() methods, like transformers' "
+                            f"TextStreamer(tokenizer), got {type(streamer).__name__} {streamer!r:.40}")  # fmt: skip
+    if eos_token_id is not None:
+        eos_ids(target, eos_token_id)
+
+
 def check_method(method: str) -> None:
     if method not in METHODS:
         raise ArgumentError("method", f"unknown method {method!r}; choose one of {METHODS}")
@@ -76,14 +92,19 @@ def check_prompt(input_ids) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.long:
         raise TypeError("input_ids must be a LongTensor of shape (1, T), e.g. tokenizer(text, return_tensors='pt').input_ids")
     if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must have shape (1, T), got {tuple(input_ids.shape)}; use input_ids[None] for one prompt")
+        raise ArgumentError(
+            "input_ids", f"input_ids must have shape (1, T), got {tuple(input_ids.shape)}; use input_ids[None] for one prompt"
+        )
     if input_ids.shape[0] != 1:
-        raise ValueError(
+        raise ArgumentError(
+            "input_ids",
             f"batch size {input_ids.shape[0]} is not supported yet: treespec decodes one prompt at a time; "
             "call generate once per prompt"
         )
     if input_ids.shape[1] == 0:
-        raise ValueError("the prompt is empty: give at least one token (e.g. the BOS token or a chat template)")
+        raise ArgumentError(
+            "input_ids", "the prompt is empty: give at least one token (e.g. the BOS token or a chat template)"
+        )
 
 
 def check_lookup(lookup_config: object | None, *, has_drafts: bool, greedy: bool, acceptance: str) -> None:
@@ -92,11 +113,11 @@ def check_lookup(lookup_config: object | None, *, has_drafts: bool, greedy: bool
     if lookup_config is None:
         return
     if not has_drafts:
-        raise ValueError("lookup=True merges context n-gram branches into a draft model's tree; "
-                         "use method='tree' or 'linear' with a draft model")
+        raise ArgumentError("lookup", "lookup=True merges context n-gram branches into a draft model's tree; "
+                            "use method='tree' or 'linear' with a draft model")
     if not greedy and acceptance != "rejection":
-        raise ValueError(f"lookup branches are verified as point masses by acceptance='rejection' only; "
-                         f"acceptance={acceptance!r} does not handle them: use acceptance='rejection' or lookup=False")
+        raise ArgumentError("lookup", f"lookup branches are verified as point masses by acceptance='rejection' only; "
+                            f"acceptance={acceptance!r} does not handle them: use acceptance='rejection' or lookup=False")
 
 
 def vocab_size(model: PreTrainedModel) -> int:
@@ -109,13 +130,15 @@ def check_pair(target: PreTrainedModel, draft: PreTrainedModel) -> None:
     or a prefix of it (the same tokenizer with fewer padding rows, docs/sampling.md)."""
     vt, vd = vocab_size(target), vocab_size(draft)
     if vd > vt:
-        raise ValueError(
+        raise ArgumentError(
+            "draft",
             f"the draft scores {vd} token ids but the target only {vt}: the draft could propose ids the target has "
             "no probability for. Use a draft with at most the target's vocabulary (the same tokenizer; fewer "
             "padding rows are fine), or swap the models if the larger one is meant to be the target"
         )
     if draft.device != target.device:
-        raise ValueError(f"target is on {target.device} but draft is on {draft.device}; put both on one device")
+        raise ArgumentError("draft", f"target is on {target.device} but draft is on {draft.device}; put both on one "
+                            "device")
 
 
 def check_prompt_for(input_ids: torch.Tensor, models: Sequence[tuple[str, PreTrainedModel]], max_new_tokens: int) -> None:
@@ -123,7 +146,7 @@ def check_prompt_for(input_ids: torch.Tensor, models: Sequence[tuple[str, PreTra
     models: [("target", target)] or [("target", target), ("draft", draft)]."""
     target = models[0][1]
     if input_ids.device != target.device:
-        raise ValueError(f"input_ids is on {input_ids.device} but the target is on {target.device}")
+        raise ArgumentError("input_ids", f"input_ids is on {input_ids.device} but the target is on {target.device}")
     vocab = target.get_input_embeddings().weight.shape[0]
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= vocab:
@@ -171,6 +194,9 @@ def eos_ids(target: PreTrainedModel, eos_token_id) -> set[int]:
         raise ArgumentError(
             "eos_token_id", f"eos_token_id must be a token id (an int) or a list of ids, got {argument!r}"
         )
+    if any(v < 0 for v in values):
+        raise ArgumentError("eos_token_id", f"eos_token_id must hold token ids >= 0, got {argument!r}; pass the id "
+                            "of the stop token (tokenizer.eos_token_id), or [] to never stop early")  # fmt: skip
     return set(values)
 
 
@@ -183,7 +209,8 @@ def generator_for(device: torch.device, generator: torch.Generator | None) -> to
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if torch.device(generator.device).type != device.type:
-        raise ValueError(
+        raise ArgumentError(
+            "generator",
             f"the generator is on {generator.device} but the models are on {device}; "
             f"use torch.Generator(device='{device.type}').manual_seed(...)"
         )

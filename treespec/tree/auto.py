@@ -23,10 +23,12 @@ through here (treespec.engine.calibrate.resolve_auto).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 
+from treespec.errors import ConfigError
 from treespec.tree.profile import AcceptanceProfile, count_acceptances, reach_of
 from treespec.tree.sequoia import optimal_shapes
 from treespec.tree.topology import MAX_NODES, TreeTopology
@@ -236,10 +238,14 @@ class AutoTreeConfig:
     chains_only: bool = False
 
     def __post_init__(self) -> None:
-        for name, lo, hi in (("budget", 1, MAX_NODES - 1), ("max_depth", 1, self.budget)):
+        for name, lo, hi in (("budget", 1, MAX_NODES - 1), ("max_depth", 1, MAX_NODES - 1)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-                raise ValueError(f"AutoTreeConfig.{name} must be a whole number in {lo}..{hi}, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not lo <= v <= hi:
+                raise ConfigError(f"AutoTreeConfig.{name} must be a whole number in {lo}..{hi}, got {v!r}", name)
+            object.__setattr__(self, name, int(v))
+        # a tree of `budget` drafts is at most `budget` deep: a larger max_depth (the default 8
+        # with a small budget) changes nothing, so it is capped rather than refused
+        object.__setattr__(self, "max_depth", min(self.max_depth, self.budget))
 
     def for_method(self, method: str) -> "AutoTreeConfig":
         return replace(self, chains_only=True) if method == "linear" else self

@@ -12,11 +12,14 @@ children of one node, F nodes of one level (the frontier), V vocabulary.
 from __future__ import annotations
 
 import functools
+import numbers
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import networkx as nx
 import torch
+
+from treespec.errors import TreeShapeError  # noqa: F401  (re-exported: raised here, long importable from here)
 
 # Widths per level: [4, 2, 2, 1] = top-4 children of the root, top-2 below each of them, ...
 PRESETS: dict[str, list[int]] = {
@@ -34,10 +37,6 @@ PRESETS: dict[str, list[int]] = {
 }
 
 MAX_NODES = 4096
-
-
-class TreeShapeError(ValueError):
-    """A tree shape that cannot be used (bad widths, not a tree, too many nodes)."""
 
 
 @dataclass(frozen=True)
@@ -99,8 +98,9 @@ class TreeTopology:
     def from_widths(cls, widths: Sequence[int]) -> "TreeTopology":
         """Top-widths[0] children of the root, top-widths[1] below each of those, and so on."""
         widths = list(widths)
-        if any(isinstance(w, bool) or not isinstance(w, int) for w in widths):
+        if any(isinstance(w, bool) or not isinstance(w, numbers.Integral) for w in widths):  # numpy ints are Integral
             raise TreeShapeError(f"tree widths must be whole numbers, got {widths!r}")
+        widths = [int(w) for w in widths]
         if any(w < 1 for w in widths):
             raise TreeShapeError(f"tree widths must be >= 1 at every level, got {widths!r}")
         parents, ranks, frontier = [-1], [0], [0]
@@ -286,6 +286,10 @@ def resolve_tree(tree: "TreeTopology | Sequence[int] | str | None", method: str)
     if isinstance(tree, TreeTopology):
         topo = tree
     elif isinstance(tree, str):
+        if tree in ("dynamic", "adaptive") and method == "linear":
+            raise TreeShapeError(f"tree={tree!r} grows a tree each step, and method='linear' drafts one chain: use "
+                                 f"method='tree' with tree={tree!r}, or a chain for method='linear' ('chain-4', "
+                                 "[1, 1, 1, 1] or 'auto')")  # fmt: skip
         if tree not in PRESETS:
             raise TreeShapeError(f"unknown tree preset {tree!r}; choose one of {sorted(PRESETS)} or pass a widths list")
         topo = TreeTopology.from_widths(PRESETS[tree])
