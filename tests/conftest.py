@@ -21,3 +21,13 @@ def target():
 @pytest.fixture(scope="session")
 def unrelated_draft():
     return tiny_model(1, hidden_size=16, num_layers=1)
+
+
+@pytest.fixture(autouse=True)
+def _release_kept_speculators():
+    """treespec.generate keeps one Speculator per (models, options) across calls; each test
+    starts from none, so that what it patches or counts is its own."""
+    yield
+    import treespec
+
+    treespec.release()

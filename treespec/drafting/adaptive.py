@@ -95,6 +95,10 @@ class AdaptiveDrafter:
     def draft(self, pending: torch.Tensor, root_pos: int) -> DraftTree:
         return self.drafters[self.depth].draft(pending, root_pos)
 
+    def commit(self, tree: DraftTree, path: torch.Tensor, num_accepted: int, kept: int,
+               emitted: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        return self.drafters[self.depth].commit(tree, path, num_accepted, kept, emitted)
+
     def observe(self, num_accepted: int) -> None:
         self.window.append((self.depth, num_accepted))
         self.depth = choose_depth(self.window, self.config)

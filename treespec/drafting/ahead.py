@@ -102,15 +102,35 @@ def ahead_hit(work: AheadWork, path: torch.Tensor, num_accepted: torch.Tensor,
 
 @runtime_checkable
 class AheadDrafter(Protocol):
-    """A drafter that can draft ahead (`TreeDrafter`, `DynamicDrafter`): the engine queues
-    `draft_ahead` beside the verification, and `resume`s the drafter after a hit."""
+    """A drafter that can draft ahead (`TreeDrafter`, `DynamicDrafter`): made with a plan
+    (`enable_ahead`), it drafts ahead beside each verification (`draft_ahead`, queued by the
+    engine on the side stream) and, when verification ended where it guessed, commits the next
+    tree's drafted levels and starts from them (`commit_hit`)."""
+
+    def enable_ahead(self, plan) -> None:
+        """Draft ahead by `plan` (its policy's `ahead_plan`; the draft cache holds its
+        slots_used entries after the tree's)."""
 
     def draft_ahead(self, root_pos: int) -> AheadWork:
         """Below the tree just drafted: end points, guesses, and the next tree's first levels."""
 
-    def resume(self, guess: torch.Tensor) -> None:
-        """The next step starts from guess `guess` (LongTensor (1,)), whose drafted-ahead
-        entries the commit kept as `hit_slots[guess]`."""
+    def commit_hit(self, tree, path: torch.Tensor, num_accepted: int, emitted: torch.Tensor, work: AheadWork,
+                   guess: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """After a hit (`ahead_hit`): keep the path, the guess that is the new root and the
+        levels drafted below it; the next step starts from them. Returns the pending tokens
+        (1, 1): the new root, cached already."""
+
+
+def commit_ahead_hit(cache, tree, path: torch.Tensor, num_accepted: int, emitted: torch.Tensor, work: AheadWork,
+                     guess: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """`AheadDrafter.commit_hit`'s cache work: the path down to the end point, the guess that is
+    the new root, and the next tree's levels drafted below it, which stay in the scratch where
+    that tree's drafting expects them. guess: LongTensor () on the device. Returns (1, 1)."""
+    a = num_accepted
+    slots = tree.structure.draft_slot[path[1:]]  # (D,)
+    guessed = work.hit_slots.index_select(0, guess[None])[0]  # (1 + R,)
+    cache.commit(torch.cat([slots[:a], guessed]), a + 1, work.retain)
+    return emitted[None, a : a + 1]
 
 
 @dataclass(frozen=True)

@@ -95,11 +95,41 @@ class Drafter(Protocol):
         root_pos: position of the root in the sequence.
         """
 
+    def commit(self, tree: DraftTree, path: torch.Tensor, num_accepted: int, kept: int,
+               emitted: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """After verification: keep the accepted nodes this drafter ran in its cache and return
+        the accepted tokens it has not run yet, the next step's pending tokens (1, m).
+
+        path: LongTensor (D+1,) accepted nodes, root first (padded past num_accepted); kept: how
+        many of path[1:] the draft ran (host int, from the step's one sync); emitted: LongTensor
+        (D+1,) the accepted drafts then the target's next token."""
+
     def observe(self, num_accepted: int) -> None:
         """Feedback after each step: how many drafts the target accepted."""
 
     def describe(self) -> str:
         """The tree, in words, for GenerationStats.tree."""
+
+
+def commit_accepted(cache: TreeCache, tree: DraftTree, path: torch.Tensor, num_accepted: int, kept: int,
+                    emitted: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """`Drafter.commit` for a drafter that keeps the accepted nodes it ran: their scratch
+    entries move next to the committed ones; the accepted nodes it never ran (a leaf, lookup
+    nodes) end the path and are the next step's pending tokens, with the new root."""
+    cache.commit(tree.structure.draft_slot[path[1:]], kept)  # draft_slot (D,) of the accepted path
+    return emitted[None, kept : num_accepted + 1]  # (1, a - kept + 1)
+
+
+@runtime_checkable
+class FeatureDrafter(Protocol):
+    """A drafter that reads the target's own features (a draft head, drafting/head.py): the
+    engine asks the target's forwards for their hidden states and hands them over."""
+
+    def prefill(self, prompt: torch.Tensor, features: torch.Tensor, chunk: int) -> int:
+        """Run the prompt (1, T-1) with the target's features (T-1, Hm); returns forwards run."""
+
+    def accept_features(self, features: torch.Tensor) -> None:
+        """The target's features along the accepted path, root first: (D+1, Hm)."""
 
 
 def feed_pending(backend: Backend, model: PreTrainedModel, cache: TreeCache, pending: torch.Tensor, root_pos: int) -> torch.Tensor:

@@ -35,9 +35,9 @@ import torch
 from transformers import PreTrainedModel
 
 from treespec.backends.base import Backend, TreeCache
-from treespec.drafting.ahead import AheadWork, OverlapConfig
+from treespec.drafting.ahead import AheadWork, OverlapConfig, commit_ahead_hit
 from treespec.drafting.base import (
-    ChildProposer, Drafter, DraftTree, SampledProposer, TreeConfigError, check_count, feed_pending,
+    ChildProposer, Drafter, DraftTree, SampledProposer, TreeConfigError, check_count, commit_accepted, feed_pending,
 )
 from treespec.stats import GenerationStats
 from treespec.tree.topology import TreeTensors
@@ -294,6 +294,17 @@ class DynamicDrafter:
                                              (pos + 1).repeat_interleave(k, dim=1), guess_mask)  # (G, V)
         return AheadWork(end_nodes=self._end_nodes, tokens=guesses.flatten(), valid=valid.flatten(),
                          hit_slots=plan.hit_slots, retain=0, forwards=plan.forwards, saved=1)
+
+    def commit(self, tree: DraftTree, path: torch.Tensor, num_accepted: int, kept: int,
+               emitted: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """See `Drafter.commit`."""
+        return commit_accepted(self.cache, tree, path, num_accepted, kept, emitted)
+
+    def commit_hit(self, tree: DraftTree, path: torch.Tensor, num_accepted: int, emitted: torch.Tensor,
+                   work: AheadWork, guess: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """See `AheadDrafter.commit_hit`: the next root is the guess; its q is known, its entry cached."""
+        self.resume(guess[None])
+        return commit_ahead_hit(self.cache, tree, path, num_accepted, emitted, work, guess)
 
     def resume(self, guess: torch.Tensor) -> None:
         """The next root is guess `guess` (LongTensor (1,)): its q is known, its entry cached."""

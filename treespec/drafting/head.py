@@ -119,7 +119,6 @@ class HeadBackend:
 class HeadDrafter:
     """A tree policy's drafter driving a head (see the module docstring)."""
 
-    reads_target_features = True  # the engine hands it the target's features (prefill, accept_features)
 
     def __init__(self, inner: Drafter, head_backend: HeadBackend, backend: Backend):
         self.inner, self.feed, self.backend = inner, head_backend, backend
@@ -133,6 +132,12 @@ class HeadDrafter:
 
     def describe(self) -> str:
         return f"{self.inner.describe()} (draft head)"
+
+    def commit(self, tree: DraftTree, path: torch.Tensor, num_accepted: int, kept: int,
+               emitted: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """Keeps none of its tree entries (draft_slot -1): the whole accepted path is pending,
+        rerun next step from the target's features (`accept_features`)."""
+        return self.inner.commit(tree, path, num_accepted, kept, emitted)
 
     def observe(self, num_accepted: int) -> None:
         self.inner.observe(num_accepted)

@@ -215,6 +215,12 @@ class LookupDrafter:
         tokens, valid = find_continuations(self.context, root_pos + 1, self.config)  # the root is context[root_pos]
         return merge_branches(tree, tokens, valid)
 
+    def commit(self, tree: DraftTree, path: torch.Tensor, num_accepted: int, kept: int,
+               emitted: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """The inner drafter's commit: lookup nodes have no draft entries (draft_slot -1), so
+        accepted ones end the kept prefix and are fed next step."""
+        return self.inner.commit(tree, path, num_accepted, kept, emitted)
+
     def observe(self, num_accepted: int) -> None:
         self.inner.observe(num_accepted)
 

@@ -18,8 +18,8 @@ import torch
 from transformers import PreTrainedModel
 
 from treespec.backends.base import Backend, TreeCache
-from treespec.drafting.ahead import AheadPlan, AheadWork, OverlapConfig
-from treespec.drafting.base import ChildProposer, Drafter, DraftTree, feed_pending
+from treespec.drafting.ahead import AheadPlan, AheadWork, OverlapConfig, commit_ahead_hit
+from treespec.drafting.base import ChildProposer, Drafter, DraftTree, commit_accepted, feed_pending
 from treespec.stats import GenerationStats
 from treespec.tree.topology import TreeTopology
 
@@ -77,6 +77,9 @@ class TreeDrafter:
         self._q_logits: torch.Tensor | None = None  # (N, V) made at the first step (V, dtype from the logits); leaf rows stay 0
         self.plan: AheadPlan | None = None
         self._resume: torch.Tensor | None = None  # (1,) guess the next tree starts from (drafted ahead)
+        self._ahead_tokens: list[torch.Tensor] = []  # per ahead group (n,), with a plan
+        self._ahead_valid: list[torch.Tensor] = []
+        self._ahead_q: list[torch.Tensor] = []  # per run group (n, V)
 
     def enable_ahead(self, plan: AheadPlan) -> None:
         """Draft ahead below this tree by `plan` (drafting/ahead.py; the draft cache must hold
@@ -87,9 +90,6 @@ class TreeDrafter:
         slot = self.structure.draft_slot.clone()
         slot[plan.leaf_nodes] = plan.leaf_slots  # the end points are run too, after T's nodes
         self.structure = dataclasses.replace(self.structure, draft_slot=slot)
-        self._ahead_tokens: list[torch.Tensor] = []  # per group (n,)
-        self._ahead_valid: list[torch.Tensor] = []
-        self._ahead_q: list[torch.Tensor] = []  # per run group (n, V)
 
     def draft(self, pending: torch.Tensor, root_pos: int) -> DraftTree:
         """See `Drafter.draft`. The returned tree's tensors are this drafter's buffers: valid
@@ -151,6 +151,18 @@ class TreeDrafter:
         self._ahead_tokens, self._ahead_valid, self._ahead_q = toks, vals, qs
         return AheadWork(end_nodes=plan.leaf_nodes, tokens=toks[1], valid=vals[1], hit_slots=plan.hit_slots,
                          retain=plan.retain, forwards=plan.forwards, saved=plan.config.levels)
+
+    def commit(self, tree: DraftTree, path: torch.Tensor, num_accepted: int, kept: int,
+               emitted: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """See `Drafter.commit`."""
+        return commit_accepted(self.cache, tree, path, num_accepted, kept, emitted)
+
+    def commit_hit(self, tree: DraftTree, path: torch.Tensor, num_accepted: int, emitted: torch.Tensor,
+                   work: AheadWork, guess: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """See `AheadDrafter.commit_hit`: the next tree's first levels were drafted ahead and
+        their draft KV entries are retained; the next step copies them in (`_restore`)."""
+        self.resume(guess[None])
+        return commit_ahead_hit(self.cache, tree, path, num_accepted, emitted, work, guess)
 
     def resume(self, guess: torch.Tensor) -> None:
         """The next step starts from guess `guess` (LongTensor (1,)): its tree's first levels

@@ -34,7 +34,7 @@ from treespec.acceptance.schemes import VERIFIERS, TreeVerifier
 from treespec.engine.checks import vocab_size
 from treespec.acceptance.sampling import SamplingConfig, logits_to_probs
 from treespec.backends.base import PREFILL_CHUNKS, Backend, TreeCache
-from treespec.drafting.base import DraftTree, Drafter
+from treespec.drafting.base import DraftTree, Drafter, FeatureDrafter
 from treespec.drafting.ahead import AheadDrafter, AheadWork, ahead_hit
 from treespec.engine.streams import SideStream
 from treespec.stats import GenerationStats, Stopwatch
@@ -177,7 +177,7 @@ class SpeculativeEngine:
         self._steps = torch.arange(max_depth + 1, device=device)  # (D+1,)
         self._no_hit = torch.zeros((), dtype=torch.long, device=device)  # the hit flag without overlap
         # a draft head (drafting/head.py) reads the target's features: verification returns them too
-        self._features = drafter is not None and getattr(drafter, "reads_target_features", False)
+        self._features = isinstance(drafter, FeatureDrafter)
         self._hidden: torch.Tensor | None = None  # (N, Hm) the last verification's features, with a head
 
     # ------------------------------------------------------------------ prefill
@@ -333,33 +333,22 @@ class SpeculativeEngine:
 
     def _commit_caches(self, tree: DraftTree, acc: Acceptance, read: StepRead, emitted: torch.Tensor,
                        work: AheadWork | None, guess: torch.Tensor | None) -> None:
-        """Both caches keep the accepted path; the drafter hears how far it got; `pending` gets
-        the accepted tokens the draft has not run yet."""
-        a, kept = read.num_accepted, read.kept
+        """Both caches keep the accepted path (the drafter commits its own, drafting/), the
+        drafter hears how far it got, `pending` gets the accepted tokens the draft has not run."""
+        a = read.num_accepted
         self.target_cache.commit(acc.path, a + 1)
         if self.drafter is None:
             self.pending = emitted[None, :1]
             return
-        slots = tree.structure.draft_slot[acc.path[1:]]  # (D,)
         self._saved = work.saved if read.ahead_hit else 0
         if read.ahead_hit:
-            # the path (down to the end point), the guess that is the new root, and the next
-            # tree's levels drafted below it, which stay in the scratch where that tree's
-            # drafting expects them
-            guessed = work.hit_slots.index_select(0, guess[None])[0]  # (1 + R,)
-            self.drafter.cache.commit(torch.cat([slots[:a], guessed]), a + 1, work.retain)
-            self.ahead.resume(guess[None])
+            self.pending = self.ahead.commit_hit(tree, acc.path, a, emitted, work, guess)  # (1, 1)
             self.stats.ahead_hits += 1
-            self.drafter.observe(a)
-            self.pending = emitted[None, a : a + 1]  # the root, cached already
-            return
-        # the draft keeps the accepted nodes it ran; the accepted nodes it never ran (a leaf,
-        # lookup nodes) end the path and are fed to it next step with the new root
-        self.drafter.cache.commit(slots, kept)
+        else:
+            self.pending = self.drafter.commit(tree, acc.path, a, read.kept, emitted)  # (1, m)
         if self._features:  # a head (keeps none) reruns the path from the target's features at it
             self.drafter.accept_features(self._hidden.index_select(0, acc.path))  # (D+1, Hm)
         self.drafter.observe(a)
-        self.pending = emitted[None, kept : a + 1]  # (1, a - kept + 1)
 
     def _emit(self, tokens: list[int], emitted: torch.Tensor) -> list[int]:
         """Append the step's tokens to the output, up to max_new_tokens and the first EOS;
