@@ -18,7 +18,6 @@ that to the library code.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -32,7 +31,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from treespec.bench.config import CONFIG_DIR as DEFAULT_CONFIG_DIR
 from treespec.bench.config import GROUP_SCHEMAS, BenchConfig, ConfigError
-from treespec.loading.cache import atomic_write
 
 log = logging.getLogger("treespec.bench")
 
@@ -98,11 +96,6 @@ def check_device(device: str) -> None:
         raise ConfigError(f"model.device={device}, but MPS is not available here; use model.device=cpu")
 
 
-def write_results(results: dict, path: Path) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(results, indent=1))
-
-
 @hydra.main(config_path=str(CONFIG_DIR), config_name="bench", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     try:
@@ -113,10 +106,15 @@ def main(cfg: DictConfig) -> float:
     from treespec.bench.runner import run_interleaved  # torch/transformers only once the config is known to be good
     from treespec.engine.checks import ArgumentError
 
+    from treespec.bench.results import ResultsWriter
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    methods = list(bench.interleave) or [bench.method.name]
+    outs = {m: (run_dir / m if bench.interleave else run_dir) / bench.results_file for m in methods}
+    writer = ResultsWriter(run_dir, outs)  # rewrites each method's results after every prompt
     try:
         check_device(bench.model.device)
-        by_method = run_interleaved(bench)
+        by_method = run_interleaved(bench, sink=writer)
     except ConfigError as err:
         log.error("bad config: %s", err)
         sys.exit(2)
@@ -124,11 +122,10 @@ def main(cfg: DictConfig) -> float:
         key = CONFIG_KEYS.get(err.argument, err.argument)
         log.error("bad config: %s=%s: %s", key, OmegaConf.select(cfg, key, default="?"), err)
         sys.exit(2)
-    outs = {}
-    for method, results in by_method.items():
-        outs[method] = (run_dir / method if bench.interleave else run_dir) / bench.results_file
-        write_results(results, outs[method])
-    print(results_table(by_method, outs), flush=True)
+    log.info("%s", results_table(by_method, outs))
+    if writer.failed:
+        log.error("results NOT written (run directory %s):\n  %s", run_dir, "\n  ".join(writer.failed.values()))
+        sys.exit(1)
     return next(iter(by_method.values()))["aggregate"]["tokens_per_second"]
 
 
@@ -137,7 +134,9 @@ def results_table(by_method: dict[str, dict], outs: dict[str, Path]) -> str:
     in the same interleaved run), then what tree='auto' chose and why, and where the records are."""
     alone = by_method.get("autoregressive", {}).get("aggregate", {}).get("tokens_per_second")
     first = next(iter(by_method.values()))["cell"]
-    lines = [f"\n{first['model']} | domain {first['domain']} | dataset {first['dataset']} | "
+    dataset = (f"synthetic prompts (random token ids in place of {first['dataset_replaced']})"
+               if first.get("dataset_replaced") else first["dataset"])  # fmt: skip
+    lines = [f"\n{first['model']} | domain {first['domain']} | dataset {dataset} | "
              f"temperature {first['temperature']:g} | max_new_tokens {first['max_new_tokens']}"]  # fmt: skip
     head = f"{'method':<16}{'tree':<38}{'prompts':>8}{'tokens':>8}{'tau':>7}{'accept':>8}{'tokens/s':>10}{'speedup':>9}"
     lines += [head, "-" * len(head)]
