@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--draft", default=DEFAULT_DRAFT, help="known name, .gguf file, local dir or hub id")
     ap.add_argument("--tiny", action="store_true", help="tiny random-weight models and a random prompt (no download)")
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default 64 (16 with --tiny)")
     ap.add_argument("--tree", default="auto", help="auto (default), widths per level (e.g. 4,2,2,1) or a preset name")
     ap.add_argument("--domain", default="code", choices=DOMAINS,
                     help="whose acceptance profile tree=auto assumes (configs/presets/optimized_<domain>.yaml)")
@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.runs < 1:
         ap.error("--runs must be >= 1")
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 16 if args.tiny else 64
     return args
 
 
