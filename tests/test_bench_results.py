@@ -131,3 +131,25 @@ def test_a_later_write_that_succeeds_clears_the_failure(tmp_path):
     blocker.rmdir()
     writer.write("tree", {"x": 2})
     assert writer.failed == {} and json.loads(blocker.read_text()) == {"x": 2}
+
+
+def test_the_run_table_gives_no_speedup_to_the_target_alone(tmp_path):
+    """tree='auto' that chose the target alone ran the same computation as autoregressive: the
+    table says what ran and prints no speedup for it; a tree that ran gets one."""
+    from treespec.bench.run import results_table
+
+    def doc(method, tps, kind=None):
+        choice = {"chosen": {"name": "the target alone" if kind == "target" else "chain-3", "kind": kind},
+                  "reason": "because"} if kind else None  # fmt: skip
+        cell = {"model": "m", "domain": "code", "dataset": "humaneval", "temperature": 0.0, "max_new_tokens": 8,
+                "tree": "auto", "dataset_replaced": None}  # fmt: skip
+        agg = {"prompts": 1, "new_tokens": 8, "tau": 1.0, "acceptance_rate": 0.0, "tokens_per_second": tps}
+        return {"cell": cell, "aggregate": agg, "prompts": [{"tree_choice": choice}]}
+
+    rows = {line.split()[0]: line for line in results_table(
+        {"autoregressive": doc("autoregressive", 2.0), "tree": doc("tree", 2.2, "target")}, {}).splitlines()
+        if line.startswith(("autoregressive ", "tree "))}  # fmt: skip
+    assert rows["tree"].rstrip().endswith("-") and "auto: the target alone" in rows["tree"]
+    assert rows["autoregressive"].rstrip().endswith("base")
+    chain = results_table({"autoregressive": doc("autoregressive", 2.0), "tree": doc("tree", 3.0, "chain")}, {})
+    assert "1.50x" in chain

@@ -145,7 +145,9 @@ def results_table(by_method: dict[str, dict], outs: dict[str, Path]) -> str:
         agg, prompts = results["aggregate"], results["prompts"]
         choice = next((p["tree_choice"] for p in prompts if p.get("tree_choice")), None)
         tree = f"auto: {choice['chosen']['name']}" if choice else str(results["cell"]["tree"] or "-")
-        speed = f"{agg['tokens_per_second'] / alone:.2f}x" if alone else "-"
+        alone_ran = method == "autoregressive" or bool(choice and choice["chosen"].get("kind") == "target")
+        # the target alone against itself is no speedup (tree='auto' may have chosen it)
+        speed = "base" if method == "autoregressive" and alone else f"{agg['tokens_per_second'] / alone:.2f}x" if alone and not alone_ran else "-"
         lines.append(f"{method:<16}{tree[:37]:<38}{agg['prompts']:>8}{agg['new_tokens']:>8}{agg['tau']:>7.2f}"
                      f"{agg['acceptance_rate']:>8.2f}{agg['tokens_per_second']:>10.2f}{speed:>9}")  # fmt: skip
         if choice:

@@ -186,7 +186,8 @@ def _backend(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, max_new: int
     return backend
 
 
-def _generate_treespec(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, max_new: int, seed: int):
+def _generate_treespec(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, max_new: int, seed: int,
+                       progress: str | None = None):
     import treespec
 
     method = cfg.method.name
@@ -207,6 +208,7 @@ def _generate_treespec(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, ma
         attention=_backend(cfg, pair, ids, max_new),
         lookup=cfg.lookup,
         overlap=cfg.overlap and method != "autoregressive",
+        streamer=_StepRecorder(_token_bar(progress, max_new)) if progress else None,
         **kwargs,
     )
     st = result.stats
@@ -231,16 +233,31 @@ def _generate_treespec(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, ma
 
 
 class _StepRecorder:
-    """A transformers streamer that records how many tokens each assisted step appended."""
+    """A transformers streamer that records how many tokens each assisted step appended, and
+    with a bar, shows them (the first put is the prompt)."""
 
-    def __init__(self):
+    def __init__(self, bar=None):
         self.calls: list[int] = []
+        self.bar = bar
 
     def put(self, value):
         self.calls.append(int(value.numel()))
+        if self.bar is not None and len(self.calls) > 1:
+            self.bar.update(self.calls[-1])
 
     def end(self):
-        pass
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _token_bar(desc: str | None, total: int):
+    """A token progress bar on stderr (None without a description): a long generation is never
+    silent. Its updates cost microseconds per step, inside the timed span."""
+    if desc is None:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tok", leave=False, file=sys.stderr, dynamic_ncols=True)
 
 
 HF_METHODS = ("hf_generate", "hf_static", "hf_assisted", "hf_prompt_lookup")
@@ -257,7 +274,8 @@ def _hf_method_kwargs(cfg: BenchConfig, pair: LoadedPair) -> dict[str, Any]:
     }[cfg.method.name]
 
 
-def _generate_hf(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, max_new: int, seed: int):
+def _generate_hf(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, max_new: int, seed: int,
+                 progress: str | None = None):
     """A transformers baseline (HF_METHODS). hf_assisted is like for like with method=linear:
     num_assistant_tokens = domain.linear_k with a constant schedule and no confidence early stop.
     Target forwards are counted with a forward pre-hook (the first one prefills the prompt and
@@ -292,7 +310,7 @@ def _generate_hf(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, max_new:
         hooks.append(target.register_forward_pre_hook(count_target, with_kwargs=True))
     if method == "hf_assisted":
         hooks.append(draft.register_forward_pre_hook(count_draft, with_kwargs=True))
-    recorder = _StepRecorder()
+    recorder = _StepRecorder(_token_bar(progress, max_new))
     eos = target.generation_config.eos_token_id
     pad = target.generation_config.pad_token_id
     if pad is None:
@@ -341,11 +359,13 @@ def _generate_hf(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, max_new:
     )
 
 
-def generate_one(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, max_new: int, seed: int):
-    """(sequences (1, T+new), PromptRecord without id/outputs) for one prompt."""
+def generate_one(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, max_new: int, seed: int,
+                 progress: str | None = None):
+    """(sequences (1, T+new), PromptRecord without id/outputs) for one prompt; `progress`: the
+    description of a token progress bar on stderr (None: no bar)."""
     if cfg.method.name in HF_METHODS:
-        return _generate_hf(cfg, pair, ids, max_new, seed)
-    return _generate_treespec(cfg, pair, ids, max_new, seed)
+        return _generate_hf(cfg, pair, ids, max_new, seed, progress)
+    return _generate_treespec(cfg, pair, ids, max_new, seed, progress)
 
 
 # ------------------------------------------------------------------------------------ a cell
@@ -478,8 +498,15 @@ def _measure(cfgs: list[BenchConfig], pair: LoadedPair, prompts, records: list[l
     and emitting each method's document after each of its prompts."""
     cfg0 = cfgs[0]
     if cfg0.warmup_tokens and prompts:
+        per_token = 0.0
         for cfg in cfgs:
-            generate_one(cfg, pair, prompts[0][1], cfg0.warmup_tokens, cfg0.sampling.seed)
+            log.info("warm-up of %s (untimed) ...", cfg.method.name)
+            _, rec = generate_one(cfg, pair, prompts[0][1], cfg0.warmup_tokens, cfg0.sampling.seed)
+            per_token += (rec.time_total - rec.time_prefill) / max(rec.new_tokens, 1)
+        seconds = per_token * cfg0.max_new_tokens * len(prompts)
+        log.info("estimated time: about %s for %d prompts x %d methods x up to %d tokens (from the warm-up's "
+                 "per-token times; prefills and early EOS change it)", _duration(seconds), len(prompts), len(cfgs),
+                 cfg0.max_new_tokens)  # fmt: skip
 
     from tqdm.auto import tqdm
 
@@ -490,7 +517,8 @@ def _measure(cfgs: list[BenchConfig], pair: LoadedPair, prompts, records: list[l
             k = (i + j) % len(cfgs)  # rotate who goes first
             cfg = cfgs[k]
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-            seqs, rec = generate_one(cfg, pair, ids, cfg.max_new_tokens, cfg.sampling.seed + cfg.dataset.offset + i)
+            desc = f"{cfg.method.name} {i + 1}/{len(prompts)}" if cfg.progress else None
+            seqs, rec = generate_one(cfg, pair, ids, cfg.max_new_tokens, cfg.sampling.seed + cfg.dataset.offset + i, desc)
             rec.id, rec.loadavg = pid, load
             if cfg.keep_outputs:
                 out = seqs[0, ids.shape[1] :].tolist()
@@ -504,3 +532,7 @@ def _measure(cfgs: list[BenchConfig], pair: LoadedPair, prompts, records: list[l
         post = {c.method.name[:6]: f"{aggregate(r)['tau']:.2f}" for c, r in zip(cfgs, records)}
         bar.set_postfix(tau=post if len(cfgs) > 1 else next(iter(post.values())))
     bar.close()
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
