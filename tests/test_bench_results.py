@@ -153,3 +153,28 @@ def test_the_run_table_gives_no_speedup_to_the_target_alone(tmp_path):
     assert rows["autoregressive"].rstrip().endswith("base")
     chain = results_table({"autoregressive": doc("autoregressive", 2.0), "tree": doc("tree", 3.0, "chain")}, {})
     assert "1.50x" in chain
+
+
+def test_the_report_labels_what_ran(tmp_path):
+    """A tiny run: its prompts are synthetic, and tree='auto' that chose the target alone is
+    labelled so, with no draft tokens per step; one that chose a chain names it."""
+    cfg = default_config(max_new_tokens=4, interleave=["autoregressive", "tree"])
+    cfg.dataset.name = "humaneval"  # the tiny pair has no tokenizer: synthetic prompts replace it
+    cfg.dataset.num_prompts = 1
+    docs = runner.run_interleaved(cfg)
+    choice = {"chosen": {"name": "the target alone", "kind": "target", "draft_nodes": 0}, "reason": "r"}
+    chain = {"chosen": {"name": "chain-3", "kind": "chain", "draft_nodes": 3}, "reason": "r"}
+    for name, tree_choice in (("alone", choice), ("chain", chain)):
+        for method, doc in docs.items():
+            doc = json.loads(json.dumps(doc))
+            if method == "tree":
+                doc["prompts"][0]["tree_choice"] = tree_choice
+            path = tmp_path / name / method / "results.json"
+            path.parent.mkdir(parents=True)
+            path.write_text(json.dumps(doc))
+    rows = {(r["run"].split("/")[0], r["method"]): r for r in build_report([tmp_path], tmp_path / "report", plots=False)}
+    assert {r["dataset"] for r in rows.values()} == {"synthetic prompts"}
+    alone, chained = rows[("alone", "tree")], rows[("chain", "tree")]
+    assert alone["label"] == "target alone (tree=auto)" and alone["draft_nodes"] == 0 and alone["target_alone"]
+    assert alone["tree"] == "auto chose the target alone"
+    assert chained["label"] == "tree auto: chain-3" and chained["draft_nodes"] == 3 and not chained["target_alone"]
