@@ -59,3 +59,10 @@ def test_no_baseline_prints_no_speedup(capsys):
     assert demo.main(ARGS + ["--tree", "2,1", "--no-baseline", "--no-warmup"]) == 0
     out = capsys.readouterr().out
     assert "tree speculation" in out and "speedup" not in out
+
+
+def test_without_warmup_the_first_run_streams_and_then_says_what_ran(monkeypatch, capsys):
+    monkeypatch.setattr(demo, "parse_tree", _forced_auto(draft_cost=10.0))
+    assert demo.main(ARGS + ["--no-warmup"]) == 0
+    out = capsys.readouterr().out
+    assert out.index("--- streaming") < out.index("chose the target alone") and "speedup" not in out

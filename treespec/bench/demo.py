@@ -153,26 +153,30 @@ def main(argv=None) -> int:
         choice = None
     print(f"\nprompt ({demo.input_ids.shape[1]} tokens): {'random token ids' if args.tiny else args.prompt}", flush=True)
 
-    if choice is None:  # no warm-up: the streamed run below chooses
+    shown = None  # the streamed run's result, when it ran before the choice was known
+    if choice is None:  # no warm-up: this run chooses (tree='auto'), its text is shown as it comes
+        note = " (tree='auto' chooses its shape in this run; what ran follows)" if args.tree == "auto" else ""
+        print(f"--- streaming{note} ---", flush=True)
         token_stream = treespec.stream(demo.target, demo.draft, demo.input_ids, max_new_tokens=max_new, tree=tree)
-        steps = list(token_stream)
+        for tokens in token_stream:
+            print(demo.text(tokens), end="", flush=True)
         choice = token_stream.result.stats.tree_choice
-        shown = (steps, token_stream.result)
-    else:
-        shown = None
+        shown = token_stream.result
     if choice and choice["chosen"]["kind"] == "target":
         return alone_only(demo, choice, max_new, shown)
 
     shape = choice["chosen"]["name"] if choice else f"--tree {args.tree}"
-    print(f"--- tree speculation with {shape}, streaming ---", flush=True)
+    if shown is None:
+        print(f"--- tree speculation with {shape}, streaming ---", flush=True)
+    else:
+        print(f"\n--- that was tree speculation with {shape} ---", flush=True)
     if shown is None:
         token_stream = treespec.stream(demo.target, demo.draft, demo.input_ids, max_new_tokens=max_new, tree=tree)
         for tokens in token_stream:
             print(demo.text(tokens), end="", flush=True)
         result = token_stream.result
     else:
-        print("".join(demo.text(t) for t in shown[0]), end="")
-        result = shown[1]
+        result = shown
     st = result.stats
     shape = choice["chosen"]["name"] if choice else st.tree
     print(f"\n--- {st.summary()}")
@@ -184,17 +188,17 @@ def main(argv=None) -> int:
 
 def alone_only(demo: Demo, choice: dict, max_new: int, shown) -> int:
     """tree='auto' chose the target alone: show its output, say why, print no speedup."""
-    print("--- tree='auto' chose the target alone: no draft runs, nothing to compare ---")
+    print("\n--- tree='auto' chose the target alone: no draft runs, nothing to compare ---")
     print(f"why: {choice['reason']}")
-    print("--- the target alone, streaming ---", flush=True)
+    if shown is None:
+        print("--- the target alone, streaming ---", flush=True)
     if shown is None:
         token_stream = treespec.stream(demo.target, None, demo.input_ids, max_new_tokens=max_new, method="autoregressive")
         for tokens in token_stream:
             print(demo.text(tokens), end="", flush=True)
         st = token_stream.result.stats
     else:
-        print("".join(demo.text(t) for t in shown[0]), end="")
-        st = shown[1].stats
+        st = shown.stats
     print(f"\n--- {st.summary()}")
     print("\n" + WHAT_WOULD_PAY)
     return 0
