@@ -239,7 +239,8 @@ def rows(cells: list[Cell], root: Path | None = None) -> list[dict]:
                        order.get(c.cell["method"], 9), c.cell["draft_nodes"], str(c.cell["tree"]), str(c.path)),
     ):  # fmt: skip
         a = c.aggregate
-        sp = speedup(a["tokens_per_second"], c.baseline.aggregate["tokens_per_second"]) if c.baseline else None
+        measured = c.baseline is not None and a["prompts"] and c.baseline.aggregate["prompts"]  # a stopped run may have none
+        sp = speedup(a["tokens_per_second"], c.baseline.aggregate["tokens_per_second"]) if measured else None
         run = c.path.parent
         if root is not None:
             try:
