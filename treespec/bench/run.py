@@ -103,10 +103,9 @@ def main(cfg: DictConfig) -> float:
     except ConfigError as err:
         log.error("bad config: %s", err)
         sys.exit(2)
+    from treespec.bench.results import ResultsWriter
     from treespec.bench.runner import run_interleaved  # torch/transformers only once the config is known to be good
     from treespec.engine.checks import ArgumentError
-
-    from treespec.bench.results import ResultsWriter
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     methods = list(bench.interleave) or [bench.method.name]
