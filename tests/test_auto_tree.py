@@ -219,8 +219,11 @@ def test_auto_compare_runs_on_the_tiny_pair(tmp_path, small_calibration, capsys)
     code = doc["domains"]["code"]
     assert list(code["variants"]) == ["auto", "small", "linear", "autoregressive"] and len(code["prompts"]) == 2
     assert all(v["identical_to_target"] for d in doc["domains"].values() for v in d["variants"].values())
-    assert code["variants"]["autoregressive"]["speedup"] == 1.0
-    assert code["variants"]["auto"]["tree_choice"]["reason"] in capsys.readouterr().out
+    # the target alone has no speedup over itself, nor does tree=auto when it chose the target alone
+    assert code["variants"]["autoregressive"]["speedup"] is None and code["variants"]["autoregressive"]["target_alone"]
+    auto = code["variants"]["auto"]
+    assert (auto["speedup"] is None) == auto["target_alone"] == (auto["tree_choice"]["chosen"]["kind"] == "target")
+    assert auto["tree_choice"]["reason"] in capsys.readouterr().out
 
 
 def test_learning_from_the_generations_own_stats_moves_the_choice():

@@ -1,57 +1,68 @@
-"""treespec-demo's flow on the tiny pair (the real pair needs a download): it decodes with a tree and
-with the target alone, prints both speeds, and exits 0 only when the outputs are identical."""
+"""treespec-demo on the tiny pair: it says what ran, and prints a speedup only when a tree ran,
+from interleaved runs with their spread."""
 
-from __future__ import annotations
+import re
 
 import pytest
-import torch
 
 from treespec.bench import demo
-from treespec.loading.models import ModelPair
-from treespec.testing import tiny_pair
+from treespec.tree.auto import AutoTreeConfig, CostTable
+
+ARGS = ["--tiny", "--max-new-tokens", "6", "--runs", "2"]
+SPEEDUP = re.compile(r"speedup \d+\.\d\dx \(min \d+\.\d\d, max \d+\.\d\d over 2 runs\)")
 
 
-class TinyTokenizer:
-    """Token ids as text: enough for the demo's chat template and its streaming decode."""
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, return_tensors="pt", return_dict=True):
-        ids = [2 + ord(c) % 60 for c in messages[-1]["content"][:12]]
-        return {"input_ids": torch.tensor([ids])}
-
-    def decode(self, tokens):
-        return "".join(f"<{t}>" for t in tokens)
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TREESPEC_CACHE", str(tmp_path / "cache"))
 
 
-def test_demo_runs_on_the_tiny_pair(monkeypatch, capsys):
-    target, draft = tiny_pair(0)
-    loaded = []
+def _forced_auto(draft_cost: float):
+    """tree='auto' with given costs: a draft forward of `draft_cost` seconds against a target
+    forward of 1 s for any width (expensive drafts: the target alone wins; cheap ones: a tree)."""
+    costs = CostTable({1: 1.0, 256: 1.0}, {1: draft_cost, 256: draft_cost}, 0.0, "test")
+    return lambda text, domain: AutoTreeConfig(costs=costs)
 
-    def load_pair(target_spec, draft_spec, cache_converted=True):
-        loaded.append((target_spec, draft_spec))
-        return ModelPair(target, draft, TinyTokenizer(), {})
 
-    monkeypatch.setattr(demo, "load_pair", load_pair)
-    assert demo.main(["--tree", "2,1", "--max-new-tokens", "8", "--no-warmup", "--target", "t", "--draft", "d"]) == 0
+def test_target_alone_prints_no_speedup_and_says_what_would_pay(monkeypatch, capsys):
+    monkeypatch.setattr(demo, "parse_tree", _forced_auto(draft_cost=10.0))
+    assert demo.main(ARGS) == 0
     out = capsys.readouterr().out
-    assert loaded == [("t", "d")]
-    assert "identical output: True" in out and "speedup" in out and "tokens/s" in out
+    assert "chose the target alone" in out
+    assert "why: no draft tree is predicted to beat the target alone" in out
+    assert "what would pay" in out and "GPU" in out and "draft head" in out
+    assert "speedup" not in out
+    assert "tree speculation" not in out and "accepted drafts per step" not in out
 
 
-def test_demo_exits_1_when_the_outputs_differ(monkeypatch, capsys):
-    target, draft = tiny_pair(0)
-    monkeypatch.setattr(demo, "load_pair", lambda *a, **k: ModelPair(target, draft, TinyTokenizer(), {}))
-    real = demo.treespec.generate
-
-    def other_baseline(*args, **kwargs):  # a baseline that is not the target's own output
-        out = real(*args, **kwargs)
-        out.sequences[0, -1] += 1
-        return out
-
-    monkeypatch.setattr(demo.treespec, "generate", other_baseline)
-    assert demo.main(["--tree", "2,1", "--max-new-tokens", "8", "--no-warmup"]) == 1
-    assert "identical output: False" in capsys.readouterr().out
+def test_chosen_tree_prints_tree_tau_and_a_speedup_with_spread(monkeypatch, capsys):
+    monkeypatch.setattr(demo, "parse_tree", _forced_auto(draft_cost=1e-4))
+    assert demo.main(ARGS) == 0
+    out = capsys.readouterr().out
+    assert "--- tree speculation with " in out
+    assert re.search(r"^tree: .+; tau \d+\.\d\d$", out, re.M)
+    assert SPEEDUP.search(out), out
+    assert out.count("run 1/2: ") == 2 and out.count("run 2/2: ") == 2  # both methods, both runs
+    assert "identical output in every run: True" in out
+    assert "why: " in out and "what would pay" not in out
 
 
-def test_bad_tree_argument_says_what_is_accepted():
-    with pytest.raises(SystemExit, match="widths like 4,2,2,1"):
-        demo.parse_tree("wide-ish", "code")
+def test_forced_widths_run_that_tree(capsys):
+    assert demo.main(ARGS + ["--tree", "2,1"]) == 0
+    out = capsys.readouterr().out
+    assert "tree speculation with --tree 2,1" in out
+    assert re.search(r"^tree: 4 draft nodes, depth 2", out, re.M)
+    assert SPEEDUP.search(out)
+
+
+def test_no_baseline_prints_no_speedup(capsys):
+    assert demo.main(ARGS + ["--tree", "2,1", "--no-baseline", "--no-warmup"]) == 0
+    out = capsys.readouterr().out
+    assert "tree speculation" in out and "speedup" not in out
+
+
+def test_without_warmup_the_first_run_streams_and_then_says_what_ran(monkeypatch, capsys):
+    monkeypatch.setattr(demo, "parse_tree", _forced_auto(draft_cost=10.0))
+    assert demo.main(ARGS + ["--no-warmup"]) == 0
+    out = capsys.readouterr().out
+    assert out.index("--- streaming") < out.index("chose the target alone") and "speedup" not in out

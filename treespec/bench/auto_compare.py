@@ -1,7 +1,14 @@
 """tree="auto" against fixed trees, linear and the target alone, interleaved, per domain.
 
-    python -m treespec.bench.auto_compare --out benchmarks/results/auto_compare_cpu.json \
-        --markdown benchmarks/results/auto_compare_cpu.md
+    python -m treespec.bench.auto_compare --model tiny-random          # seconds: a smoke test of the tool
+    python -m treespec.bench.auto_compare                              # the real pair, the demo prompt: minutes
+    python -m treespec.bench.auto_compare --domains demo,code,text,structured --prompts 3 \
+        --variants auto,preset,optimized,small,medium,linear --out outputs/auto_compare.json \
+        --markdown outputs/auto_compare.md                           # the full comparison: hours on a CPU
+
+The default is small (the demo's prompt, tree=auto, the domain preset, linear and the target
+alone, 32 new tokens). After the untimed warm-up of the first domain the tool prints an
+estimate of the whole run's time from the warm-up's per-token times, and a line per prompt.
 
 Per domain (the demo's prompt, then code / text / structured prompts of the benchmark's datasets,
 held-out offsets as in docs/benchmarks.md), every variant decodes prompt i before any starts
@@ -19,7 +26,8 @@ Variants:
 
 Every variant's greedy output is checked against the target alone's (they must be identical).
 The speedup of a variant in a domain is its pooled tokens/s (all its tokens over all its seconds)
-over the target alone's on the same prompts. `--model tiny-random` runs the whole thing on the
+over the target alone's on the same prompts. A variant that ran the target alone (tree="auto"
+chose no draft) has no speedup: its row says "the target alone" and "-". `--model tiny-random` runs the whole thing on the
 tiny random pair in seconds (a smoke test of the tool; its numbers mean nothing).
 """
 
@@ -58,6 +66,7 @@ def domain_preset(name: str) -> DomainConfig:
 
 
 VARIANTS = ("auto", "preset", "optimized", "small", "medium", "linear", "autoregressive")
+DEFAULT_VARIANTS = ("auto", "preset", "linear", "autoregressive")
 
 
 def variant_config(base: BenchConfig, variant: str, profile_domain: str) -> BenchConfig:
@@ -90,12 +99,23 @@ def prompts_for(domain: str, cfg: BenchConfig, pair, n: int, offset: int) -> lis
     return build_prompts(replace(cfg, dataset=DatasetConfig(name=dataset, num_prompts=n, offset=offset)), pair)
 
 
-def run_domain(domain: str, variants: list[str], base: BenchConfig, pair, n: int, offset: int) -> dict:
+def run_domain(domain: str, variants: list[str], base: BenchConfig, pair, n: int, offset: int, *,
+               estimate_for: int = 0) -> dict:
+    """Every variant on the domain's prompts, interleaved. estimate_for > 0: after the warm-up,
+    print how long the timed runs of that many domains like this one should take."""
     profile_domain = DOMAINS[domain][1]
     cfgs = {v: variant_config(base, v, profile_domain) for v in variants}
     prompts = prompts_for(domain, base, pair, n, offset)
+    per_token = {}
     for v, cfg in cfgs.items():  # untimed: first touch, calibration, lazy allocations
-        generate_one(cfg, pair, prompts[0][1], base.warmup_tokens, 0)
+        print(f"  {domain}: warm-up of {v} ...", file=sys.stderr, flush=True)
+        _, rec = generate_one(cfg, pair, prompts[0][1], base.warmup_tokens, 0)
+        per_token[v] = rec.time_total / max(rec.new_tokens, 1)
+    if estimate_for:
+        seconds = sum(per_token.values()) * base.max_new_tokens * len(prompts) * estimate_for
+        print(f"estimated time of the timed runs: about {seconds / 60:.1f} min ({len(variants)} variants x "
+              f"{len(prompts)} prompts x {estimate_for} domain(s) x {base.max_new_tokens} tokens, from the "
+              f"warm-up's per-token times)", file=sys.stderr, flush=True)  # fmt: skip
     records: dict[str, list] = {v: [] for v in variants}
     outputs: dict[str, list] = {v: [] for v in variants}
     for i, (pid, ids) in enumerate(prompts):
@@ -105,16 +125,20 @@ def run_domain(domain: str, variants: list[str], base: BenchConfig, pair, n: int
             rec.id, rec.loadavg = pid, os.getloadavg()[0] if hasattr(os, "getloadavg") else None
             records[v].append(rec)
             outputs[v].append(seqs[0, ids.shape[1]:].tolist())
-        print(f"  {domain} prompt {i + 1}/{len(prompts)} ({pid}) done", file=sys.stderr, flush=True)
+            print(f"  {domain} prompt {i + 1}/{len(prompts)} ({pid}) {v}: {rec.tokens_per_second:.2f} tokens/s",
+                  file=sys.stderr, flush=True)  # fmt: skip
     alone = aggregate(records["autoregressive"])["tokens_per_second"] if "autoregressive" in records else None
     out = {"prompts": [pid for pid, _ in prompts], "variants": {}}
     for v in variants:
         agg = aggregate(records[v])
         choice = next((r.tree_choice for r in records[v] if r.tree_choice), None)
+        target_alone = v == "autoregressive" or bool(choice and choice["chosen"]["kind"] == "target")
         out["variants"][v] = {
             "tree": choice["chosen"]["name"] if choice else (records[v][0].tree if records[v] else None),
+            "target_alone": target_alone,
             "tau": agg["tau"], "tokens_per_second": agg["tokens_per_second"], "new_tokens": agg["new_tokens"],
-            "speedup": agg["tokens_per_second"] / alone if alone else None,
+            # the target alone against itself is no speedup: only variants that drafted get one
+            "speedup": agg["tokens_per_second"] / alone if alone and not target_alone else None,
             "identical_to_target": outputs[v] == outputs.get("autoregressive", outputs[v]),
             "tree_choice": choice, "per_prompt": [r.as_dict() for r in records[v]],
         }  # fmt: skip
@@ -128,29 +152,42 @@ def to_markdown(doc: dict) -> str:
                   "| variant | tree | tau | tokens/s | speedup | identical |", "|---|---|---|---|---|---|"]  # fmt: skip
         for v, r in res["variants"].items():
             sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
-            lines.append(f"| {v} | {r['tree']} | {r['tau']:.2f} | {r['tokens_per_second']:.2f} | {sp} | {r['identical_to_target']} |")
+            tree = "the target alone" if r.get("target_alone") else r["tree"]
+            lines.append(f"| {v} | {tree} | {r['tau']:.2f} | {r['tokens_per_second']:.2f} | {sp} | {r['identical_to_target']} |")
         choice = res["variants"].get("auto", {}).get("tree_choice")
         lines += ["", f"tree='auto': {choice['reason']}" if choice else "", ""]
     return "\n".join(lines)
 
 
+def _write(path: Path, doc: dict) -> None:
+    from treespec.loading.cache import atomic_write
+
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(doc, indent=1))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m treespec.bench.auto_compare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    ap.add_argument("--domains", default=",".join(DOMAINS), help=f"comma-separated subset of {','.join(DOMAINS)}")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated (module docstring)")
-    ap.add_argument("--prompts", type=int, default=3, help="prompts per dataset domain (the demo domain has one)")
+    ap.add_argument("--domains", default="demo", help=f"comma-separated subset of {','.join(DOMAINS)}")
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                    help=f"comma-separated, from {','.join(VARIANTS)} or a preset name (module docstring)")
+    ap.add_argument("--prompts", type=int, default=1, help="prompts per dataset domain (the demo domain has one)")
     ap.add_argument("--offset", type=int, default=0, help="first prompt of each dataset")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--warmup-tokens", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default="pretrained", choices=("pretrained", "tiny-random"))
     ap.add_argument("--recalibrate", action="store_true",
                     help="measure tree=auto's forward costs afresh first (a table cached while the machine was busy is pessimistic)")
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, default=Path("outputs/auto_compare.json"),
+                    help="the JSON record, rewritten after every domain (default outputs/auto_compare.json)")
     ap.add_argument("--markdown", type=Path, default=None)
     args = ap.parse_args(argv)
     variants = args.variants.split(",")
+    bad = [d for d in args.domains.split(",") if d not in DOMAINS]
+    if bad:  # before any model is loaded
+        raise SystemExit(f"unknown domain {bad[0]!r}; choose from {', '.join(DOMAINS)}")
     if "autoregressive" not in variants:
         variants.append("autoregressive")  # the denominator of every ratio
     torch.set_num_threads(args.threads)
@@ -170,14 +207,14 @@ def main(argv=None) -> int:
     doc = {"command": " ".join(sys.argv), "environment": environment(), "loadavg_start": os.getloadavg()[0],
            "max_new_tokens": args.max_new_tokens, "threads": args.threads, "domains": {}}  # fmt: skip
     t0 = time.perf_counter()
-    for domain in args.domains.split(","):
-        if domain not in DOMAINS:
-            raise SystemExit(f"unknown domain {domain!r}; choose from {', '.join(DOMAINS)}")
-        doc["domains"][domain] = run_domain(domain, variants, base, pair, args.prompts, args.offset)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(doc, indent=1))  # after every domain: a long run keeps what it has
+    domains = args.domains.split(",")
+    for i, domain in enumerate(domains):
+        doc["domains"][domain] = run_domain(domain, variants, base, pair, args.prompts, args.offset,
+                                            estimate_for=len(domains) if i == 0 else 0)  # fmt: skip
+        _write(args.out, doc)  # after every domain: a long run keeps what it has
     doc["seconds"], doc["loadavg_end"] = time.perf_counter() - t0, os.getloadavg()[0]
-    args.out.write_text(json.dumps(doc, indent=1))
+    _write(args.out, doc)
+    print(f"record: {args.out}", file=sys.stderr)
     table = to_markdown(doc)
     print(table)
     if args.markdown:

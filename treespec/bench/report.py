@@ -57,6 +57,7 @@ COLUMNS = [
     ("draft_time_share", "draft time"),
     ("same_as_target", "same as target"),
     ("mean_loadavg", "load avg"),
+    ("status", "status"),
     ("run", "run"),
 ]
 
@@ -72,13 +73,49 @@ class Cell:
     date: str = ""
     baseline: "Cell | None" = None
     extra: dict = field(default_factory=dict)
+    status: dict = field(default_factory=lambda: {"complete": True})
+    config: dict = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.status.get("complete"))
+
+    @property
+    def status_text(self) -> str:
+        """'complete', or 'INCOMPLETE: 3/10 prompts (stopped by KeyboardInterrupt)'."""
+        if self.complete:
+            return "complete"
+        st = self.status
+        done, total = st.get("prompts_done", len(self.prompts)), st.get("prompts_total", "?")
+        why = f" (stopped by {st['stopped_by'].split(':')[0]})" if st.get("stopped_by") else ""
+        return f"INCOMPLETE: {done}/{total} prompts{why}"
+
+    @property
+    def auto_choice(self) -> str | None:
+        """With tree='auto', the shape it chose ('the target alone', 'chain-4', ...; 'mixed' when
+        prompts differ); None otherwise."""
+        names = {p["tree_choice"]["chosen"]["name"] for p in self.prompts if p.get("tree_choice")}
+        return None if not names else names.pop() if len(names) == 1 else "mixed: " + ", ".join(sorted(names))
+
+    @property
+    def target_alone(self) -> bool:
+        """Nothing was drafted: the target alone ran (method=autoregressive, or tree='auto' chose it)."""
+        return self.cell["method"] == "autoregressive" or self.auto_choice == "the target alone"
+
+    @property
+    def dataset(self) -> str:
+        """The prompts' set, as the run produced them ('synthetic prompts' for random token ids)."""
+        synthetic = self.cell["dataset"] == "synthetic" or self.config.get("dataset", {}).get("name") == "synthetic"
+        return "synthetic prompts" if synthetic else self.cell["dataset"]
 
     @property
     def label(self) -> str:
         """Method, with its tree (or k) and temperature: the series name in the plots."""
         c = self.cell
         m = c["method"]
-        if m == "tree":
+        if m == "tree" and self.auto_choice:
+            m = "target alone (tree=auto)" if self.target_alone else f"tree auto: {_short(self.auto_choice, 28)}"
+        elif m == "tree":
             m += _tree_str(c["tree"])
         elif m in ("linear", "hf_assisted"):
             m += f" k={c['linear_k']}"
@@ -89,7 +126,9 @@ class Cell:
     @property
     def baseline_key(self) -> tuple:
         c = self.cell
-        return (c["model"], c["dataset"], c["num_prompts"], c["offset"], c["max_new_tokens"], c["ignore_eos"])
+        # synthetic prompts are seeded by the set they replace: humaneval's are not mtbench's
+        return (c["model"], c["dataset"], c.get("dataset_replaced"), c["num_prompts"], c["offset"], c["max_new_tokens"],
+                c["ignore_eos"])  # fmt: skip
 
 
 def _tree_str(tree) -> str:
@@ -116,7 +155,8 @@ def load_cells(paths: list[Path]) -> list[Cell]:
     for f in find_results(paths):
         try:
             d = json.loads(f.read_text())
-            cells.append(Cell(f, d["cell"], d["aggregate"], d.get("prompts", []), d.get("environment", {}).get("date", "")))
+            cells.append(Cell(f, d["cell"], d["aggregate"], d.get("prompts", []), d.get("environment", {}).get("date", ""),
+                              status=d.get("status", {"complete": True}), config=d.get("config", {})))  # fmt: skip
         except (OSError, ValueError, KeyError) as err:
             log.warning("skipping %s: not a treespec-bench results file (%r)", f, err)
     return cells
@@ -165,6 +205,11 @@ def _median_speedup(c: Cell) -> float | None:
     return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
 
 
+def _chosen_nodes(c: Cell) -> int | None:
+    """Draft nodes of the tree tree='auto' chose (the first prompt's choice)."""
+    return next((p["tree_choice"]["chosen"]["draft_nodes"] for p in c.prompts if p.get("tree_choice")), None)
+
+
 def _same_as_target(c: Cell) -> str:
     b = c.baseline
     if b is None or c.cell["temperature"] or b.cell["temperature"]:
@@ -194,7 +239,8 @@ def rows(cells: list[Cell], root: Path | None = None) -> list[dict]:
                        order.get(c.cell["method"], 9), c.cell["draft_nodes"], str(c.cell["tree"]), str(c.path)),
     ):  # fmt: skip
         a = c.aggregate
-        sp = speedup(a["tokens_per_second"], c.baseline.aggregate["tokens_per_second"]) if c.baseline else None
+        measured = c.baseline is not None and a["prompts"] and c.baseline.aggregate["prompts"]  # a stopped run may have none
+        sp = speedup(a["tokens_per_second"], c.baseline.aggregate["tokens_per_second"]) if measured else None
         run = c.path.parent
         if root is not None:
             try:
@@ -202,17 +248,21 @@ def rows(cells: list[Cell], root: Path | None = None) -> list[dict]:
             except ValueError:
                 pass
         tree = c.cell["tree"]
+        choice = c.auto_choice
         out.append(
             {
                 "model": c.cell["model"],
                 "domain": c.cell["domain"],
-                "dataset": c.cell["dataset"],
+                "dataset": c.dataset,
                 "method": c.cell["method"],
                 "label": c.label,
-                "tree": _tree_str(tree) if tree is not None
+                "tree": f"auto chose {choice}" if choice else _tree_str(tree) if tree is not None
                 else (f"k={c.cell['linear_k']}" if c.cell.get("linear_k") else ""),
                 "linear_k": c.cell.get("linear_k"),
-                "draft_nodes": c.cell["draft_nodes"],
+                "draft_nodes": 0 if c.target_alone else _chosen_nodes(c) or c.cell["draft_nodes"],
+                "target_alone": c.target_alone,
+                "complete": c.complete,
+                "status": c.status_text,
                 "temperature": c.cell["temperature"],
                 "prompts": a["prompts"],
                 "new_tokens": a["new_tokens"],
@@ -282,23 +332,45 @@ def pyplot():
     return plt
 
 
+def _series(r: dict, unique: bool) -> str:
+    """A row's series name: its method (and temperature) when every domain has one cell of each
+    method, so that e.g. linear k=7 (code) and linear k=3 (text) share a colour; else its full
+    label (sweeps). Says when tree='auto' ran the target alone, and when the run is incomplete."""
+    name = r["label"] if not unique or r["target_alone"] and r["method"] == "tree" else (
+        r["method"] + (f" T={r['temperature']:g}" if r["temperature"] else ""))
+    return name + ("" if r["complete"] else " [incomplete]")
+
+
+def _title(table: list[dict]) -> str:
+    """What every plot is about: the model, the prompts' sets, incomplete runs."""
+    sets = ", ".join(dict.fromkeys(r["dataset"] for r in table))
+    partial = sum(not r["complete"] for r in table)
+    return f"{table[0]['model']}; prompts: {sets}" + (f"; {partial} run(s) INCOMPLETE" if partial else "")
+
+
 def plot_all(table: list[dict], out: Path) -> list[Path]:
     plt = pyplot()
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
     written = []
     if not table:
         return written
     domains = list(dict.fromkeys(r["domain"] for r in table))
-    # one series per method (and temperature) when every domain has one cell of each, so that
-    # e.g. linear k=7 (code) and linear k=3 (text) share a colour; else one per tree/k (sweeps)
     keys = [(r["domain"], r["method"], r["temperature"]) for r in table]
-    series = {id(r): (r["method"] + (f" T={r['temperature']:g}" if r["temperature"] else ""))
-              if len(set(keys)) == len(keys) else r["label"] for r in table}  # fmt: skip
+    unique = len(set(keys)) == len(keys)
+    series = {id(r): _series(r, unique) for r in table}
     labels = list(dict.fromkeys(series[id(r)] for r in table))
     by = {(r["domain"], series[id(r)]): r for r in table}  # last one wins if a cell is repeated
     cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
     colors = {lab: cmap(i % cmap.N) for i, lab in enumerate(labels)}
+    suptitle = _title(table)
+
+    def columns(width_in: float, names: list[str]) -> int:
+        """Legend columns that fit the figure's width (about 13 characters an inch at size 8)."""
+        chars = max((len(n) for n in names), default=1) + 6
+        return max(1, min(len(names), int(width_in * 13 / chars)))
+
 
     def bars(ax, key, title, hline=None):
         width = 0.8 / max(len(labels), 1)
@@ -309,77 +381,119 @@ def plot_all(table: list[dict], out: Path) -> list[Path]:
                 if r is not None and r.get(key) is not None:
                     xs.append(i - 0.4 + width * (j + 0.5))
                     ys.append(r[key])
-            ax.bar(xs, ys, width, label=lab, color=colors[lab])
-            for x, y in zip(xs, ys):
-                ax.text(x, y, f"{y:.2f}", ha="center", va="bottom", fontsize=7)
+            ax.bar(xs, ys, width, label=lab, color=colors[lab], hatch="//" if "[incomplete]" in lab else None)
+            if len(labels) * len(domains) <= 24:  # value labels only while they fit above their bars
+                for x, y in zip(xs, ys):
+                    ax.text(x, y, f"{y:.2f}", ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(domains)), domains)
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
+        ax.margins(y=0.12)
         if hline is not None:
             ax.axhline(hline, color="k", lw=0.8, ls="--")
 
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.5 * len(domains) + 0.4 * len(labels)), 4.5))
+    def finish(fig, rows_of_legend: int, path: str):
+        fig.suptitle(suptitle, fontsize=10)
+        fig.tight_layout(rect=(0, 0.06 * rows_of_legend + 0.02, 1, 0.95))
+        written.append(_save(fig, out / path))
+
+    width = max(9.0, 1.2 * len(domains) * max(len(labels), 2) / 2 + 3)
+    ncol = columns(width, labels)
+    legend_rows = -(-len(labels) // ncol)
+    fig, axes = plt.subplots(1, 2, figsize=(width, 4.6 + 0.3 * legend_rows))
     bars(axes[0], "tau", "tau (tokens per target forward)", hline=1.0)
     bars(axes[1], "tokens_per_second", "tokens / s")
-    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    written.append(_save(fig, out / "tau_tokens_per_second.png"))
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    finish(fig, legend_rows, "tau_tokens_per_second.png")
 
-    fig, ax = plt.subplots(figsize=(max(6, 2.5 * len(domains) + 0.3 * len(labels)), 4.5))
+    width1 = max(7.5, width * 0.6)
+    ncol1 = columns(width1, labels)
+    fig, ax = plt.subplots(figsize=(width1, 4.6 + 0.3 * -(-len(labels) // ncol1)))
     bars(ax, "speedup", "speedup vs the target alone (tokens/s ratio)", hline=1.0)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    written.append(_save(fig, out / "speedup.png"))
+    handles, names = ax.get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=ncol1, fontsize=8, frameon=False)
+    finish(fig, -(-len(labels) // ncol1), "speedup.png")
 
-    fig, axes = plt.subplots(1, len(domains), figsize=(4.5 * len(domains), 3.8), squeeze=False)
+    width2 = max(4.8 * len(domains), 6.5)
+    fig, axes = plt.subplots(1, len(domains), figsize=(width2, 4.2 + 0.3 * legend_rows), squeeze=False)
     for ax, d in zip(axes[0], domains):
         for lab in labels:
             r = by.get((d, lab))
-            if r is None or r["method"] == "autoregressive" or not r["accepted_length_histogram"]:
+            if r is None or r["target_alone"] or not r["accepted_length_histogram"]:
                 continue
             h = {int(k): v for k, v in r["accepted_length_histogram"].items()}
             total = sum(h.values())
             xs = list(range(max(h) + 1))
             ax.plot(xs, [h.get(x, 0) / total for x in xs], marker="o", label=lab, color=colors[lab])
-        ax.set_title(f"{d}: accepted drafts per step")
+        ax.set_title(f"{d}: accepted drafts per step", fontsize=10)
         ax.set_xlabel("accepted draft tokens")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("fraction of steps")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(_save(fig, out / "acceptance_histogram.png"))
+    handles = [Line2D([], [], marker="o", color=colors[lab], label=lab) for lab in labels
+               if any(by.get((d, lab)) and not by[(d, lab)]["target_alone"] for d in domains)]  # fmt: skip
+    ncol2 = columns(width2, [h.get_label() for h in handles])
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=ncol2, fontsize=8, frameon=False)
+    finish(fig, -(-max(len(handles), 1) // ncol2), "acceptance_histogram.png")
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-    markers = {"tree": "o", "linear": "s", "hf_assisted": "^", "autoregressive": "x"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.0))
+    markers = {"tree": "o", "linear": "s", "hf_assisted": "^"}
     dcolors = {d: plt.get_cmap("tab10")(i) for i, d in enumerate(domains)}
     for r in table:
-        if r["method"] == "autoregressive":
+        if r["target_alone"]:
             continue
         for ax, key in zip(axes, ("speedup", "tau")):
             if r.get(key) is None:
                 continue
             filled = r["temperature"] == 0
             ax.scatter(
-                r["draft_nodes"], r[key], marker=markers.get(r["method"], "o"),
+                r["draft_nodes"], r[key], marker=markers.get(r["method"], "D"), s=40,
                 facecolors=dcolors[r["domain"]] if filled else "none", edgecolors=dcolors[r["domain"]],
             )  # fmt: skip
-            ax.annotate(r["tree"], (r["draft_nodes"], r[key]), fontsize=6,
-                        xytext=(3, 3), textcoords="offset points")  # fmt: skip
-    from matplotlib.lines import Line2D
-
+    for ax, key in zip(axes, ("speedup", "tau")):  # a chain's size is its k, the x value: only trees are named
+        _annotate(ax, [(r["draft_nodes"], r[key], _short(r["tree"])) for r in table
+                       if r["method"] == "tree" and not r["target_alone"] and r.get(key) is not None])  # fmt: skip
     handles = [Line2D([], [], ls="", marker="o", color=c, label=d) for d, c in dcolors.items()]
-    handles += [Line2D([], [], ls="", marker=m, color="gray", label=k) for k, m in markers.items() if k != "autoregressive"]
+    handles += [Line2D([], [], ls="", marker=m, color="gray", label=k) for k, m in markers.items()]
     handles += [Line2D([], [], ls="", marker="o", markerfacecolor="none", color="gray", label="T > 0 (hollow)")]
-    axes[0].set_title("speedup vs draft tokens per step")
-    axes[0].axhline(1.0, color="k", lw=0.8, ls="--")
-    axes[1].set_title("tau vs draft tokens per step")
-    axes[1].axhline(1.0, color="k", lw=0.8, ls="--")
+    axes[0].set_title("speedup vs draft tokens per step", fontsize=10)
+    axes[1].set_title("tau vs draft tokens per step", fontsize=10)
     for ax in axes:
-        ax.set_xlabel("draft tokens per step (tree size)")
-    axes[1].legend(handles=handles, fontsize=7)
-    fig.tight_layout()
-    written.append(_save(fig, out / "speedup_vs_tree_size.png"))
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xlabel("draft tokens per step (tree size; k for chains)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
+        ax.margins(x=0.15, y=0.12)
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=8, frameon=False)
+    finish(fig, -(-len(handles) // 7), "speedup_vs_tree_size.png")
     plt.close("all")
     return written
+
+
+def _short(tree: str, width: int = 16) -> str:
+    """A point's name that fits beside it ('auto chose tree of 27 drafts, ...' -> 'auto: tree of 27 …')."""
+    tree = tree.replace("auto chose ", "auto: ")
+    return tree if len(tree) <= width else tree[: width - 1] + "\u2026"
+
+
+def _annotate(ax, points: list[tuple[float, float, str]]) -> None:
+    """Name each point once: points that would print on top of each other share one label
+    ('[4,1,1] / [2,1,1]'); labels never take layout room from the axes."""
+    if not points:
+        return
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()  # what the axes show, all their points included
+    dx, dy = (x1 - x0) or 1.0, (y1 - y0) or 1.0
+    groups: list[list] = []  # [x, y, texts]: the first point of a cluster carries its label
+    for x, y, text in points:
+        g = next((g for g in groups if abs(g[0] - x) < 0.06 * dx and abs(g[1] - y) < 0.06 * dy), None)
+        if g is None:
+            groups.append(g := [x, y, []])
+        if text not in g[2]:
+            g[2].append(text)
+    for x, y, texts in groups:
+        # above the point; towards the inside near the axes' ends, so that no label leaves the figure
+        ha = "right" if x > x0 + 0.8 * dx else "left" if x < x0 + 0.2 * dx else "center"
+        ann = ax.annotate(" / ".join(texts), (x, y), fontsize=6, xytext=(0, 6), textcoords="offset points", ha=ha)
+        ann.set_in_layout(False)
 
 
 def _save(fig, path: Path) -> Path:
@@ -414,6 +528,12 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or ((args.paths[0] if args.paths[0].is_dir() else args.paths[0].parent) / "report")
     table = build_report(args.paths, out, plots=not args.no_plots)
     sys.stdout.write(to_markdown(table))
+    partial = [r for r in table if not r["complete"]]
+    if partial:
+        print(f"\nWARNING: {len(partial)} of {len(table)} runs are INCOMPLETE (stopped before every prompt ran; "
+              "their numbers cover the prompts measured):")  # fmt: skip
+        for r in partial:
+            print(f"  {r['run']}: {r['method']} ({r['label']}): {r['status']}")
     print(f"\n{len(table)} cells -> {out}/table.md, table.csv" + ("" if args.no_plots else ", *.png"))
     return 0
 

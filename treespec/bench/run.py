@@ -20,7 +20,6 @@ before torch and transformers are imported, so a typo is answered in about a sec
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -35,7 +34,6 @@ from omegaconf.errors import OmegaConfBaseException
 from treespec.bench.config import CONFIG_DIR
 from treespec.bench.config import ConfigError, check_overrides, schemas
 from treespec.errors import ModelLoadError
-from treespec.loading.cache import atomic_write
 
 log = logging.getLogger("treespec.bench")
 
@@ -103,11 +101,6 @@ def check_device(device: str) -> None:
         raise ConfigError(f"model.device={device}, but MPS is not available here; use model.device=cpu")
 
 
-def write_results(results: dict, path: Path) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(results, indent=1))
-
-
 def main() -> float | None:
     """The console script: the cheap checks of the command line, then the Hydra app."""
     try:
@@ -126,13 +119,17 @@ def run(cfg: DictConfig) -> float:
     except ConfigError as err:
         log.error("bad config: %s", err)
         sys.exit(2)
+    from treespec.bench.results import ResultsWriter
     from treespec.bench.runner import run_interleaved  # torch/transformers only once the config is known to be good
     from treespec.engine.checks import ArgumentError
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    methods = list(bench.interleave) or [bench.method.name]
+    outs = {m: (run_dir / m if bench.interleave else run_dir) / bench.results_file for m in methods}
+    writer = ResultsWriter(run_dir, outs)  # rewrites each method's results after every prompt
     try:
         check_device(bench.model.device)
-        by_method = run_interleaved(bench)
+        by_method = run_interleaved(bench, sink=writer)
     except ConfigError as err:
         log.error("bad config: %s", err)
         sys.exit(2)
@@ -143,11 +140,10 @@ def run(cfg: DictConfig) -> float:
     except ModelLoadError as err:  # e.g. a hub id the hub does not have
         log.error("bad config: model.target=%s / model.draft=%s: %s", bench.model.target, bench.model.draft, err)
         sys.exit(2)
-    outs = {}
-    for method, results in by_method.items():
-        outs[method] = (run_dir / method if bench.interleave else run_dir) / bench.results_file
-        write_results(results, outs[method])
-    print(results_table(by_method, outs), flush=True)
+    log.info("%s", results_table(by_method, outs))
+    if writer.failed:
+        log.error("results NOT written (run directory %s):\n  %s", run_dir, "\n  ".join(writer.failed.values()))
+        sys.exit(1)
     return next(iter(by_method.values()))["aggregate"]["tokens_per_second"]
 
 
@@ -156,7 +152,9 @@ def results_table(by_method: dict[str, dict], outs: dict[str, Path]) -> str:
     in the same interleaved run), then what tree='auto' chose and why, and where the records are."""
     alone = by_method.get("autoregressive", {}).get("aggregate", {}).get("tokens_per_second")
     first = next(iter(by_method.values()))["cell"]
-    lines = [f"\n{first['model']} | domain {first['domain']} | dataset {first['dataset']} | "
+    dataset = (f"synthetic prompts (random token ids in place of {first['dataset_replaced']})"
+               if first.get("dataset_replaced") else first["dataset"])  # fmt: skip
+    lines = [f"\n{first['model']} | domain {first['domain']} | dataset {dataset} | "
              f"temperature {first['temperature']:g} | max_new_tokens {first['max_new_tokens']}"]  # fmt: skip
     head = f"{'method':<16}{'tree':<38}{'prompts':>8}{'tokens':>8}{'tau':>7}{'accept':>8}{'tokens/s':>10}{'speedup':>9}"
     lines += [head, "-" * len(head)]
@@ -165,7 +163,9 @@ def results_table(by_method: dict[str, dict], outs: dict[str, Path]) -> str:
         agg, prompts = results["aggregate"], results["prompts"]
         choice = next((p["tree_choice"] for p in prompts if p.get("tree_choice")), None)
         tree = f"auto: {choice['chosen']['name']}" if choice else str(results["cell"]["tree"] or "-")
-        speed = f"{agg['tokens_per_second'] / alone:.2f}x" if alone else "-"
+        alone_ran = method == "autoregressive" or bool(choice and choice["chosen"].get("kind") == "target")
+        # the target alone against itself is no speedup (tree='auto' may have chosen it)
+        speed = "base" if method == "autoregressive" and alone else f"{agg['tokens_per_second'] / alone:.2f}x" if alone and not alone_ran else "-"
         lines.append(f"{method:<16}{tree[:37]:<38}{agg['prompts']:>8}{agg['new_tokens']:>8}{agg['tau']:>7.2f}"
                      f"{agg['acceptance_rate']:>8.2f}{agg['tokens_per_second']:>10.2f}{speed:>9}")  # fmt: skip
         if choice:

@@ -13,6 +13,7 @@ import datetime as _dt
 import logging
 import os
 import platform
+import sys
 import zlib
 from dataclasses import asdict, replace
 from typing import Any
@@ -26,6 +27,7 @@ from treespec.tree.topology import TreeTopology
 from treespec.bench.config import BenchConfig
 from treespec.bench.harness import LoadedPair, hf_generate, load_models
 from treespec.bench.metrics import PromptRecord, aggregate
+from treespec.bench.results import ResultsSink, status
 from treespec.bench.timing import Wall
 
 log = logging.getLogger(__name__)
@@ -150,7 +152,8 @@ def _backend(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, max_new: int
     return backend
 
 
-def _generate_treespec(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, max_new: int, seed: int):
+def _generate_treespec(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, max_new: int, seed: int,
+                       progress: str | None = None):
     import treespec
 
     method = cfg.method.name
@@ -171,6 +174,7 @@ def _generate_treespec(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, ma
         attention=_backend(cfg, pair, ids, max_new),
         lookup=cfg.lookup,
         overlap=cfg.overlap and method != "autoregressive",
+        streamer=_StepRecorder(_token_bar(progress, max_new)) if progress else None,
         **kwargs,
     )
     st = result.stats
@@ -194,10 +198,39 @@ def _generate_treespec(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, ma
     )
 
 
+class _StepRecorder:
+    """A transformers-style streamer that shows the tokens of each step on a bar (the first put
+    is the prompt)."""
+
+    def __init__(self, bar=None):
+        self.calls: list[int] = []
+        self.bar = bar
+
+    def put(self, value):
+        self.calls.append(int(value.numel()))
+        if self.bar is not None and len(self.calls) > 1:
+            self.bar.update(self.calls[-1])
+
+    def end(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _token_bar(desc: str | None, total: int):
+    """A token progress bar on stderr (None without a description): a long generation is never
+    silent. Its updates cost microseconds per step, inside the timed span."""
+    if desc is None:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tok", leave=False, file=sys.stderr, dynamic_ncols=True)
+
+
 HF_METHODS = ("hf_generate", "hf_static", "hf_assisted", "hf_prompt_lookup")
 
 
-def _generate_hf(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, max_new: int, seed: int):
+def _generate_hf(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, max_new: int, seed: int,
+                 progress: str | None = None):
     """A transformers baseline (HF_METHODS) through the harness's hf_generate. hf_assisted is like
     for like with method=linear: num_assistant_tokens = domain.linear_k, constant schedule."""
     method, s, k = cfg.method.name, cfg.sampling, cfg.domain.linear_k
@@ -213,20 +246,26 @@ def _generate_hf(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, max_new:
     return run.sequences, run.record()
 
 
-def generate_one(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, max_new: int, seed: int):
-    """(sequences (1, T+new), PromptRecord without id/outputs) for one prompt."""
+def generate_one(cfg: BenchConfig, pair: LoadedPair, ids: torch.Tensor, max_new: int, seed: int,
+                 progress: str | None = None):
+    """(sequences (1, T+new), PromptRecord without id/outputs) for one prompt; `progress`: the
+    description of a token progress bar on stderr (None: no bar)."""
     if cfg.method.name in HF_METHODS:
-        return _generate_hf(cfg, pair, ids, max_new, seed)
-    return _generate_treespec(cfg, pair, ids, max_new, seed)
+        return _generate_hf(cfg, pair, ids, max_new, seed, progress)
+    return _generate_treespec(cfg, pair, ids, max_new, seed, progress)
 
 
 # ------------------------------------------------------------------------------------ a cell
-def cell_info(cfg: BenchConfig) -> dict:
-    """The identity of a cell: what the report groups and labels by."""
+def cell_info(cfg: BenchConfig, synthetic: bool = False) -> dict:
+    """The identity of a cell: what the report groups and labels by. `dataset` is the set that
+    produced the prompts: "synthetic" (random token ids) when the models have no tokenizer, with
+    the configured set it replaced in `dataset_replaced`."""
+    replaced = cfg.dataset.name if synthetic and cfg.dataset.name != "synthetic" else None
     return {
         "model": cfg.model.name,
         "method": cfg.method.name,
-        "dataset": cfg.dataset.name,
+        "dataset": "synthetic" if synthetic else cfg.dataset.name,
+        "dataset_replaced": replaced,
         "domain": cfg.domain.name,
         "tree": tree_label(cfg),
         "linear_k": cfg.domain.linear_k if cfg.method.name in ("linear", "hf_assisted", "hf_prompt_lookup") else None,
@@ -265,19 +304,21 @@ def environment() -> dict:
     }
 
 
-def run_cell(cfg: BenchConfig, *, pair: LoadedPair | None = None) -> dict:
+def run_cell(cfg: BenchConfig, *, pair: LoadedPair | None = None, sink: ResultsSink | None = None) -> dict:
     """Run every prompt of the cell and return the results document (JSON-ready):
-    {"schema", "cell", "config", "environment", "prompts": [record...], "aggregate": {...}}."""
-    return _with_threads(cfg, lambda: _run_cells([cfg], pair)[0])
+    {"schema", "cell", "config", "environment", "status", "prompts": [record...], "aggregate": {...}}.
+    `sink` receives the document after every prompt (treespec.bench.results)."""
+    return _with_threads(cfg, lambda: _run_cells([cfg], pair, sink)[0])
 
 
-def run_interleaved(cfg: BenchConfig, *, pair: LoadedPair | None = None) -> dict[str, dict]:
+def run_interleaved(cfg: BenchConfig, *, pair: LoadedPair | None = None, sink: ResultsSink | None = None) -> dict[str, dict]:
     """One cell per method of cfg.interleave (or just cfg.method), run prompt by prompt: every
     method generates prompt i before any method starts prompt i+1, in an order that rotates
-    with i. Returns {method: results document}."""
+    with i. Returns {method: results document}; `sink` receives each method's document after
+    each of its prompts, and once more, marked incomplete, if the run stops early."""
     methods = list(cfg.interleave) or [cfg.method.name]
     cfgs = [_with_method(cfg, m) for m in methods]
-    return _with_threads(cfg, lambda: dict(zip(methods, _run_cells(cfgs, pair))))
+    return _with_threads(cfg, lambda: dict(zip(methods, _run_cells(cfgs, pair, sink))))
 
 
 def _with_method(cfg: BenchConfig, method: str) -> BenchConfig:
@@ -295,28 +336,76 @@ def _with_threads(cfg: BenchConfig, fn):
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
 
 
-def _run_cells(cfgs: list[BenchConfig], pair: LoadedPair | None) -> list[dict]:
+def _run_cells(cfgs: list[BenchConfig], pair: LoadedPair | None, sink: ResultsSink | None = None) -> list[dict]:
     """Cells that differ only in their method, interleaved prompt by prompt."""
     cfg0 = cfgs[0]
     with Wall() as load:
         pair = pair or load_models(cfg0.model)
     load_s = load.seconds
     prompts = build_prompts(cfg0, pair)
+    ids_of = [pid for pid, _ in prompts]
+    env = dict(environment(), model_load_seconds=load_s, interleaved_with=[c.method.name for c in cfgs])
+    synthetic = pair.tokenizer is None or cfg0.dataset.name == "synthetic"
+    records: list[list[PromptRecord]] = [[] for _ in cfgs]
+
+    def doc(k: int, stopped_by: BaseException | None = None) -> dict:
+        cfg, recs = cfgs[k], records[k]
+        return {
+            "schema": RESULTS_SCHEMA,
+            "cell": cell_info(cfg, synthetic),
+            "config": recorded_config(cfg, synthetic=synthetic),
+            "environment": env,
+            "status": status(ids_of, len(recs), stopped_by),
+            "prompts": [r.as_dict() for r in recs],
+            "aggregate": aggregate(recs),
+        }
+
+    def emit(k: int, stopped_by: BaseException | None = None) -> None:
+        if sink is not None:
+            sink.write(cfgs[k].method.name, doc(k, stopped_by))
+
+    for k in range(len(cfgs)):  # every method is on disk from the start, with all its prompts missing
+        emit(k)
+    try:
+        _measure(cfgs, pair, prompts, records, emit)
+    except BaseException as err:  # Ctrl-C included: what was measured is kept, marked incomplete
+        log.error("the run stopped after %d of %d prompts (%s); the results so far are kept, marked incomplete",
+                  min(map(len, records)), len(prompts), type(err).__name__)  # fmt: skip
+        for k in range(len(cfgs)):
+            emit(k, err)
+        raise
+    docs = [doc(k) for k in range(len(cfgs))]
+    for k in range(len(cfgs)):
+        emit(k)
+    return docs
+
+
+def _measure(cfgs: list[BenchConfig], pair: LoadedPair, prompts, records: list[list[PromptRecord]], emit) -> None:
+    """Generate every prompt with every method (rotating who goes first), appending to records
+    and emitting each method's document after each of its prompts."""
+    cfg0 = cfgs[0]
     if cfg0.warmup_tokens and prompts:
+        per_token = 0.0
         for cfg in cfgs:
-            generate_one(cfg, pair, prompts[0][1], cfg0.warmup_tokens, cfg0.sampling.seed)
+            log.info("warm-up of %s (untimed) ...", cfg.method.name)
+            _, rec = generate_one(cfg, pair, prompts[0][1], cfg0.warmup_tokens, cfg0.sampling.seed)
+            per_token += (rec.time_total - rec.time_prefill) / max(rec.new_tokens, 1)
+        seconds = per_token * cfg0.max_new_tokens * len(prompts)
+        log.info("estimated time: about %s for %d prompts x %d methods x up to %d tokens (from the warm-up's "
+                 "per-token times; prefills and early EOS change it)", _duration(seconds), len(prompts), len(cfgs),
+                 cfg0.max_new_tokens)  # fmt: skip
 
     from tqdm.auto import tqdm
 
-    records: list[list[PromptRecord]] = [[] for _ in cfgs]
     label = "+".join(c.method.name for c in cfgs) + f"/{cfg0.domain.name}/{cfg0.dataset.name}"
-    bar = tqdm(prompts, desc=label, unit="prompt", disable=not cfg0.progress, dynamic_ncols=True)
+    bar = tqdm(prompts, desc=label, unit="prompt", disable=not cfg0.progress, dynamic_ncols=True, file=sys.stderr)
     for i, (pid, ids) in enumerate(bar):
         for j in range(len(cfgs)):
             k = (i + j) % len(cfgs)  # rotate who goes first
             cfg = cfgs[k]
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-            seqs, rec = generate_one(cfg, pair, ids, cfg.max_new_tokens, cfg.sampling.seed + cfg.dataset.offset + i)
+            desc = f"{cfg.method.name} {i + 1}/{len(prompts)}" if cfg.progress else None
+            seqs, rec = generate_one(cfg, pair, ids, cfg.max_new_tokens, cfg.sampling.seed + cfg.dataset.offset + i, desc)
             rec.id, rec.loadavg = pid, load
             if cfg.keep_outputs:
                 out = seqs[0, ids.shape[1] :].tolist()
@@ -324,18 +413,13 @@ def _run_cells(cfgs: list[BenchConfig], pair: LoadedPair | None) -> list[dict]:
                 if pair.tokenizer is not None:
                     rec.output_text = pair.tokenizer.decode(out, skip_special_tokens=False)
             records[k].append(rec)
+            log.info("prompt %d/%d (%s) %s: %d tokens, tau %.2f, %.2f tokens/s", i + 1, len(prompts), pid,
+                     cfg.method.name, rec.new_tokens, rec.tau, rec.tokens_per_second)  # fmt: skip
+            emit(k)
         post = {c.method.name[:6]: f"{aggregate(r)['tau']:.2f}" for c, r in zip(cfgs, records)}
         bar.set_postfix(tau=post if len(cfgs) > 1 else next(iter(post.values())))
     bar.close()
-    env = dict(environment(), model_load_seconds=load_s, interleaved_with=[c.method.name for c in cfgs])
-    return [
-        {
-            "schema": RESULTS_SCHEMA,
-            "cell": cell_info(cfg),
-            "config": recorded_config(cfg, synthetic=pair.tokenizer is None or cfg.dataset.name == "synthetic"),
-            "environment": env,
-            "prompts": [r.as_dict() for r in recs],
-            "aggregate": aggregate(recs),
-        }
-        for cfg, recs in zip(cfgs, records)
-    ]
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"

@@ -1,8 +1,11 @@
 """Tree tools for the command line: the optimal static tree of a measured acceptance profile
 (treespec.tree.sequoia), written as a preset file and optionally drawn.
 
-    python -m treespec.bench.tree_tools --profile profile.json --budget 32 --max-depth 6 \
-        --out treespec/configs/presets/code-32.yaml [--png tree.png]
+    python -m treespec.bench.tree_tools --profile treespec/configs/presets/optimized_code.yaml --budget 32 \
+        --max-depth 6 --out outputs/code-32.yaml [--png outputs/code-32.png]
+
+--profile takes a preset file (YAML or JSON, its `profile` entry: the files under treespec/configs/presets/
+and those this tool writes) or a profile JSON ({"probs": [[...], ...]}).
 """
 
 from __future__ import annotations
@@ -75,12 +78,28 @@ def draw_tree(
 
 
 
+def load_profile(path: str | Path) -> AcceptanceProfile:
+    """The acceptance profile in a preset file (its `profile` entry) or a profile file (`probs`),
+    YAML or JSON (JSON is YAML too)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is neither YAML nor JSON: {err}") from None
+    if not isinstance(data, dict) or ("profile" not in data and "probs" not in data):
+        raise ValueError(f"{path} has no 'profile' (a preset file) or 'probs' (a profile file) entry")
+    return AcceptanceProfile(data["profile"] if "profile" in data else data["probs"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m treespec.bench.tree_tools",
         description="Optimal static draft tree for a measured acceptance profile (Sequoia-style DP).",
     )
-    ap.add_argument("--profile", required=True, help="acceptance profile JSON ({'probs': [[...], ...]})")
+    ap.add_argument("--profile", required=True,
+                    help="a preset file (configs/presets/*.yaml: its 'profile') or a profile JSON ({'probs': [[...], ...]})")
     ap.add_argument("--budget", type=int, required=True, help="max draft nodes (root excluded)")
     ap.add_argument("--max-depth", type=int, required=True, help="max tree depth")
     ap.add_argument("--out", help="preset file to write (.yaml, or .json)")
@@ -88,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--png", help="also draw the tree to this PNG")
     args = ap.parse_args(argv)
     try:
-        profile = AcceptanceProfile.load(args.profile)
+        profile = load_profile(args.profile)
         topo = optimize_tree(profile, args.budget, args.max_depth)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -98,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"expected accepted length {e:.4f}, expected tau {1 + e:.4f}")
     print(f"parents {list(topo.parents)}")
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_preset(topo, args.out, profile, name=args.name, budget=args.budget)
         print(f"wrote {args.out}")
     if args.png:

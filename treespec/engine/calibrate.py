@@ -87,6 +87,20 @@ def _key_hash(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
+class _CurrentStderr:
+    """sys.stderr as it is when written to (a default bound at import would keep a stream that
+    a caller has since replaced and closed)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+STDERR = _CurrentStderr()
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -129,7 +143,7 @@ def _time_sizes(model: PreTrainedModel, backend: Backend, role: str, sizes: Sequ
 
 def measure_costs(target: PreTrainedModel, draft: PreTrainedModel, backend: Backend, *,
                   target_sizes: Sequence[int] | None = None, draft_sizes: Sequence[int] | None = None,
-                  rounds: int = ROUNDS, progress: TextIO | None = sys.stderr) -> CostTable:  # fmt: skip
+                  rounds: int = ROUNDS, progress: TextIO | None = STDERR) -> CostTable:  # fmt: skip
     """Time the pair's forwards now (no cache); see the module docstring. progress: where the
     one progress line goes (None: silent)."""
     cuda = target.device.type == "cuda"
@@ -176,7 +190,7 @@ def _quiet(cores: int) -> bool:
 
 
 def calibrated_costs(target: PreTrainedModel, draft: PreTrainedModel, backend: Backend, *,
-                     refresh: bool = False, progress: TextIO | None = sys.stderr) -> CostTable:  # fmt: skip
+                     refresh: bool = False, progress: TextIO | None = STDERR) -> CostTable:  # fmt: skip
     """The pair's CostTable on this machine: read from cache_dir()/calibration/ when a table with
     the same calibration_key is there (and not `refresh`), else measured and written there.
 

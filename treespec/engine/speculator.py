@@ -24,7 +24,6 @@ Dimension letters: docs/dimensions.md.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -46,7 +45,7 @@ from treespec.drafting.head import check_head_use, is_head, make_head_drafter
 from treespec.drafting.lookup import LookupConfig, LookupDrafter
 from treespec.drafting.policy import TreePolicy, resolve_policy
 from treespec.drafting.static import StaticTree
-from treespec.engine.calibrate import resolve_auto
+from treespec.engine.calibrate import STDERR, resolve_auto
 from treespec.engine.checks import (
     ArgumentError, as_int, check_inputs, check_lookup, check_max_new_tokens, check_method, check_overlap, check_pair, check_prompt,
     check_prompt_for, eos_ids, generator_for, resolve_switch,
@@ -313,7 +312,7 @@ class Speculator:
         return engine
 
     # ---------------------------------------------------------------- warm-up
-    def warm_up(self, progress=sys.stderr) -> float:
+    def warm_up(self, progress=STDERR) -> float:
         """Compile and capture every forward shape of this plan before the first real call, so
         that no later call compiles or captures: two short greedy generations on a synthetic
         prompt that spans every prefill chunk size (the first compiles each shape, the second
