@@ -114,7 +114,8 @@ class GenerationStats(SpeculationRates):
         return (
             f"{self.new_tokens} tokens in {self.target_forwards} target forwards: tau {self.tau:.2f}, "
             f"{self.tokens_per_second:.2f} tokens/s ({self.time_total:.2f} s: prefill {self.time_prefill:.2f}, "
-            f"draft {self.time_draft:.2f}, verify {self.time_verify:.2f}, other {self.time_other:.2f}); "
+            f"draft {self.time_draft:.2f}, verify {self.time_verify:.2f}, other {self.time_other:.2f}"
+            + (f", ahead {self.time_ahead:.2f}" if self.ahead_steps else "") + f"; first token {self.time_to_first_token:.3f} s); "
             f"method {self.method}, tree {self.tree}, backend {self.backend}"
             + (f"; drafted ahead: {self.ahead_hits}/{self.ahead_steps} hits, {self.draft_forwards_ahead} draft "
                f"forwards beside verification, {self.draft_forwards_saved} saved" if self.ahead_steps else "")

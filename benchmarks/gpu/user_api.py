@@ -11,13 +11,13 @@ the prompts, and whether its tokens equal the autoregressive row's. Besides the 
 costs (1 target token, draft levels) at 512 cached tokens, the time to first token of a 500-token
 prompt, and the cost of a large max_context for a short prompt.
 
-    python benchmarks/gpu/user_api.py --prompts prompts.json --gguf-dir DIR --out results/ [--per-set 20]
-    python benchmarks/gpu/user_api.py --random --out results/     # random weights of the same shapes
+    python benchmarks/gpu/user_api.py --prompts prompts.json --model ~/.cache/treespec/gguf --out outputs/user_api [--per-set 20]
+    python benchmarks/gpu/user_api.py --random --out outputs/user_api     # random weights of the same shapes
     ... --head qwen2.5-coder-1.5b-instruct                        # adds the draft-head rows
 
-prompts.json: {"humaneval": [{"id", "ids"}], "mtbench": [...], "eos": [...]}, token ids through the
-Qwen2.5-Coder chat template (python -m treespec.bench.gpu_prompts writes it where a tokenizer
-is at hand). Results are written to OUT/user_api.json after every prompt.
+prompts.json: {"humaneval": [{"id", "ids"}], "mtbench": [...]}, token ids through the
+Qwen2.5-Coder chat template (benchmarks/gpu/gpu_prompts.py writes it where a tokenizer is at
+hand); the stop ids are the target's generation config's. Results are written to OUT/user_api.json after every prompt.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def load_pair(args) -> tuple:
         return random_qwen("1.5b", 0), random_qwen("0.5b", 1)
     from treespec.loading.models import load_model
 
-    g = Path(args.gguf_dir)
+    g = Path(args.model).expanduser()
     kw = dict(dtype=torch.bfloat16, device="cuda", cache_converted=False)
     return (load_model(str(g / "qwen2.5-coder-1.5b-instruct.gguf"), **kw).eval(),
             load_model(str(g / "qwen2.5-coder-0.5b-instruct.gguf"), **kw).eval())  # fmt: skip
@@ -132,7 +132,7 @@ class Runner:
             with torch.no_grad():
                 seq = self.target.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                            temperature=None, top_p=None, top_k=None, max_new_tokens=new_tokens,
-                                           eos_token_id=self.eos, pad_token_id=self.eos[-1], streamer=first, **kw)  # fmt: skip
+                                           eos_token_id=self.eos or None, pad_token_id=self.eos[-1] if self.eos else 0, streamer=first, **kw)  # fmt: skip
             sync()
             seconds = time.perf_counter() - t0
             tokens = seq[0, len(ids):].tolist()
@@ -239,7 +239,7 @@ def warmup_in_new_process(args) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts")
-    ap.add_argument("--gguf-dir")
+    ap.add_argument("--model", help="a folder holding the pair's <name>.gguf files (e.g. ~/.cache/treespec/gguf)")
     ap.add_argument("--random", action="store_true", help="random-weight Qwen2.5 0.5B/1.5B shapes, synthetic prompts")
     ap.add_argument("--out", default="user_api_out")
     ap.add_argument("--per-set", type=int, default=20)
@@ -264,7 +264,8 @@ def main() -> None:
         eos = []
     else:
         data = json.loads(Path(args.prompts).read_text())
-        eos = data["eos"]
+        configured = target.generation_config.eos_token_id
+        eos = data.get("eos") or (configured if isinstance(configured, list) else [configured] if configured is not None else [])
         prompts = {k: data[k][: args.per_set] for k in ("humaneval", "mtbench")}
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

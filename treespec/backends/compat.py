@@ -82,3 +82,8 @@ def with_hidden(out, hidden: bool) -> torch.Tensor | ForwardOutput:
     if not hidden:
         return out.logits[0]  # (n, V)
     return ForwardOutput(out.logits[0], out.hidden_states[-1][0])  # (n, V), (n, Hm)
+
+
+def vocab_size(model) -> int:
+    """Rows of the model's output embedding: the ids it has a logit for."""
+    return model.get_output_embeddings().weight.shape[0]

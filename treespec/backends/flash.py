@@ -164,15 +164,6 @@ def flash_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def flash_prefix_attention(q, k_cache, v_cache, cache_seqlens, scale):
-    """`flash_attn_with_kvcache` over the committed prefix; same signature as
-    `reference_prefix_attention`. k_cache may be a strided view (only its last dim must be
-    contiguous), so the transformers-layout cache buffer is read in place. Goes through a torch
-    custom op, so that torch.compile keeps it as one opaque call (flash-attn calls its kv-cache
-    kernel from Python, which dynamo cannot trace) instead of breaking the graph."""
-    return _flash_prefix_op()(q, k_cache, v_cache, cache_seqlens, scale)
-
-
 @functools.cache
 def _flash_prefix_op():
     """Register `treespec::flash_prefix` (once, on first use: nothing is registered at import)."""

@@ -16,9 +16,10 @@ import torch
 from transformers import PreTrainedModel
 
 from treespec.backends.base import Backend, TreeCache
-from treespec.drafting.base import ChildProposer, Drafter, DraftTree, TreeConfigError, check_count
+from treespec.drafting.base import ChildProposer, Drafter, TreeConfigError, check_count
 from treespec.drafting.static import TreeDrafter
 from treespec.stats import GenerationStats
+from treespec.tree.draft import DraftTree
 from treespec.tree.topology import TreeTopology
 
 

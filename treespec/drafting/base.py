@@ -1,4 +1,5 @@
-"""What every drafter shares: the tree it proposes (`DraftTree`), the `Drafter` protocol, how a
+"""What every drafter shares: the `Drafter` protocol (the tree it proposes is a `DraftTree`,
+tree/draft.py), its commit (`commit_accepted`), how a
 node's children are proposed (`GreedyProposer`, `SampledProposer`), `feed_pending`, and the
 checks of the tree-policy configs (`TreeConfigError` names the bad field).
 
@@ -25,27 +26,6 @@ from treespec.acceptance.sampling import SamplingConfig, logits_to_probs
 from treespec.backends.base import Backend, TreeCache
 from treespec.errors import TreeConfigError  # noqa: F401  (re-exported)
 from treespec.tree.topology import TreeTensors
-
-
-@dataclass
-class DraftTree:
-    """The tree one step proposes.
-
-    structure: the tree's shape on the device (static topologies reuse one; dynamic drafters
-        build one per step with the same shapes).
-    tokens: LongTensor (N,) token at each node; tokens[0] is the root (already accepted).
-    valid: BoolTensor (N,) False for padding nodes that carry no real proposal.
-    q_logits: FloatTensor (N, V) raw draft logits at each node with children (rows of leaves
-        are 0); None when there is no draft (the target alone).
-    lookup: BoolTensor (N,) True for nodes copied from the context (`treespec.drafting.lookup`):
-        point-mass proposals, verified with q = delta at their token; None when there are none.
-    """
-
-    structure: TreeTensors
-    tokens: torch.Tensor
-    valid: torch.Tensor
-    q_logits: torch.Tensor | None
-    lookup: torch.Tensor | None = None
 
 
 class GreedyProposer:

@@ -37,9 +37,10 @@ from transformers import PreTrainedModel
 from treespec.backends.base import Backend, TreeCache
 from treespec.drafting.ahead import AheadWork, OverlapConfig, commit_ahead_hit
 from treespec.drafting.base import (
-    ChildProposer, Drafter, DraftTree, SampledProposer, TreeConfigError, check_count, commit_accepted, feed_pending,
+    ChildProposer, Drafter, SampledProposer, TreeConfigError, check_count, commit_accepted, feed_pending,
 )
 from treespec.stats import GenerationStats
+from treespec.tree.draft import DraftTree
 from treespec.tree.topology import TreeTensors
 
 

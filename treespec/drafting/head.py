@@ -30,9 +30,10 @@ import dataclasses
 import torch
 
 from treespec.backends.base import Backend, ForwardOutput, TreeCache
-from treespec.drafting.base import ChildProposer, Drafter, DraftTree
+from treespec.drafting.base import ChildProposer, Drafter
 from treespec.heads.model import DraftHead, HeadMismatchError
 from treespec.stats import GenerationStats
+from treespec.tree.draft import DraftTree
 
 
 def is_head(draft) -> bool:

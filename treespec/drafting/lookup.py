@@ -37,8 +37,9 @@ import torch
 from transformers import PreTrainedModel
 
 from treespec.backends.kv_cache import TreeKVCache
-from treespec.drafting.base import DraftTree, Drafter
+from treespec.drafting.base import Drafter
 from treespec.errors import TreeConfigError
+from treespec.tree.draft import DraftTree
 from treespec.tree.topology import TreeTensors
 
 

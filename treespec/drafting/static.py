@@ -19,8 +19,9 @@ from transformers import PreTrainedModel
 
 from treespec.backends.base import Backend, TreeCache
 from treespec.drafting.ahead import AheadPlan, AheadWork, OverlapConfig, commit_ahead_hit
-from treespec.drafting.base import ChildProposer, Drafter, DraftTree, commit_accepted, feed_pending
+from treespec.drafting.base import ChildProposer, Drafter, commit_accepted, feed_pending
 from treespec.stats import GenerationStats
+from treespec.tree.draft import DraftTree
 from treespec.tree.topology import TreeTopology
 
 

@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedModel
 
+from treespec.backends.compat import vocab_size
 from treespec.errors import ArgumentError
 from treespec.drafting.ahead import OverlapConfig
 from treespec.drafting.dynamic import DynamicTreeConfig
@@ -118,11 +119,6 @@ def check_lookup(lookup_config: object | None, *, has_drafts: bool, greedy: bool
     if not greedy and acceptance != "rejection":
         raise ArgumentError("lookup", f"lookup branches are verified as point masses by acceptance='rejection' only; "
                             f"acceptance={acceptance!r} does not handle them: use acceptance='rejection' or lookup=False")
-
-
-def vocab_size(model: PreTrainedModel) -> int:
-    """Rows of the model's output embedding: the ids it has a logit for."""
-    return model.get_output_embeddings().weight.shape[0]
 
 
 def check_pair(target: PreTrainedModel, draft: PreTrainedModel) -> None:

@@ -24,20 +24,21 @@ Dimension letters: docs/dimensions.md.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
 
-from treespec.acceptance.greedy import Acceptance, greedy_accept
-from treespec.acceptance.schemes import VERIFIERS, TreeVerifier
-from treespec.engine.checks import vocab_size
-from treespec.acceptance.sampling import SamplingConfig, logits_to_probs
+from treespec.acceptance.acceptors import Acceptor
+from treespec.acceptance.greedy import Acceptance
 from treespec.backends.base import PREFILL_CHUNKS, Backend, TreeCache
-from treespec.drafting.base import DraftTree, Drafter, FeatureDrafter
+from treespec.backends.compat import vocab_size
+from treespec.drafting.base import Drafter, FeatureDrafter
 from treespec.drafting.ahead import AheadDrafter, AheadWork, ahead_hit
 from treespec.engine.streams import SideStream
 from treespec.stats import GenerationStats, Stopwatch
+from treespec.tree.draft import DraftTree
 from treespec.tree.topology import TreeTopology
 
 __all__ = ["PREFILL_CHUNKS", "SpeculativeEngine", "prefill_chunks"]
@@ -59,41 +60,6 @@ def prefill_chunks(t: int, fixed: bool) -> list[tuple[int, int, int]]:
         out.append((start, real, size if fixed else real))
         start += size
     return out
-
-
-@dataclass
-class GreedyAcceptor:
-    """Temperature 0: the longest path that matches the target's argmax."""
-
-    def accept(self, tree: DraftTree, p_logits: torch.Tensor) -> Acceptance:
-        return greedy_accept(tree.structure, tree.tokens, tree.valid, p_logits)
-
-
-@dataclass
-class SampledAcceptor:
-    """Temperature > 0: a lossless stochastic verifier for the processed p, chosen by
-    `acceptance` ("rejection", "traversal" or "block": treespec.acceptance.schemes; or a TreeVerifier)."""
-
-    config: SamplingConfig
-    generator: torch.Generator
-    acceptance: str | TreeVerifier = "rejection"
-
-    def accept(self, tree: DraftTree, p_logits: torch.Tensor) -> Acceptance:
-        p = logits_to_probs(p_logits, self.config)  # (N, V)
-        q = p if tree.q_logits is None else logits_to_probs(tree.q_logits, self.config)  # (N, V_q); unused without drafts
-        if q.shape[-1] < p.shape[-1]:  # a draft with fewer (padding) rows: q is 0 on the ids it lacks
-            q = torch.nn.functional.pad(q, (0, p.shape[-1] - q.shape[-1]))  # (N, V)
-        # lookup nodes: q = delta at their token (docs/sampling.md); only token-level rejection
-        # takes them, which `stream` checks before any work
-        lookup = {} if tree.lookup is None else {"point_mass": tree.lookup}
-        verify = VERIFIERS[self.acceptance] if isinstance(self.acceptance, str) else self.acceptance
-        return verify(
-            tree.structure, tree.tokens, tree.valid, p, q,
-            without_replacement=self.config.without_replacement, generator=self.generator, **lookup,
-        )
-
-
-Acceptor = GreedyAcceptor | SampledAcceptor
 
 
 @dataclass
@@ -142,7 +108,6 @@ class SpeculativeEngine:
         prompt_len: int,
         max_new_tokens: int,
         eos_token_ids: set[int],
-        sync_cuda_timing: bool = False,
         ahead: AheadDrafter | None = None,
         fixed_shapes: bool = False,
     ):
@@ -156,7 +121,7 @@ class SpeculativeEngine:
         self.side = SideStream(target.device) if ahead is not None else None
         self._saved = 0  # draft forwards this step's tree skips: it starts from levels drafted ahead
         self.backend, self.acceptor = backend, acceptor
-        self.stats, self.stopwatch = stats, Stopwatch(stats, sync_cuda_timing)
+        self.stats, self.stopwatch = stats, Stopwatch(stats)
         self.max_new_tokens, self.eos_token_ids = max_new_tokens, eos_token_ids
         device = target.device
         max_depth = drafter.max_depth if drafter is not None else 0
@@ -255,7 +220,7 @@ class SpeculativeEngine:
             return DraftTree(self._root_only, self.pending[0, -1:], valid, None)
         tree = self.drafter.draft(self._for_draft(self.pending), root_pos)
         if self._draft_vocab is not None:  # the target runs the true root, not the draft's stand-in
-            tree.tokens[0] = self.pending[0, -1]
+            tree = dataclasses.replace(tree, tokens=torch.cat([self.pending[0, -1:], tree.tokens[1:]]))  # (N,)
         self.stats.draft_forwards += self.drafter.forwards_per_step - self._saved
         self.stats.draft_forwards_saved += self._saved
         return tree

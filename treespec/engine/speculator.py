@@ -51,7 +51,8 @@ from treespec.engine.checks import (
     check_prompt_for, eos_ids, generator_for, resolve_switch,
 )
 from treespec.backends.base import PREFILL_CHUNKS
-from treespec.engine.loop import GreedyAcceptor, SampledAcceptor, SpeculativeEngine
+from treespec.acceptance.acceptors import GreedyAcceptor, SampledAcceptor
+from treespec.engine.loop import SpeculativeEngine
 from treespec.engine.stream import GenerationResult, TokenStream
 from treespec.stats import GenerationStats
 from treespec.tree.auto import AutoTreeConfig

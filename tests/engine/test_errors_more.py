@@ -16,7 +16,7 @@ import treespec
 from treespec.errors import ArgumentError, ConfigError, TreespecError
 
 P = torch.tensor([[3, 4, 5]])
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_hierarchy_keeps_the_old_names_and_bases():

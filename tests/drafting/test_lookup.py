@@ -10,7 +10,7 @@ import treespec.acceptance.schemes as schemes
 from chisq import ALPHA, POWER, Samples, exact_joint, pvalue, sample_counts
 from treespec.acceptance.rejection import rejection_accept, sample_children
 from treespec.acceptance.sampling import SamplingConfig
-from treespec.drafting.base import DraftTree
+from treespec.tree.draft import DraftTree
 from treespec.drafting.lookup import LookupConfig, find_continuations, merge_branches
 from treespec.testing import cycle_order, tiny_cycle_model, tiny_model
 from treespec.tree.topology import TreeShapeError, TreeTopology

@@ -1,6 +1,6 @@
 """Statistical tests of traversal verification (treespec.acceptance.traversal).
 
-Same harness as tests/test_rejection.py (tests/chisq.py: a synthetic Markov language over V=8
+Same harness as tests/acceptance/test_rejection.py (tests/chisq.py: a synthetic Markov language over V=8
 tokens, ~30k trials verified in one batched call, chi-square of the emitted tokens against the
 target's exact law), plus p/q built from random logits through `logits_to_probs` at several
 temperatures, top-k and top-p, and one end-to-end run through `generate` with a tiny model.

@@ -1,6 +1,6 @@
 """Statistical tests of block verification (treespec.acceptance.block), chains only.
 
-Harness of tests/test_rejection.py (tests/chisq.py: synthetic Markov language over V=8,
+Harness of tests/acceptance/test_rejection.py (tests/chisq.py: synthetic Markov language over V=8,
 chi-square of the first two and three emitted tokens against the target's exact law), p/q from
 random logits at several temperatures / top-k / top-p, broken variants that must fail, the
 equivalence with traversal verification on a chain, the expected-length claim against

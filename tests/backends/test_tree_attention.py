@@ -10,7 +10,8 @@ from treespec.backends.compat import cache_kwargs
 from treespec.backends.sdpa import SdpaBackend
 from treespec.drafting.base import GreedyProposer
 from treespec.drafting.static import TreeDrafter
-from treespec.engine.loop import GreedyAcceptor, SpeculativeEngine
+from treespec.acceptance.acceptors import GreedyAcceptor
+from treespec.engine.loop import SpeculativeEngine
 from treespec.backends.kv_cache import TreeKVCache
 from treespec.stats import GenerationStats
 from treespec.testing import tiny_model

@@ -14,7 +14,7 @@ PRESET = "treespec/configs/presets/optimized_code.yaml"
 def test_a_shipped_preset_yaml_is_a_profile(tmp_path, capsys, monkeypatch):
     from pathlib import Path
 
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
     out = tmp_path / "sub" / "code-8.yaml"
     assert main(["--profile", PRESET, "--budget", "8", "--max-depth", "4", "--out", str(out)]) == 0
     assert "expected tau" in capsys.readouterr().out

@@ -45,7 +45,7 @@ def test_missing_draft(target):
 
 
 def test_a_draft_with_more_token_ids_than_the_target(target):
-    other = tiny_model(2, vocab_size=80)  # fewer is fine (tests/test_padded_vocab.py), more is not
+    other = tiny_model(2, vocab_size=80)  # fewer is fine (tests/engine/test_padded_vocab.py), more is not
     with pytest.raises(ValueError, match="the draft scores 80 token ids but the target only 64"):
         treespec.generate(target, other, P, max_new_tokens=4)
 

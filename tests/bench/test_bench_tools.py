@@ -13,7 +13,7 @@ import pytest
 
 from treespec.tree.presets import load_preset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STUDIES = sorted((REPO / "benchmarks" / "studies").glob("*.py"))
 GPU_SCRIPTS = sorted(p for p in (REPO / "benchmarks" / "gpu").glob("*.py") if p.name != "gpu_common.py")
 PACKAGE_TOOLS = ["auto_compare", "tree_tools"]

@@ -402,7 +402,7 @@ def test_draw_tree(tmp_path):
     assert (tmp_path / "t.png").stat().st_size > 1000
 
 
-SHIPPED_PRESETS = sorted((Path(__file__).resolve().parents[1] / "treespec" / "configs" / "presets").glob("*.yaml"))
+SHIPPED_PRESETS = sorted((Path(__file__).resolve().parents[2] / "treespec" / "configs" / "presets").glob("*.yaml"))
 
 
 def _flow_yaml(path: Path) -> dict:
