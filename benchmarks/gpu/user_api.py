@@ -45,10 +45,6 @@ ROWS = {  # label: (kind, options)
     "HF static": ("hf", dict(cache_implementation="static")),
     "HF assisted": ("hf", dict(assistant=True)),
 }
-QWEN25 = {  # hidden, intermediate, layers, heads, kv heads of Qwen2.5 0.5B / 1.5B (random-weight runs)
-    "0.5b": (896, 4864, 24, 14, 2),
-    "1.5b": (1536, 8960, 28, 12, 2),
-}
 
 
 def sync() -> None:
@@ -56,33 +52,16 @@ def sync() -> None:
 
 
 def load_pair(args) -> tuple:
-    if args.random:
-        return random_qwen("1.5b", 0), random_qwen("0.5b", 1)
+    if args.random:  # gpu_common beside this script: the Qwen2.5 shapes with random weights
+        from gpu_common import random_qwen
+
+        return random_qwen("1.5b", 0, vocab_size=151936), random_qwen("0.5b", 1, vocab_size=151936)
     from treespec.loading.models import load_model
 
     g = Path(args.model).expanduser()
     kw = dict(dtype=torch.bfloat16, device="cuda", cache_converted=False)
     return (load_model(str(g / "qwen2.5-coder-1.5b-instruct.gguf"), **kw).eval(),
             load_model(str(g / "qwen2.5-coder-0.5b-instruct.gguf"), **kw).eval())  # fmt: skip
-
-
-def random_qwen(size: str, seed: int):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    h, i, layers, heads, kv = QWEN25[size]
-    config = Qwen2Config(vocab_size=151936, hidden_size=h, intermediate_size=i, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=32768,
-                         tie_word_embeddings=size == "0.5b")  # fmt: skip
-    config._attn_implementation = "sdpa"
-    with torch.device("cuda"):
-        model = Qwen2ForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.02, generator=gen)
-    model.generation_config.eos_token_id = None
-    return model
 
 
 def synthetic_prompts(n: int, length: int, seed: int) -> list[dict]:
