@@ -215,8 +215,9 @@ def warmup_in_new_process(args) -> list[float]:
     return times
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python benchmarks/gpu/user_api.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--prompts")
     ap.add_argument("--model", help="a folder holding the pair's <name>.gguf files (e.g. ~/.cache/treespec/gguf)")
     ap.add_argument("--random", action="store_true", help="random-weight Qwen2.5 0.5B/1.5B shapes, synthetic prompts")
@@ -230,7 +231,7 @@ def main() -> None:
     ap.add_argument("--deadline", type=float, default=480.0, help="seconds; the run stops between prompts")
     ap.add_argument("--extras", default="costs,ttft,context", help="costs, ttft, context, newprocess")
     ap.add_argument("--warmup-only", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     t_start = time.perf_counter()
     target, draft = load_pair(args)
     if args.warmup_only:

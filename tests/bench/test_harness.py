@@ -60,6 +60,8 @@ def test_load_models_loads_a_pair_once_per_config():
 
 
 def test_model_config_of_a_gguf_folder(tmp_path):
+    for name in (ModelConfig(name="x").target, ModelConfig(name="x").draft):  # the config checks they exist
+        (tmp_path / f"{name}.gguf").touch()
     cfg = harness.model_config(str(tmp_path), device="cuda", dtype="bfloat16")
     assert cfg.source == "pretrained" and (cfg.device, cfg.dtype) == ("cuda", "bfloat16")
     defaults = ModelConfig(name="x")

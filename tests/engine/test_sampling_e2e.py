@@ -47,7 +47,7 @@ def test_first_two_tokens_follow_the_target(models, method, tree, cfg):
 
 def test_i_i_d_children_variant_is_lossless_too(models, monkeypatch):
     target, draft = models
-    import treespec.engine.api as generation
+    import treespec.engine.speculator as generation
 
     monkeypatch.setattr(generation, "SamplingConfig", lambda **kw: SamplingConfig(**kw, without_replacement=False))
     cfg = SamplingConfig(temperature=1.0)
