@@ -79,3 +79,17 @@ def test_resolve_tree_rules():
         resolve_tree([2, 1], "linear")
     with pytest.raises(TreeShapeError, match="unknown tree preset"):
         resolve_tree("nope", "tree")
+
+
+def test_tensors_made_under_fake_tensor_mode_are_not_kept():
+    """A topology's tensors are kept per device for later generations; ones made while a tracer's
+    FakeTensorMode is active must not be, or every later generation would read fake tensors."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    topo = TreeTopology.from_widths([3, 1, 2, 1])  # a shape no other test of this process has made
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = topo.tensors("cpu")
+    assert type(fake.parents) is not torch.Tensor
+    real = topo.tensors("cpu")
+    assert type(real.parents) is torch.Tensor and real is topo.tensors("cpu")

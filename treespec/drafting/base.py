@@ -13,7 +13,6 @@ q is the draft's distribution. Dimension letters: docs/dimensions.md.
 
 from __future__ import annotations
 
-import functools
 import numbers
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -124,21 +123,29 @@ def feed_pending(backend: Backend, model: PreTrainedModel, cache: TreeCache, pen
     pad = size - m
     ids = torch.cat([pending[:, :1].expand(1, pad), pending], dim=1) if pad else pending  # (1, P)
     pos = torch.arange(root_pos - size + 1, root_pos + 1, device=pending.device).clamp(min=0)[None]  # (1, P)
-    mask, keep = _pending_layout(size, pad, pending.device)
+    mask, keep = _pending_layout(size, pad, pending.device)  # (P, P), (P,)
     logits = backend.forward(model, cache, ids, pos, mask, last_only=True)  # (1, V)
     cache.commit(keep, m)  # pending tokens are accepted already; the padding goes
     return logits
 
 
-@functools.lru_cache(maxsize=64)
+_PENDING_LAYOUTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def _pending_layout(size: int, pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask BoolTensor (P, P), keep LongTensor (P,)) for `pad` padding entries before the real
     pending tokens: the real ones are causal among themselves, padding sees itself only; keep
-    lists the real entries first. Cached: the same tensors every step (a graph copies none)."""
-    mask = torch.eye(size, dtype=torch.bool, device=device)
-    mask[pad:, pad:] = torch.ones(size - pad, size - pad, dtype=torch.bool, device=device).tril()
-    keep = torch.cat([torch.arange(pad, size, device=device), torch.arange(pad, device=device)])
-    return mask, keep
+    lists the real entries first. Kept: the same tensors every step (a graph copies none), real
+    tensors only (not those of a call under FakeTensorMode)."""
+    held = _PENDING_LAYOUTS.get((size, pad, device))
+    if held is None:
+        mask = torch.eye(size, dtype=torch.bool, device=device)
+        mask[pad:, pad:] = torch.ones(size - pad, size - pad, dtype=torch.bool, device=device).tril()
+        keep = torch.cat([torch.arange(pad, size, device=device), torch.arange(pad, device=device)])
+        held = (mask, keep)
+        if type(mask) is torch.Tensor:
+            _PENDING_LAYOUTS[(size, pad, device)] = held
+    return held
 
 
 # ------------------------------------------------------------------ checks of the policy configs

@@ -11,7 +11,6 @@ children of one node, F nodes of one level (the frontier), V vocabulary.
 
 from __future__ import annotations
 
-import functools
 import numbers
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -194,7 +193,17 @@ class TreeTopology:
 
     def tensors(self, device: torch.device | str = "cpu") -> TreeTensors:
         """This topology's structure on `device` (cached)."""
-        return _static_tensors(self, torch.device(device))
+        device = torch.device(device)
+        held = _STATIC_TENSORS.get((self, device))
+        if held is None:
+            held = _static_tensors(self, device)
+            # only real tensors are kept: a call under a tensor subclass's mode (FakeTensorMode
+            # while tracing, say) must not hand its tensors to every later generation
+            if type(held.parents) is torch.Tensor:
+                if len(_STATIC_TENSORS) >= 64:
+                    _STATIC_TENSORS.clear()
+                _STATIC_TENSORS[(self, device)] = held
+        return held
 
     def describe(self) -> str:
         widths = [self.level_starts[d + 1] - self.level_starts[d] for d in range(1, self.max_depth + 1)]
@@ -229,7 +238,9 @@ class TreeTensors:
     max_depth: int
 
 
-@functools.lru_cache(maxsize=64)
+_STATIC_TENSORS: dict[tuple, TreeTensors] = {}  # (topology, device) -> its tensors (TreeTopology.tensors)
+
+
 def _static_tensors(topo: TreeTopology, device: torch.device) -> TreeTensors:
     # copied once per (topology, device): a host-to-device copy every step would make the host
     # wait for the GPU stream
