@@ -8,7 +8,7 @@ import torch
 import treespec
 from chisq import ALPHA, POWER, pvalue, sample_counts
 from treespec.acceptance.sampling import SamplingConfig, logits_to_probs
-from treespec.engine import loop
+from treespec.acceptance import acceptors
 from treespec.testing import tiny_model
 
 V_P, V_Q = 12, 8  # target rows, draft rows: ids 8..11 exist for the target only
@@ -54,12 +54,12 @@ def test_first_token_follows_the_full_target_distribution(pair, p1):
 
 
 def test_truncating_p_to_the_draft_range_fails_the_same_test(pair, p1, monkeypatch):
-    accept = loop.SampledAcceptor.accept
+    accept = acceptors.SampledAcceptor.accept
 
     def truncated(self, tree, p_logits):  # the bug: p restricted to the ids the draft has
         return accept(self, tree, p_logits.masked_fill(torch.arange(V_P) >= V_Q, -float("inf")))
 
-    monkeypatch.setattr(loop.SampledAcceptor, "accept", truncated)
+    monkeypatch.setattr(acceptors.SampledAcceptor, "accept", truncated)
     counts = first_token_counts(*pair, seed=1, draws=250)
     assert pvalue(counts, p1) < POWER
 
