@@ -246,7 +246,7 @@ def test_generate_loop_compiles_and_captures_nothing_after_the_first_call():
         out = treespec.generate(target, draft, prompt, max_new_tokens=new, tree=[3, 2, 1], eos_token_id=[])
         ref = target.generate(prompt, do_sample=False, max_new_tokens=new, eos_token_id=None, pad_token_id=0)
         assert torch.equal(out.sequences, ref)
-        backend = next(iter(kept.KEPT.values())).speculator.backend
+        backend = next(iter(kept.KEPT.values())).backend
         seen.append((torch._dynamo.utils.counters["stats"]["unique_graphs"], backend.stats.captures))
     assert seen[0][0] > 0 and seen[0][1] > 0
     assert seen[1:] == [seen[0]] * 9, seen

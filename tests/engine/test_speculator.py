@@ -78,7 +78,7 @@ def test_kept_object_frees_its_caches_when_closed(pair):
         spec.generate(prompt, max_new_tokens=2)
     # and through the kept objects of generate(): release() closes them
     treespec.generate(target, draft, prompt, max_new_tokens=2, tree=[2, 1], attention=compiled_backend())
-    kept = next(iter(kept_module.KEPT.values())).speculator
+    kept = next(iter(kept_module.KEPT.values()))
     treespec.release()
     assert kept.plan is None and not kept_module.KEPT
 
@@ -102,7 +102,7 @@ def test_generate_remakes_a_larger_kept_object_when_a_call_needs_it(pair):
     kept_module_max = kept_module.DEFAULT_MAX_CONTEXT
     assert kept_module_max >= 512  # the tiny models' 512 positions cap it
     treespec.generate(target, draft, torch.tensor([[3, 4]]), max_new_tokens=4, tree=[2])
-    spec = next(iter(kept_module.KEPT.values())).speculator
+    spec = next(iter(kept_module.KEPT.values()))
     assert spec.plan.max_context == 512
 
 

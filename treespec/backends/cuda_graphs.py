@@ -42,7 +42,7 @@ Dimension letters: docs/dimensions.md.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel

@@ -21,7 +21,6 @@ before torch and transformers are imported, so a typo is answered in about a sec
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 

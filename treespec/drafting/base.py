@@ -24,7 +24,7 @@ from treespec.acceptance.rejection import sample_children
 from treespec.acceptance.sampling import SamplingConfig, logits_to_probs
 from treespec.backends.base import Backend, TreeCache
 from treespec.errors import TreeConfigError  # noqa: F401  (re-exported)
-from treespec.tree.topology import TreeTensors
+from treespec.tree.draft import DraftTree
 
 
 class GreedyProposer:

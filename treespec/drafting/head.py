@@ -29,7 +29,7 @@ import dataclasses
 
 import torch
 
-from treespec.backends.base import Backend, ForwardOutput, TreeCache
+from treespec.backends.base import Backend, TreeCache
 from treespec.drafting.base import ChildProposer, Drafter
 from treespec.heads.model import DraftHead, HeadMismatchError
 from treespec.stats import GenerationStats

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
@@ -347,13 +347,7 @@ def _describe(plan: Plan) -> str:
 
 
 # -------------------------------------------------------------------- kept objects of generate()
-@dataclass
-class _Kept:
-    speculator: Speculator
-    models: tuple = field(default_factory=tuple)  # held so that their ids stay theirs
-
-
-KEPT: "OrderedDict[tuple, _Kept]" = OrderedDict()
+KEPT: "OrderedDict[tuple, Speculator]" = OrderedDict()  # the Speculator holds its models: their ids stay theirs
 
 
 def _key_part(value) -> Any:
@@ -377,20 +371,20 @@ def kept_speculator(target: PreTrainedModel, draft: PreTrainedModel | None, opti
                                    ("method", "tree", "attention", "compile", "lookup", "acceptance", "overlap",
                                     "fuse")))
     kept = KEPT.get(key)
-    if kept is not None and kept.speculator.plan is not None and kept.speculator.plan.max_context >= needed:
+    if kept is not None and kept.plan is not None and kept.plan.max_context >= needed:
         KEPT.move_to_end(key)
-        return kept.speculator
+        return kept
     if kept is not None:
-        kept.speculator.close()
+        kept.close()
         del KEPT[key]
     max_context = max(_default_context(target), 1 << (needed - 1).bit_length())
     limit = getattr(target.config.get_text_config(), "max_position_embeddings", None)
     if limit is not None:
         max_context = min(max_context, limit)
     speculator = Speculator(target, draft, **{**options.__dict__, "max_context": max(max_context, needed)})
-    KEPT[key] = _Kept(speculator, (target, draft))
+    KEPT[key] = speculator
     while len(KEPT) > KEPT_MAX:
-        KEPT.popitem(last=False)[1].speculator.close()
+        KEPT.popitem(last=False)[1].close()
     return speculator
 
 
@@ -398,4 +392,4 @@ def release() -> None:
     """Close every Speculator that treespec.generate / stream keep (frees their caches, CUDA
     graphs and compiled forwards, and drops their references to the models)."""
     while KEPT:
-        KEPT.popitem()[1].speculator.close()
+        KEPT.popitem()[1].close()

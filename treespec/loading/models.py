@@ -318,7 +318,7 @@ def _load_known_model(known: _Resolved, dtype: torch.dtype, cache_converted: boo
     converted = _converted_root(KNOWN_GGUF[known.spec]) / "model"
     if not cache_converted:
         gguf = known.gguf()
-        _note(f"dequantizing {gguf.name} (about a minute for the 1.5B model; cache_converted=False: every load)")
+        _note(f"dequantizing {gguf.name} (about a minute per model on an idle 2-core machine; cache_converted=False: every load)")
         return _load_gguf_model(str(gguf.parent), gguf.name, dtype)
     with cache_lock(converted.parent, f"converting {known.spec}"):  # a second process waits, then loads
         if _usable(converted, MODEL_FILES, known.spec):
@@ -333,7 +333,7 @@ def _convert_model(known: _Resolved, converted: Path, dtype: torch.dtype) -> Pre
     except WeightsError as err:
         raise _conversion_failed(converted, known.spec, err) from err
     # Dequantize at float32 so the cached checkpoint is exact, whatever dtype was asked for.
-    _note(f"dequantizing {gguf.name} once (about a minute for the 1.5B model), then caching it as float32 "
+    _note(f"dequantizing {gguf.name} once (about a minute per model on an idle 2-core machine), then caching it as float32 "
           f"safetensors in {converted.parent} so that later loads take seconds")  # fmt: skip
     try:
         model = _load_gguf_model(str(gguf.parent), gguf.name, torch.float32)
