@@ -41,6 +41,7 @@ ROWS = {  # label: (kind, options)
     "chain-4": ("kept", dict(method="linear", tree="chain-4")),
     "generate() tree [4,2,2,1]": ("generate", dict(method="tree", tree=[4, 2, 2, 1])),
     "head tree [4,2,2,1]": ("head", dict(method="tree", tree=[4, 2, 2, 1])),
+    "head tree [4,2,2,1,1]": ("head", dict(method="tree", tree=[4, 2, 2, 1, 1])),  # 60 nodes
     "head chain-5": ("head", dict(method="linear", tree="chain-5")),
     "HF static": ("hf", dict(cache_implementation="static")),
     "HF assisted": ("hf", dict(assistant=True)),
@@ -60,8 +61,11 @@ def load_pair(args) -> tuple:
 
     g = Path(args.model).expanduser()
     kw = dict(dtype=torch.bfloat16, device="cuda", cache_converted=False)
-    return (load_model(str(g / "qwen2.5-coder-1.5b-instruct.gguf"), **kw).eval(),
-            load_model(str(g / "qwen2.5-coder-0.5b-instruct.gguf"), **kw).eval())  # fmt: skip
+
+    def one(name: str):  # a converted checkpoint folder <name>/ when there is one, else <name>.gguf
+        return load_model(str(g / name if (g / name / "config.json").is_file() else g / f"{name}.gguf"), **kw).eval()
+
+    return one("qwen2.5-coder-1.5b-instruct"), one("qwen2.5-coder-0.5b-instruct")
 
 
 def synthetic_prompts(n: int, length: int, seed: int) -> list[dict]:
@@ -129,14 +133,20 @@ class Runner:
                     host_split=dict(draft=s.time_draft, verify=s.time_verify, other=s.time_other))  # fmt: skip
 
 
-def forward_costs(target, draft) -> dict:
+@torch.no_grad()  # backend forwards write the caches in place: never on tensors autograd tracks
+def forward_costs(target, draft, head=None) -> dict:
     """Milliseconds (CUDA events, graph replays) of one forward at 512 cached tokens through a
-    kept Speculator's backend: the target over 1 token, the draft over 1, 4, 8 and 16."""
+    kept Speculator's backend (max_context 2048, as the rows): the target over 1 token, the draft
+    (and the head) over 1 and 16 (a head level reads whatever features its buffer holds: the
+    cost is the same)."""
     out = {}
-    for name, model, sizes in (("target", target, (1, 16)), ("draft", draft, (1, 4, 8, 16))):
-        spec = treespec.Speculator(model, None, method="autoregressive", max_context=1024)
+    models = [("target", target, (1,)), ("draft", draft, (1, 16))]  # each size is one more compile
+    if head is not None:
+        models.append(("head", head, (1, 16)))
+    for name, model, sizes in models:
+        spec = treespec.Speculator(target if name == "head" else model, None, method="autoregressive", max_context=2048)
         backend = spec.backend
-        cache = backend.make_cache(model, spec.plan.capacities(1024)[0], "target")
+        cache = backend.make_cache(model, spec.plan.capacities(2048)[0], "target")
         for start in (0, 256):  # 512 committed tokens, in two fixed-size prefill chunks
             ids = torch.randint(100, 20000, (1, 256), device="cuda")
             pos = torch.arange(start, start + 256, device="cuda")[None]
@@ -228,15 +238,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hf-per-set", type=int, default=5, help="prompts per set for the transformers rows")
     ap.add_argument("--max-context", type=int, default=2048)
     ap.add_argument("--head", default=None, help="a draft head file for the 'head ...' rows (treespec-train-head)")
-    ap.add_argument("--deadline", type=float, default=480.0, help="seconds; the run stops between prompts")
+    ap.add_argument("--deadline", type=float, default=300.0,
+                    help="seconds of timed prompts after the rows' first calls; the run stops between prompts")
     ap.add_argument("--extras", default="costs,ttft,context", help="costs, ttft, context, newprocess")
     ap.add_argument("--warmup-only", action="store_true")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     target, draft = load_pair(args)
-    if args.warmup_only:
-        spec = treespec.Speculator(target, draft, tree=[4, 2, 2, 1], max_context=args.max_context)
-        print("WARMUP", round(spec.warm_up(), 1), flush=True)
+    if args.warmup_only:  # fills inductor's on-disk cache: a later process compiles these rows' shapes faster
+        for label in (args.rows or "tree [4,2,2,1]").split(";"):
+            kind, options = ROWS[label]
+            if kind != "kept":
+                continue
+            uses_draft = options.get("method") != "autoregressive"
+            spec = treespec.Speculator(target, draft if uses_draft else None, max_context=args.max_context, **options)
+            print("WARMUP", round(spec.warm_up(), 1), label, flush=True)
+            spec.close()
         return
     print(f"loaded in {time.perf_counter() - t_start:.0f} s", flush=True)
     if args.random:
@@ -277,9 +294,10 @@ def main(argv: list[str] | None = None) -> None:
             runners.pop(label, None)
         print(f"first call {label:28s} {res['first_call_s'][label]}", flush=True)
         save()
+    t_timed = time.perf_counter()  # the deadline counts from here: first calls (warm-ups) can take minutes
     for i in range(args.per_set):
         for dname, plist in prompts.items():
-            if i >= len(plist) or time.perf_counter() - t_start > args.deadline:
+            if i >= len(plist) or time.perf_counter() - t_timed > args.deadline:
                 continue
             for label, run in runners.items():
                 if run.kind == "hf" and i >= args.hf_per_set:
@@ -290,9 +308,21 @@ def main(argv: list[str] | None = None) -> None:
                              if len(recs) == i + 1)  # fmt: skip
             print(f"{dname} {plist[i]['id']}: {line}  ({time.perf_counter() - t_start:.0f} s)", flush=True)
             save()
-    extras = args.extras.split(",")
+    extras = [e for e in args.extras.split(",") if e]
+    try:
+        run_extras(extras, res, save, runners, target, draft, head, eos, args)
+    except Exception as e:  # noqa: BLE001 - the rows are saved; say what failed
+        res["extras"]["failed"] = repr(e)[:400]
+        save()
+    for k, v in summarize(res["rows"], "AR").items():
+        print(f"{k:45s} {v}", flush=True)
+    print(json.dumps(res["extras"], indent=1), flush=True)
+
+
+def run_extras(extras, res, save, runners, target, draft, head, eos, args) -> None:
+    """The measurements beside the rows (--extras)."""
     if "costs" in extras:
-        res["extras"]["forward_ms_at_512"] = forward_costs(target, draft)
+        res["extras"]["forward_ms_at_512"] = forward_costs(target, draft, head)
         save()
     if "ttft" in extras:  # a 500-token prompt, target and draft prefilled, first token out
         spec = runners.get("tree [4,2,2,1]") or Runner("t", "kept", ROWS["tree [4,2,2,1]"][1], target, draft,
@@ -316,9 +346,6 @@ def main(argv: list[str] | None = None) -> None:
     if "newprocess" in extras:
         res["extras"]["warmup_s_two_fresh_processes"] = warmup_in_new_process(args)
         save()
-    for k, v in summarize(res["rows"], "AR").items():
-        print(f"{k:45s} {v}", flush=True)
-    print(json.dumps(res["extras"], indent=1), flush=True)
 
 
 if __name__ == "__main__":

@@ -243,3 +243,31 @@ def test_options_a_head_does_not_support_are_refused(pair):
         treespec.generate(target, head, ids, max_new_tokens=4, tree=[2, 2], overlap=True)
     with pytest.raises(ValueError, match="lookup=True is not supported with a draft head"):
         treespec.generate(target, head, ids, max_new_tokens=4, tree=[2, 2], lookup=True)
+
+
+def test_a_head_loop_compiles_nothing_after_the_first_call(pair):
+    """As with a draft model (tests/engine/test_speculator.py): 10 generate calls with random
+    prompt lengths (short ones, and ones cut into padded chunks) and output lengths. The head
+    prefills in the target's fixed chunk sizes, so every dynamo graph is made in the first call;
+    every output is the target's own greedy output."""
+    import random
+
+    from treespec.engine import speculator as kept_module
+
+    target, head = pair
+    torch._dynamo.reset()
+    treespec.release()
+    backend = GraphedBackend(StaticSdpaBackend(), compile=True, compile_backend="aot_eager")
+    rng = random.Random(1)
+    graphs = []
+    for i in range(10):
+        t = [3, 150, 11, 40, 7, 90, 14, 2, 33, 120][i]
+        prompt = torch.randint(2, 64, (1, t), generator=torch.Generator().manual_seed(i))
+        new = rng.randint(1, 20)
+        out = treespec.generate(target, head, prompt, max_new_tokens=new, tree=[2, 1], attention=backend, eos_token_id=[])
+        assert torch.equal(out.sequences, greedy_reference(target, prompt, new))
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[1:] == [graphs[0]] * 9, graphs
+    assert len(kept_module.KEPT) == 1
+    treespec.release()
+    torch._dynamo.reset()

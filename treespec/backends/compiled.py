@@ -55,6 +55,21 @@ class CompileStats:
     log: list[str] = field(default_factory=list)
 
 
+def install_output_hooks(model: PreTrainedModel) -> None:
+    """Install transformers' output-capturing hooks (what `output_hidden_states` reads) now, in
+    eager code: transformers installs them on the first forward that asks for hidden states,
+    under a threading lock dynamo cannot trace, so a compiled forward asked for its hidden
+    states (a draft head's features) would fail to compile on a model never run that way.
+    Versions without these hooks have nothing to install."""
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            maybe_install_capturing_hooks(module)
+
+
 class CompiledForwards:
     """One torch.compile'd module per model; call `forward(inner, model, ...)` in place of
     `inner.forward(model, ...)`.
@@ -79,6 +94,7 @@ class CompiledForwards:
     def compiled(self, model: PreTrainedModel) -> torch.nn.Module:
         held = self._modules.get(id(model))
         if held is None or held[0] is not model:
+            install_output_hooks(model)
             module = torch.compile(model, backend=self.backend, mode=self.mode, fullgraph=True, dynamic=False)
             held = (model, module)
             self._modules[id(model)] = held  # the model is held too, so its id() cannot be reused

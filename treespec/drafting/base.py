@@ -104,8 +104,9 @@ class FeatureDrafter(Protocol):
     """A drafter that reads the target's own features (a draft head, drafting/head.py): the
     engine asks the target's forwards for their hidden states and hands them over."""
 
-    def prefill(self, prompt: torch.Tensor, features: torch.Tensor, chunk: int) -> int:
-        """Run the prompt (1, T-1) with the target's features (T-1, Hm); returns forwards run."""
+    def prefill(self, tokens: torch.Tensor, features: torch.Tensor, chunks: list[tuple[int, int, int]]) -> int:
+        """Run the prompt's tokens but the last (the first T-1 of tokens (L,)) with the target's
+        features (T-1, Hm), in the target's prefill chunks [(start, real, size)]; returns forwards run."""
 
     def accept_features(self, features: torch.Tensor) -> None:
         """The target's features along the accepted path, root first: (D+1, Hm)."""
@@ -121,7 +122,9 @@ def feed_pending(backend: Backend, model: PreTrainedModel, cache: TreeCache, pen
     m = pending.shape[1]
     size = max(2, 1 << (m - 1).bit_length())
     pad = size - m
-    ids = torch.cat([pending[:, :1].expand(1, pad), pending], dim=1) if pad else pending  # (1, P)
+    # pending[0][None]: strides (P, 1) even when pending is a view of a wider row (a compiled
+    # forward's guards include strides; is_contiguous ignores a size-1 dimension's)
+    ids = torch.cat([pending[:, :1].expand(1, pad), pending], dim=1) if pad else pending[0][None]  # (1, P)
     pos = torch.arange(root_pos - size + 1, root_pos + 1, device=pending.device).clamp(min=0)[None]  # (1, P)
     mask, keep = _pending_layout(size, pad, pending.device)  # (P, P), (P,)
     logits = backend.forward(model, cache, ids, pos, mask, last_only=True)  # (1, V)

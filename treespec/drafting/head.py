@@ -120,12 +120,12 @@ class HeadBackend:
 class HeadDrafter:
     """A tree policy's drafter driving a head (see the module docstring)."""
 
-
     def __init__(self, inner: Drafter, head_backend: HeadBackend, backend: Backend):
         self.inner, self.feed, self.backend = inner, head_backend, backend
         self.model, self.cache = inner.model, inner.cache
         self.max_nodes, self.max_depth = inner.max_nodes, inner.max_depth
         self._unkept: dict[int, object] = {}
+        self._masks: dict[tuple[str, int], torch.Tensor] = {}  # prefill masks and offsets per chunk size
 
     @property
     def forwards_per_step(self) -> int:
@@ -166,28 +166,45 @@ class HeadDrafter:
         (padded past the accepted ones): the next pending tokens read them in order."""
         self.feed.pending[: features.shape[0]].copy_(features)
 
-    def prefill(self, prompt: torch.Tensor, features: torch.Tensor, chunk: int) -> int:
-        """Run the prompt's tokens but the last (prompt: (1, T-1), the tokens the target
-        prefilled; features: (T-1, Hm), the target's features at them) through the head, each
-        token reading the feature before it (the first, a zero feature as in training); the
-        last feature waits for the root. Returns the forwards run."""
-        t = prompt.shape[1]
-        shifted = torch.cat([features.new_zeros(1, features.shape[1]), features[:-1]])  # (T-1, Hm)
-        forwards = 0
-        for start in range(0, t, chunk):
-            ids = prompt[:, start : start + chunk]  # (1, c)
-            c = ids.shape[1]
-            pos = torch.arange(start, start + c, device=ids.device)[None]  # (1, c)
-            causal = torch.ones(c, c, dtype=torch.bool, device=ids.device).tril()
-            self.feed.head.set_features(shifted[start : start + c])
-            self.backend.forward(self.model, self.cache, ids, pos, causal, last_only=True)
-            self.cache.commit_all()
-            forwards += 1
+    def prefill(self, tokens: torch.Tensor, features: torch.Tensor, chunks: list[tuple[int, int, int]]) -> int:
+        """Run the prompt's tokens but the last through the head, cut as the target's prefill cut
+        them (chunks: [(start, real tokens, size)], engine/loop.py `prefill_chunks`), each token
+        reading the feature before it (the first, a zero feature as in training); the last
+        feature waits for the root. tokens: (L,) the sequence buffer, the prompt first (a padded
+        chunk reads what follows it; its padding comes last, is seen by no real token and is
+        dropped at the commit); features: (T-1, Hm) the target's at the prompt's tokens but the
+        last. Fixed chunk sizes keep a compiled, captured head to the shapes it already has.
+        Returns the forwards run."""
+        t, h = features.shape
+        shifted = torch.cat([features.new_zeros(1, h), features[:-1]])  # (T-1, Hm)
+        for start, real, size in chunks:
+            ids = tokens[start : start + size][None]  # (1, c), contiguous whatever L is
+            feats = shifted[start : start + real]  # (real, Hm)
+            if real < size:
+                feats = torch.cat([feats, feats.new_zeros(size - real, h)])  # (c, Hm)
+            pos = torch.arange(start, start + size, device=ids.device)[None]  # (1, c)
+            self.feed.head.set_features(feats)
+            self.backend.forward(self.model, self.cache, ids, pos, self._causal(size, ids.device), last_only=True)
+            self.cache.commit(self._offsets(size, ids.device), real)
         if t > 0:
             self.feed.pending[0].copy_(features[-1])
         else:
             self.feed.pending.zero_()
-        return forwards
+        return len(chunks)
+
+    def _causal(self, c: int, device: torch.device) -> torch.Tensor:
+        """(c, c) lower-triangular, one tensor per size (a captured graph reads one address)."""
+        key = ("causal", c)
+        if key not in self._masks:
+            self._masks[key] = torch.ones(c, c, dtype=torch.bool, device=device).tril()
+        return self._masks[key]
+
+    def _offsets(self, c: int, device: torch.device) -> torch.Tensor:
+        """(c,) 0..c-1: the chunk's scratch offsets, the first `real` kept."""
+        key = ("offsets", c)
+        if key not in self._masks:
+            self._masks[key] = torch.arange(c, device=device)
+        return self._masks[key]
 
 
 def make_head_drafter(policy, head: DraftHead, backend: Backend, cache: TreeCache, proposer: ChildProposer,

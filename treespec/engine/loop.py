@@ -161,7 +161,8 @@ class SpeculativeEngine:
             if self.drafter is not None and not self._features:
                 caches.append((self.drafter.model, self.drafter.cache))
             features = []  # the target's features per chunk, for a draft head
-            for start, real, size in prefill_chunks(t - 1, self.fixed_shapes):
+            chunks = prefill_chunks(t - 1, self.fixed_shapes)
+            for start, real, size in chunks:
                 chunk = self.out[start : start + size][None]  # (1, c): padded with whatever follows
                 pos = torch.arange(start, start + size, device=device)[None]  # (1, c)
                 causal = self._causal(size)  # padding comes last: no real token sees it
@@ -176,7 +177,7 @@ class SpeculativeEngine:
                     self.stats.prefill_forwards += 1
             if self._features:  # the head runs the prompt reading the target's features
                 hidden = torch.cat(features) if features else self._empty_features()
-                self.stats.prefill_forwards += self.drafter.prefill(input_ids[:, : t - 1], hidden, EAGER_PREFILL_CHUNK)
+                self.stats.prefill_forwards += self.drafter.prefill(self.out, hidden, chunks)
 
     @property
     def _hidden_kwargs(self) -> dict:
