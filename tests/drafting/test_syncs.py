@@ -197,3 +197,19 @@ def _from_data_in_treespec():
     """torch.tensor(data) as treespec's own code would call it (the check only counts those)."""
     code = compile("torch.tensor([1, 2])", str(Path(TREESPEC) / "fake.py"), "eval")
     return eval(code, {"torch": torch})
+
+
+@pytest.mark.parametrize("sampling", list(SAMPLING))
+@pytest.mark.parametrize("tree", [[2, 2, 1], "chain-3", "dynamic"], ids=str)
+def test_a_step_with_a_draft_head_syncs_with_the_host_once(pair, tree, sampling):
+    """A draft head (drafting/head.py) in the draft's place: its feature bookkeeping (parent
+    features per level, the accepted path's features, its prefill) adds no host sync."""
+    from treespec.heads.model import DraftHead
+
+    target = pair[0]
+    head = DraftHead.for_target(target, name="tiny", seed=3)
+    method = "linear" if tree == "chain-3" else "tree"
+    steps = second_step((target, head), dict(method=method, tree=tree), SAMPLING[sampling])
+    with count_syncs() as syncs:
+        next(steps)
+    assert syncs.calls == [] and syncs.allowed == 1

@@ -271,3 +271,44 @@ def test_a_head_loop_compiles_nothing_after_the_first_call(pair):
     assert len(kept_module.KEPT) == 1
     treespec.release()
     torch._dynamo.reset()
+
+
+def test_each_kind_of_text_gets_an_equal_share_of_the_held_out_blocks():
+    from treespec.heads.features import held_out_shares
+
+    assert held_out_shares(32, {"files": 11000, "answers": 213}) == {"files": 16, "answers": 16}
+    assert held_out_shares(32, {"files": 11000, "answers": 5}) == {"files": 28, "answers": 4}  # keeps one to train on
+    assert held_out_shares(8, {"self_samples": 96}) == {"self_samples": 8}
+
+
+def test_the_held_out_check_is_reported_per_kind_of_text(tmp_path, monkeypatch):
+    """Text files and the target's own samples are held out in equal shares and measured apart, so
+    that a head that does well on one and poorly on the other shows it."""
+    from treespec.heads import pipeline
+    from treespec.heads.features import make_blocks
+
+    class Chars:  # a tokenizer of characters, for the text files
+        eos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [1 + ord(c) % 7 for c in text]}
+
+    (tmp_path / "a.py").write_text("def f(x):\n    return x + 1\n" * 40)
+    config = DataConfig(stdlib=False, packages=False, bench=False, text_dir=str(tmp_path), self_samples=24,
+                        max_tokens=600, seq_len=32, eval_blocks=8)  # fmt: skip
+    target = tiny_cycle_model(0).requires_grad_(False)
+    blocks = make_blocks(config, Chars(), target, progress=False)
+    assert sorted(blocks.held_out_kinds) == ["files"] * 4 + ["self_samples"] * 4
+    assert blocks.train.shape[0] + blocks.held_out.shape[0] == blocks.tokens // 32
+
+    monkeypatch.setenv("TREESPEC_CACHE", str(tmp_path))
+    monkeypatch.setattr(pipeline, "make_blocks", lambda *a, **k: blocks)
+    run = pipeline.HeadTrainConfig(target="tiny-cycle", device="cpu", dtype="float32", save_dtype="float32",
+                                   max_minutes=1, progress=False, feature_batch=64,
+                                   data=DataConfig(stdlib=False, bench=False, self_samples=24, seq_len=32),
+                                   train=TrainConfig(steps=20, batch_size=8, lr=3e-3))  # fmt: skip
+    lines = []
+    summary = pipeline.run(run, log=lines.append)
+    by_kind = summary.training["held_out_by_kind"]
+    assert sorted(by_kind) == ["files", "self_samples"] and all(len(v) == 2 for v in by_kind.values())
+    assert any(line.strip().startswith("files: depth 1") for line in lines)

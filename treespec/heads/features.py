@@ -71,11 +71,16 @@ class DataConfig:
 
 @dataclass
 class TokenBlocks:
-    """Token blocks and where they came from. train: LongTensor (B_t, Lb); held_out: (B_e, Lb)."""
+    """Token blocks and where they came from. train: LongTensor (B_t, Lb); held_out: (B_e, Lb).
+    held_out_kinds: per held-out block, the kind of text it is ('files': the stdlib, packages,
+    bench and text_dir sources; 'answers'; 'self_samples'), so that the held-out check can say
+    how the head does on each (a head trained mostly on code can agree well on code and poorly
+    on chat)."""
 
     train: torch.Tensor
     held_out: torch.Tensor
     sources: dict[str, int]  # source -> tokens used
+    held_out_kinds: list[str] = field(default_factory=list)
 
     @property
     def tokens(self) -> int:
@@ -262,33 +267,52 @@ def target_answers(target: PreTrainedModel, tokenizer, requests: list[str], max_
 def make_blocks(config: DataConfig, tokenizer, target: PreTrainedModel, progress: bool = True) -> TokenBlocks:
     """The training and held-out token blocks (see the module docstring)."""
     gen = torch.Generator().manual_seed(config.seed)
-    chunks: list[torch.Tensor] = []
+    chunks: dict[str, torch.Tensor] = {}  # kind of text -> its blocks (n_k, Lb)
     counts: dict[str, int] = {}
     if tokenizer is not None:
         sources = text_sources(config)
         if sources:
             stream, counts = tokenize_sources(tokenizer, sources, config, progress)
             n = stream.numel() // config.seq_len
-            chunks.append(stream[: n * config.seq_len].view(n, config.seq_len))
+            chunks["files"] = stream[: n * config.seq_len].view(n, config.seq_len)
         if config.answers:
             answered = target_answers(target, tokenizer, stdlib_requests(config.answers, config.seed),
                                       config.answer_tokens, config.answer_batch, progress)
             stream = torch.cat(answered) if answered else torch.zeros(0, dtype=torch.long)
             n = stream.numel() // config.seq_len
-            chunks.append(stream[: n * config.seq_len].view(n, config.seq_len))
+            chunks["answers"] = stream[: n * config.seq_len].view(n, config.seq_len)
             counts["answers"] = n * config.seq_len
     if config.self_samples:
-        chunks.append(sample_from_target(target, config.self_samples, config.seq_len, gen, progress))
+        chunks["self_samples"] = sample_from_target(target, config.self_samples, config.seq_len, gen, progress)
         counts["self_samples"] = config.self_samples * config.seq_len
-    if not chunks or sum(c.shape[0] for c in chunks) <= config.eval_blocks:
+    chunks = {k: c for k, c in chunks.items() if c.shape[0]}
+    if not chunks or sum(c.shape[0] for c in chunks.values()) <= config.eval_blocks:
         raise ValueError(
             f"not enough training data: {counts or 'no source'} gives fewer than eval_blocks + 1 = {config.eval_blocks + 1} "
             f"blocks of {config.seq_len} tokens. Turn on a source (data.stdlib, data.packages, data.text_dir; "
             "data.self_samples for a target without a tokenizer) or lower data.seq_len / data.eval_blocks"
         )
-    blocks = torch.cat(chunks)
-    blocks = blocks[torch.randperm(blocks.shape[0], generator=gen)]
-    return TokenBlocks(train=blocks[config.eval_blocks :], held_out=blocks[: config.eval_blocks], sources=counts)
+    held = held_out_shares(config.eval_blocks, {k: c.shape[0] for k, c in chunks.items()})
+    train, held_out, kinds = [], [], []
+    for kind, c in chunks.items():
+        c = c[torch.randperm(c.shape[0], generator=gen)]
+        held_out.append(c[: held[kind]])
+        kinds += [kind] * held[kind]
+        train.append(c[held[kind] :])
+    train = torch.cat(train)
+    train = train[torch.randperm(train.shape[0], generator=gen)]
+    return TokenBlocks(train=train, held_out=torch.cat(held_out), sources=counts, held_out_kinds=kinds)
+
+
+def held_out_shares(eval_blocks: int, available: dict[str, int]) -> dict[str, int]:
+    """Held-out blocks per kind of text: an equal share of eval_blocks each (a small kind, such as
+    the target's answers, is measured as well as a large one), never a kind's last block (it must
+    train too), the rest from the kinds that have more."""
+    shares = {k: min(eval_blocks // len(available), n - 1) for k, n in available.items()}
+    for k in sorted(available, key=available.get, reverse=True):  # the largest kinds take what is left
+        extra = min(eval_blocks - sum(shares.values()), available[k] - 1 - shares[k])
+        shares[k] += max(extra, 0)
+    return shares
 
 
 @torch.no_grad()

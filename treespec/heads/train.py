@@ -70,14 +70,20 @@ class TrainResult:
     seconds: float
     final_loss: float
     held_out: list[PassMetrics] = field(default_factory=list)
+    held_out_by_kind: dict[str, list[PassMetrics]] = field(default_factory=dict)  # the same, per kind of text
     stopped_by: str = "steps"  # 'steps' or 'time'
 
     def as_dict(self) -> dict:
         return {
             "steps": self.steps, "seconds": round(self.seconds, 1), "final_loss": round(self.final_loss, 4),
             "stopped_by": self.stopped_by,
-            "held_out": [{"agreement": round(m.agreement, 4), "acceptance": round(m.acceptance, 4)} for m in self.held_out],
+            "held_out": _rounded(self.held_out),
+            "held_out_by_kind": {k: _rounded(v) for k, v in self.held_out_by_kind.items()},
         }
+
+
+def _rounded(metrics: list[PassMetrics]) -> list[dict]:
+    return [{"agreement": round(m.agreement, 4), "acceptance": round(m.acceptance, 4)} for m in metrics]
 
 
 def shifted(features: torch.Tensor) -> torch.Tensor:
