@@ -14,6 +14,8 @@ prompt, and the cost of a large max_context for a short prompt.
     python benchmarks/gpu/user_api.py --prompts prompts.json --model ~/.cache/treespec/gguf --out outputs/user_api [--per-set 20]
     python benchmarks/gpu/user_api.py --random --out outputs/user_api     # random weights of the same shapes
     ... --head qwen2.5-coder-1.5b-instruct                        # adds the draft-head rows
+    GPU_BENCH_DEVICE=cpu python benchmarks/gpu/user_api.py --random --head random --per-set 2 --new-tokens 6
+                                # the script's logic on the CPU: tiny random models, an untrained head
 
 prompts.json: {"humaneval": [{"id", "ids"}], "mtbench": [...]}, token ids through the
 Qwen2.5-Coder chat template (benchmarks/gpu/gpu_prompts.py writes it where a tokenizer is at
@@ -31,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from gpu_common import DEVICE, device_ms, kernel_count, random_qwen, sync
 
 import treespec
 
@@ -48,19 +51,15 @@ ROWS = {  # label: (kind, options)
 }
 
 
-def sync() -> None:
-    torch.cuda.synchronize()
-
-
 def load_pair(args) -> tuple:
-    if args.random:  # gpu_common beside this script: the Qwen2.5 shapes with random weights
-        from gpu_common import random_qwen
-
-        return random_qwen("1.5b", 0, vocab_size=151936), random_qwen("0.5b", 1, vocab_size=151936)
+    if args.random:  # gpu_common beside this script: the Qwen2.5 shapes with random weights (tiny ones on the CPU)
+        if DEVICE == "cuda":
+            return random_qwen("1.5b", 0, vocab_size=151936), random_qwen("0.5b", 1, vocab_size=151936)
+        return random_qwen("tiny", 0, torch.float32, vocab_size=512), random_qwen("tiny", 1, torch.float32, vocab_size=512)
     from treespec.loading.models import load_model
 
     g = Path(args.model).expanduser()
-    kw = dict(dtype=torch.bfloat16, device="cuda", cache_converted=False)
+    kw = dict(dtype=torch.bfloat16, device=DEVICE, cache_converted=False)
 
     def one(name: str):  # a converted checkpoint folder <name>/ when there is one, else <name>.gguf
         return load_model(str(g / name if (g / name / "config.json").is_file() else g / f"{name}.gguf"), **kw).eval()
@@ -68,9 +67,12 @@ def load_pair(args) -> tuple:
     return one("qwen2.5-coder-1.5b-instruct"), one("qwen2.5-coder-0.5b-instruct")
 
 
-def synthetic_prompts(n: int, length: int, seed: int) -> list[dict]:
+def synthetic_prompts(n: int, length: int, seed: int, vocab: int = 20000) -> list[dict]:
+    """n prompts of random ids below min(vocab, 20000) (above the special ids)."""
     gen = torch.Generator().manual_seed(seed)
-    return [{"id": f"synthetic-{i}", "ids": torch.randint(100, 20000, (length,), generator=gen).tolist()} for i in range(n)]
+    high = min(vocab, 20000)
+    return [{"id": f"synthetic-{i}", "ids": torch.randint(high // 200, high, (length,), generator=gen).tolist()}
+            for i in range(n)]  # fmt: skip
 
 
 class FirstToken:
@@ -104,7 +106,7 @@ class Runner:
                                                   **self.options)
 
     def __call__(self, ids: list[int], new_tokens: int) -> dict:
-        prompt = torch.tensor([ids], device="cuda")
+        prompt = torch.tensor([ids], device=DEVICE)
         sync()
         t0 = time.perf_counter()
         if self.kind == "hf":
@@ -148,16 +150,16 @@ def forward_costs(target, draft, head=None) -> dict:
         backend = spec.backend
         cache = backend.make_cache(model, spec.plan.capacities(2048)[0], "target")
         for start in (0, 256):  # 512 committed tokens, in two fixed-size prefill chunks
-            ids = torch.randint(100, 20000, (1, 256), device="cuda")
-            pos = torch.arange(start, start + 256, device="cuda")[None]
-            backend.forward(model, cache, ids, pos, torch.ones(256, 256, dtype=torch.bool, device="cuda").tril(),
+            ids = torch.randint(1, 500, (1, 256), device=DEVICE)
+            pos = torch.arange(start, start + 256, device=DEVICE)[None]
+            backend.forward(model, cache, ids, pos, torch.ones(256, 256, dtype=torch.bool, device=DEVICE).tril(),
                             last_only=True)  # fmt: skip
             cache.commit_all()
-        drop = torch.zeros(64, dtype=torch.long, device="cuda")
+        drop = torch.zeros(64, dtype=torch.long, device=DEVICE)
         for n in sizes:
-            ids = torch.randint(100, 20000, (1, n), device="cuda")
-            pos = torch.arange(512, 512 + n, device="cuda")[None]
-            mask = torch.ones(n, n, dtype=torch.bool, device="cuda").tril()
+            ids = torch.randint(1, 500, (1, n), device=DEVICE)
+            pos = torch.arange(512, 512 + n, device=DEVICE)[None]
+            mask = torch.ones(n, n, dtype=torch.bool, device=DEVICE).tril()
 
             def once():
                 backend.forward(model, cache, ids, pos, mask)
@@ -165,26 +167,9 @@ def forward_costs(target, draft, head=None) -> dict:
 
             for _ in range(3):  # compile, capture, replay
                 once()
-            sync()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(50):
-                once()
-            end.record()
-            sync()
-            out[f"{name} n={n}"] = dict(ms=round(start.elapsed_time(end) / 50, 3), kernels=kernel_count(once))
+            out[f"{name} n={n}"] = dict(ms=round(device_ms(once, 50), 3), kernels=kernel_count(once))
         spec.close()
     return out
-
-
-def kernel_count(fn) -> int:
-    from torch.profiler import ProfilerActivity, profile
-
-    sync()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        sync()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
 def median(xs):
@@ -237,7 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", default=None, help="labels separated by ';' (default: all)")
     ap.add_argument("--hf-per-set", type=int, default=5, help="prompts per set for the transformers rows")
     ap.add_argument("--max-context", type=int, default=2048)
-    ap.add_argument("--head", default=None, help="a draft head file for the 'head ...' rows (treespec-train-head)")
+    ap.add_argument("--head", default=None,
+                    help="a draft head (name or file, treespec-train-head) for the 'head ...' rows; 'random': untrained")
     ap.add_argument("--deadline", type=float, default=300.0,
                     help="seconds of timed prompts after the rows' first calls; the run stops between prompts")
     ap.add_argument("--extras", default="costs,ttft,context", help="costs, ttft, context, newprocess")
@@ -257,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(f"loaded in {time.perf_counter() - t_start:.0f} s", flush=True)
     if args.random:
-        prompts = {"synthetic": synthetic_prompts(args.per_set, 200, 0)}
+        prompts = {"synthetic": synthetic_prompts(args.per_set, 200, 0, target.config.vocab_size)}
         eos = []
     else:
         data = json.loads(Path(args.prompts).read_text())
@@ -266,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         prompts = {k: data[k][: args.per_set] for k in ("humaneval", "mtbench")}
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+    res = dict(device=torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                new_tokens=args.new_tokens, first_call_s={}, rows={}, extras={})  # fmt: skip
 
     def save():
@@ -275,7 +261,11 @@ def main(argv: list[str] | None = None) -> None:
         (out_dir / "user_api.json").write_text(json.dumps(slim, indent=1))
 
     head = None
-    if args.head:
+    if args.head == "random":  # an untrained head: the rows' logic without a trained file
+        from treespec.heads.model import DraftHead
+
+        head = DraftHead.for_target(target, name="random").to(DEVICE).requires_grad_(False)
+    elif args.head:
         from treespec.heads import load_head
 
         head = load_head(target, args.head)
@@ -327,12 +317,12 @@ def run_extras(extras, res, save, runners, target, draft, head, eos, args) -> No
     if "ttft" in extras:  # a 500-token prompt, target and draft prefilled, first token out
         spec = runners.get("tree [4,2,2,1]") or Runner("t", "kept", ROWS["tree [4,2,2,1]"][1], target, draft,
                                                        args.max_context, eos)  # fmt: skip
-        ids = synthetic_prompts(1, 500, 1)[0]["ids"]
+        ids = synthetic_prompts(1, 500, 1, target.config.vocab_size)[0]["ids"]
         ttfts = [spec(ids, 1)["ttft"] for _ in range(6)][1:]
         res["extras"]["ttft_500_ms"] = dict(median=round(1000 * statistics.median(ttfts), 2), all=[round(1000 * t, 2) for t in ttfts])
         save()
     if "context" in extras:  # a 100-token prompt with a small and a large max_context, interleaved
-        ids = synthetic_prompts(1, 100, 2)[0]["ids"]
+        ids = synthetic_prompts(1, 100, 2, target.config.vocab_size)[0]["ids"]
         small = Runner("s", "kept", ROWS["AR"][1], target, None, 1024, [])
         large = Runner("l", "kept", ROWS["AR"][1], target, None, 8192, [])
         rates = {"1024": [], "8192": []}
