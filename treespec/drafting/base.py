@@ -14,6 +14,7 @@ q is the draft's distribution. Dimension letters: docs/dimensions.md.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -104,9 +105,11 @@ class FeatureDrafter(Protocol):
     """A drafter that reads the target's own features (a draft head, drafting/head.py): the
     engine asks the target's forwards for their hidden states and hands them over."""
 
-    def prefill(self, tokens: torch.Tensor, features: torch.Tensor, chunks: list[tuple[int, int, int]]) -> int:
+    def prefill(self, tokens: torch.Tensor, features: torch.Tensor, chunks: list[tuple[int, int, int]],
+                layout: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> int:
         """Run the prompt's tokens but the last (the first T-1 of tokens (L,)) with the target's
-        features (T-1, Hm), in the target's prefill chunks [(start, real, size)]; returns forwards run."""
+        features (T-1, Hm), in the target's prefill chunks [(start, real, size)] with the engine's
+        layout(size) -> (causal mask (c, c), commit offsets (c,)); returns forwards run."""
 
     def accept_features(self, features: torch.Tensor) -> None:
         """The target's features along the accepted path, root first: (D+1, Hm)."""

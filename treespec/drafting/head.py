@@ -26,6 +26,7 @@ Dimension letters: docs/dimensions.md (n new tokens, s scratch, Hm hidden size, 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
@@ -125,7 +126,6 @@ class HeadDrafter:
         self.model, self.cache = inner.model, inner.cache
         self.max_nodes, self.max_depth = inner.max_nodes, inner.max_depth
         self._unkept: dict[int, object] = {}
-        self._masks: dict[tuple[str, int], torch.Tensor] = {}  # prefill masks and offsets per chunk size
 
     @property
     def forwards_per_step(self) -> int:
@@ -166,15 +166,17 @@ class HeadDrafter:
         (padded past the accepted ones): the next pending tokens read them in order."""
         self.feed.pending[: features.shape[0]].copy_(features)
 
-    def prefill(self, tokens: torch.Tensor, features: torch.Tensor, chunks: list[tuple[int, int, int]]) -> int:
+    def prefill(self, tokens: torch.Tensor, features: torch.Tensor, chunks: list[tuple[int, int, int]],
+                layout: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> int:
         """Run the prompt's tokens but the last through the head, cut as the target's prefill cut
         them (chunks: [(start, real tokens, size)], engine/loop.py `prefill_chunks`), each token
         reading the feature before it (the first, a zero feature as in training); the last
         feature waits for the root. tokens: (L,) the sequence buffer, the prompt first (a padded
         chunk reads what follows it; its padding comes last, is seen by no real token and is
         dropped at the commit); features: (T-1, Hm) the target's at the prompt's tokens but the
-        last. Fixed chunk sizes keep a compiled, captured head to the shapes it already has.
-        Returns the forwards run."""
+        last; layout(c): the engine's (c, c) causal mask and (c,) commit offsets for a chunk size,
+        the same tensors the target's prefill used. Fixed chunk sizes keep a compiled, captured
+        head to the shapes it already has. Returns the forwards run."""
         t, h = features.shape
         shifted = torch.cat([features.new_zeros(1, h), features[:-1]])  # (T-1, Hm)
         for start, real, size in chunks:
@@ -184,27 +186,14 @@ class HeadDrafter:
                 feats = torch.cat([feats, feats.new_zeros(size - real, h)])  # (c, Hm)
             pos = torch.arange(start, start + size, device=ids.device)[None]  # (1, c)
             self.feed.head.set_features(feats)
-            self.backend.forward(self.model, self.cache, ids, pos, self._causal(size, ids.device), last_only=True)
-            self.cache.commit(self._offsets(size, ids.device), real)
+            causal, keep = layout(size)  # (c, c), (c,)
+            self.backend.forward(self.model, self.cache, ids, pos, causal, last_only=True)
+            self.cache.commit(keep, real)
         if t > 0:
             self.feed.pending[0].copy_(features[-1])
         else:
             self.feed.pending.zero_()
         return len(chunks)
-
-    def _causal(self, c: int, device: torch.device) -> torch.Tensor:
-        """(c, c) lower-triangular, one tensor per size (a captured graph reads one address)."""
-        key = ("causal", c)
-        if key not in self._masks:
-            self._masks[key] = torch.ones(c, c, dtype=torch.bool, device=device).tril()
-        return self._masks[key]
-
-    def _offsets(self, c: int, device: torch.device) -> torch.Tensor:
-        """(c,) 0..c-1: the chunk's scratch offsets, the first `real` kept."""
-        key = ("offsets", c)
-        if key not in self._masks:
-            self._masks[key] = torch.arange(c, device=device)
-        return self._masks[key]
 
 
 def make_head_drafter(policy, head: DraftHead, backend: Backend, cache: TreeCache, proposer: ChildProposer,

@@ -177,7 +177,7 @@ class SpeculativeEngine:
                     self.stats.prefill_forwards += 1
             if self._features:  # the head runs the prompt reading the target's features
                 hidden = torch.cat(features) if features else self._empty_features()
-                self.stats.prefill_forwards += self.drafter.prefill(self.out, hidden, chunks)
+                self.stats.prefill_forwards += self.drafter.prefill(self.out, hidden, chunks, self._chunk_layout)
 
     @property
     def _hidden_kwargs(self) -> dict:
@@ -187,6 +187,10 @@ class SpeculativeEngine:
         """(0, Hm): a one-token prompt has no prefill, so no features."""
         config = self.target.config.get_text_config()
         return torch.zeros(0, config.hidden_size, dtype=self.target.dtype, device=self.out.device)
+
+    def _chunk_layout(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A prefill chunk's (c, c) causal mask and (c,) commit offsets (for a draft head's prefill)."""
+        return self._causal(c), self._offsets(c)
 
     def _causal(self, c: int) -> torch.Tensor:
         """BoolTensor (c, c) lower-triangular, one per size (the same tensor each call, so that a
