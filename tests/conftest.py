@@ -1,7 +1,16 @@
+import os
+
 import pytest
 import torch
 
 from treespec.testing import tiny_model
+
+
+def pytest_configure(config):
+    # two pytest workers (README: -n 2) on a 2-core machine: one intra-op thread each, not two
+    # each fighting for the same cores
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -253,6 +253,34 @@ def test_generate_loop_compiles_and_captures_nothing_after_the_first_call():
     treespec.release()
 
 
+@pytest.mark.parametrize("drafter", ["draft model", "draft head"])
+@pytest.mark.parametrize("tree", [[4, 2, 2, 1], "chain-4"])
+def test_static_tree_levels_replay_as_one_graph_per_step(drafter, tree):
+    """A kept Speculator, greedy, static tree: below the root, the draft levels and the proposals
+    between them are one captured run (`run_captured`), replayed once per step from the second
+    call on, and the output stays the target's own greedy output (fp32), with a draft model and
+    with a draft head (it reads its parents' features inside the same graph)."""
+    from treespec.heads.model import DraftHead
+
+    target = random_model("qwen2.5-1.5b", torch.float32, seed=1)
+    draft = random_model("qwen2.5-0.5b", torch.float32, seed=2)
+    if drafter == "draft head":
+        draft = DraftHead.for_target(target, name="random", intermediate_size=256).requires_grad_(False)
+    method = "linear" if tree == "chain-4" else "tree"
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    with treespec.Speculator(target, draft, method=method, tree=tree, max_context=1024) as spec:
+        spec.warm_up(progress=None)  # compiles, then captures, every shape (the levels' run too)
+        for i in range(3):
+            prompt = torch.randint(2, VOCAB, (1, 20 + 37 * i), device="cuda", generator=gen)
+            stats = spec.backend.stats
+            before = (stats.run_replays, stats.captures)
+            out = spec.generate(prompt, max_new_tokens=40, eos_token_id=[])
+            ref = target.generate(prompt, do_sample=False, max_new_tokens=40, eos_token_id=None, pad_token_id=0)
+            assert torch.equal(out.sequences, ref), f"generation {i}"
+            steps = len(out.stats.accepted_lengths)
+            assert (stats.run_replays - before[0], stats.captures - before[1]) == (steps, 0), f"generation {i}"
+
+
 def test_chunked_graphed_prefill_equals_an_eager_prefill():
     """Prefill through fixed-size padded chunks, compiled and captured, leaves the same cache as
     the eager backend's unpadded prefill: the next forward's logits agree (fp32)."""

@@ -36,6 +36,7 @@ import torch
 from gpu_common import DEVICE, device_ms, kernel_count, random_qwen, sync
 
 import treespec
+from treespec.backends.cuda_graphs import GraphedBackend
 
 ROWS = {  # label: (kind, options)
     "AR": ("kept", dict(method="autoregressive")),
@@ -46,6 +47,10 @@ ROWS = {  # label: (kind, options)
     "head tree [4,2,2,1]": ("head", dict(method="tree", tree=[4, 2, 2, 1])),
     "head tree [4,2,2,1,1]": ("head", dict(method="tree", tree=[4, 2, 2, 1, 1])),  # 60 nodes
     "head chain-5": ("head", dict(method="linear", tree="chain-5")),
+    # the same tree with each draft level its own graph (GraphedBackend.capture_runs off): what
+    # capturing a step's draft levels as one graph saves
+    "head tree [4,2,2,1,1] per level": ("head", dict(method="tree", tree=[4, 2, 2, 1, 1], per_level=True)),
+    "tree [4,2,2,1] per level": ("kept", dict(method="tree", tree=[4, 2, 2, 1], per_level=True)),
     "HF static": ("hf", dict(cache_implementation="static")),
     "HF assisted": ("hf", dict(assistant=True)),
 }
@@ -101,9 +106,12 @@ class Runner:
         self.target, self.draft, self.eos = target, draft, eos
         self.uses_draft = options.get("method") != "autoregressive" and not (kind == "hf" and "assistant" not in options)
         self.speculator = None
+        per_level = self.options.pop("per_level", False)
         if kind == "kept":
             self.speculator = treespec.Speculator(target, draft if self.uses_draft else None, max_context=max_context,
                                                   **self.options)
+            if per_level and isinstance(self.speculator.backend, GraphedBackend):  # on a GPU; the CPU has no graphs
+                self.speculator.backend.capture_runs = False
 
     def __call__(self, ids: list[int], new_tokens: int) -> dict:
         prompt = torch.tensor([ids], device=DEVICE)
@@ -237,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
             if kind != "kept":
                 continue
             uses_draft = options.get("method") != "autoregressive"
+            options = {k: v for k, v in options.items() if k != "per_level"}
             spec = treespec.Speculator(target, draft if uses_draft else None, max_context=args.max_context, **options)
             print("WARMUP", round(spec.warm_up(), 1), label, flush=True)
             spec.close()

@@ -153,3 +153,24 @@ def test_fixed_size_padded_prefill_leaves_the_cache_an_eager_prefill_leaves():
             results.append(backend.forward(model, cache, prompt[:, 300:], torch.tensor([[300]]),
                                            torch.ones(1, 1, dtype=torch.bool)))  # fmt: skip
     torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tree,lookup,keeps", [([2, 1], False, True), ("adaptive", False, True), ([2, 1], True, True),
+                                               ("dynamic", False, False)])
+def test_a_kept_speculator_keeps_its_drafter_across_calls(pair, tree, lookup, keeps):
+    """On a GPU a static tree's draft levels are one captured graph that reads and writes the
+    drafter's buffers, so a kept Speculator keeps that drafter (also under lookup, and one per
+    depth of an adaptive tree), restarted each call with the call's proposer; greedy output stays
+    the target's after a sampled call. A dynamic tree's drafter is made per call."""
+    target, draft = pair
+    temperatures = [0.0, 0.0, 0.0] if lookup else [0.0, 0.9, 0.0]
+    drafters = []
+    with treespec.Speculator(target, draft, tree=tree, lookup=lookup, attention=compiled_backend()) as spec:
+        for i, temperature in enumerate(temperatures):
+            prompt = torch.randint(2, 64, (1, 10 + 7 * i), generator=torch.Generator().manual_seed(i))
+            sampling = dict(temperature=temperature, generator=torch.Generator().manual_seed(i)) if temperature else {}
+            out = spec.generate(prompt, max_new_tokens=12, eos_token_id=[], **sampling)
+            if not temperature:
+                assert torch.equal(out.sequences, reference(target, prompt, 12)), f"call {i}"
+            drafters.append(spec._drafter)
+    assert (drafters[0] is drafters[1] is drafters[2]) == keeps

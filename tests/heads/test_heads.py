@@ -172,13 +172,41 @@ def test_tokenized_sources_are_counted_and_capped():
     assert counts["b"] == 3 + 4 and counts["a"] > 15  # b runs out, a takes the rest
 
 
-def test_requests_written_from_the_standard_library():
-    from treespec.heads.features import stdlib_requests
+def test_requests_written_from_the_standard_library_and_chat_templates():
+    import sysconfig
+    from pathlib import Path
 
-    requests = stdlib_requests(6, seed=0)
+    from treespec.heads.features import python_files
+    from treespec.heads.requests import chat_requests, code_requests, prose_requests
+
+    files = python_files(Path(sysconfig.get_paths()["stdlib"]))
+    requests = code_requests(6, 0, files)
     assert len(requests) == 6 and len(set(requests)) == 6
     assert all(r.startswith("Write a Python function") for r in requests[0::2])
     assert all(r.startswith("Explain what this Python function does") and "```python" in r for r in requests[1::2])
+    prose = prose_requests(40, seed=0)
+    assert len(set(prose)) >= 35 and not any("```" in r or "Python" in r for r in prose)
+    assert [r.startswith("Write ") for r in prose[:4]] == [True, False, False, False]  # writing, role, concept, problem
+    mixed = chat_requests(9, 1, files)
+    assert len(mixed) == 9 and sum(r in prose_requests(4, 1) for r in mixed) == 4  # half and half, interleaved
+    assert mixed[1] == prose_requests(4, 1)[0]
+
+
+def test_answer_blocks_count_answer_repeat_times_in_training(monkeypatch):
+    from treespec.heads import features
+
+    monkeypatch.setattr(features, "text_sources", lambda config: {})
+    monkeypatch.setattr(features, "target_answers", lambda *a, **k: [torch.arange(10 * 8)])
+    monkeypatch.setattr(features, "chat_requests", lambda count, seed, files: ["a request"] * count)
+    blocks = {}
+    for repeat in (1, 3):
+        config = DataConfig(stdlib=False, bench=False, answers=2, answer_repeat=repeat, seq_len=8, eval_blocks=2,
+                            self_samples=0)
+        blocks[repeat] = features.make_blocks(config, tokenizer=object(), target=None, progress=False)
+    assert blocks[1].train.shape[0] == 8 and blocks[3].train.shape[0] == 24
+    assert sorted(map(tuple, blocks[3].train.tolist())) == sorted(sorted(map(tuple, blocks[1].train.tolist())) * 3)
+    with pytest.raises(ValueError, match="answer_repeat"):
+        DataConfig(answer_repeat=0)
 
 
 def test_the_measured_prompt_sets_cannot_be_training_data(monkeypatch):

@@ -23,6 +23,7 @@ S_max cache capacity, M kept-index length, V vocabulary).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -116,6 +117,13 @@ class Backend(Protocol):
         Returns FloatTensor (n, V), or (1, V) with last_only; with hidden, a `ForwardOutput`
         that also holds the last hidden states (n, Hm) of the same forward (no second pass).
         """
+
+    def run_captured(self, cache: TreeCache, key: object, fn: Callable[[], None]) -> None:
+        """Run fn: several forwards of this backend against `cache` and the tensor work between
+        them, with fixed shapes, every input read from and every output written to tensors that
+        outlive the call (a static tree's draft levels, drafting/static.py). A graphed backend
+        captures it as one CUDA graph the second time `key` comes and replays it after; the
+        others just call fn."""
 
 
 def compact_scratch(buffer: torch.Tensor, dim: int, committed: int | torch.Tensor, keep: torch.Tensor) -> None:

@@ -21,6 +21,14 @@ one launch instead of hundreds.
   is replayed again (the engine consumes them at once). A forward asked for its hidden states
   (`hidden=True`, what a draft head reads) is its own shape, captured with both outputs.
 
+A run of several forwards with the tensor work between them (a static tree's draft levels:
+propose children, run the level, propose again) is captured as one graph by `run_captured`,
+on the same first-call-warms, second-call-captures protocol: one launch for the whole run
+instead of a launch per forward plus the host's Python and small kernels between them, which on
+a GPU cost more than a small draft forward itself (docs/gpu.md). Its forwards run the compiled
+model directly inside that capture; the host halves of their cache writes (`reserve`) are
+recorded and redone at each replay.
+
 Prompt chunks of the fixed PREFILL_CHUNKS sizes are captured like every other shape; other
 prompt-sized forwards and forwards with more than `max_graph_tokens` new tokens run eagerly
 through the wrapped backend; forwards on the CPU run without graphs.
@@ -42,7 +50,8 @@ Dimension letters: docs/dimensions.md.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel
@@ -57,6 +66,9 @@ CAPACITY_ROUNDING = 256  # static caches are allocated in steps of this many slo
 # any other last_only forward (a caller's own prompt) runs eagerly, since capturing or compiling it
 # would cost a capture (and a compilation) per length
 MAX_PENDING = 16
+# captured runs kept at once (run_captured): a kept Speculator's drafter needs one (an adaptive
+# tree one per depth); each holds its graph and its caller's buffers
+MAX_RUNS = 16
 
 
 @dataclass
@@ -83,10 +95,21 @@ class CapturedForward:
 
 
 @dataclass
+class CapturedRun:
+    """A captured `run_captured` function: the graph, and the host counters its forwards moved
+    (redone at each replay, since a replay runs no Python)."""
+
+    fn: Callable[[], None]  # held: its tensors (the graph's raw pointers) live as long as the graph
+    graph: torch.cuda.CUDAGraph | None = None  # None after the warm-up call, before the capture
+    reserves: list[tuple[StaticTreeKVCache, int]] = field(default_factory=list)  # (cache, n) per forward
+
+
+@dataclass
 class GraphStats:
-    captures: int = 0
+    captures: int = 0  # per-forward graphs and captured runs
     capture_seconds: float = 0.0
-    replays: int = 0
+    replays: int = 0  # per-forward graphs and captured runs
+    run_replays: int = 0  # of which captured runs (run_captured)
     eager_calls: int = 0
 
 
@@ -106,6 +129,8 @@ class GraphedBackend:
     compile_backend: torch.compile backend ('inductor'; CPU tests use 'aot_eager').
     graphs: False runs every forward without capturing (compiled or eager, over the static
         caches): what make_backend(graphs=False, compile=True) gives.
+    capture_runs: False captures each forward of a `run_captured` function as its own graph
+        instead of the whole function as one (what the one graph saves, measured).
     """
 
     def __init__(
@@ -119,9 +144,11 @@ class GraphedBackend:
         compile_mode: str | None = None,
         compile_backend: str = "inductor",
         graphs: bool = True,
+        capture_runs: bool = True,
     ):
         self.inner = inner
         self.graphs = graphs
+        self.capture_runs = capture_runs
         self.compile = compile
         self.compiler = CompiledForwards(compile_mode, compile_backend) if compile is not False else None
         self.max_graph_tokens = max_graph_tokens
@@ -132,6 +159,8 @@ class GraphedBackend:
         self._static: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # warmed-up inputs
         self._caches: dict[tuple[int, str], tuple[PreTrainedModel, StaticTreeKVCache]] = {}
         self._capture_streams: dict[int, torch.cuda.Stream] = {}
+        self._runs: dict[tuple, CapturedRun] = {}  # run_captured's, by (id(cache), key)
+        self._recording: list[tuple[StaticTreeKVCache, int]] | None = None  # inside run_captured
 
     @property
     def name(self) -> str:
@@ -159,6 +188,7 @@ class GraphedBackend:
             self.compiler.reset()
         self._graphs.clear()
         self._static.clear()
+        self._runs.clear()
         self._caches.clear()
         self._capture_streams.clear()
 
@@ -173,6 +203,8 @@ class GraphedBackend:
             del self._graphs[key]
         for key in [k for k in self._static if k[0] == id(cache)]:
             del self._static[key]
+        for key in [k for k in self._runs if k[0] == id(cache)]:
+            del self._runs[key]
 
     def forward(
         self,
@@ -190,6 +222,9 @@ class GraphedBackend:
         Only static caches (the ones make_cache hands out) are captured; any other runs eagerly."""
         extra = {"hidden": True} if hidden else {}  # the default call stays the inner backend's plain one
         n, s = block_mask.shape
+        if self._recording is not None:  # inside run_captured: part of its one graph, no graph of its own
+            self._recording.append((cache, n))
+            return self._run(model, cache, input_ids, position_ids, block_mask, last_only, hidden)
         prompt_chunk = last_only and n > MAX_PENDING and n not in PREFILL_CHUNKS
         if not isinstance(cache, StaticTreeKVCache) or n > self.max_graph_tokens or prompt_chunk:
             self.stats.eager_calls += 1
@@ -220,6 +255,64 @@ class GraphedBackend:
         captured.graph.replay()
         self.stats.replays += 1
         return ForwardOutput(captured.logits, captured.hidden) if hidden else captured.logits
+
+    def run_captured(self, cache: TreeCache, key: object, fn: Callable[[], None]) -> None:
+        """See `Backend.run_captured`. fn's forwards must all write `cache`, a static cache this
+        backend made, on CUDA; otherwise (and with graphs off) fn just runs."""
+        if not (self.graphs and self.capture_runs and isinstance(cache, StaticTreeKVCache)
+                and cache.kv.device.type == "cuda"):
+            fn()
+            return
+        full_key = (id(cache), key)
+        run = self._runs.get(full_key)
+        if run is None:
+            if len(self._runs) >= MAX_RUNS:  # drop the oldest (a drafter made per call, not kept): its graph and buffers go
+                del self._runs[next(iter(self._runs))]
+            # first call: compiles each forward's shape, outside any capture. fn is held from
+            # here on, so its tensors outlive the graph and a key made of an id() stays unique
+            self._runs[full_key] = CapturedRun(fn)
+            self.stats.eager_calls += len(self._record(fn))
+            return
+        if run.graph is None:
+            run.graph, run.reserves = self._capture_run(cache, fn)
+        for c, n in run.reserves:  # before the replay: a full cache raises with nothing written
+            c.reserve(n)
+        run.graph.replay()
+        self.stats.replays += 1
+        self.stats.run_replays += 1
+
+    def _record(self, fn: Callable[[], None]) -> list[tuple[StaticTreeKVCache, int]]:
+        """Run fn with every forward going straight to the (compiled) model; returns (cache, n)
+        per forward."""
+        if self._recording is not None:
+            raise RuntimeError("run_captured calls do not nest")
+        self._recording = []
+        try:
+            fn()
+            return self._recording
+        finally:
+            self._recording = None
+
+    def _capture_run(self, cache: StaticTreeKVCache, fn: Callable[[], None]
+                     ) -> tuple[torch.cuda.CUDAGraph, list[tuple[StaticTreeKVCache, int]]]:
+        """Capture fn as one graph on `cache`'s capture stream (see `_capture`); returns the
+        graph and the (cache, n) of its forwards."""
+        t0 = time.perf_counter()
+        graph = torch.cuda.CUDAGraph()
+        host = cache.host_state()
+        torch.cuda.synchronize()
+        stream = self._capture_streams.get(id(cache))
+        if stream is None:
+            stream = self._capture_streams[id(cache)] = torch.cuda.Stream(cache.kv.device)
+        with torch.cuda.graph(graph, stream=stream):
+            reserves = self._record(fn)
+        if any(c is not cache for c, _ in reserves):
+            raise RuntimeError("a run_captured function may only run forwards against the cache it names")
+        cache.set_host_state(host)  # the capture ran fn's Python, no kernel: the replay does the work
+        torch.cuda.synchronize()
+        self.stats.captures += 1
+        self.stats.capture_seconds += time.perf_counter() - t0
+        return graph, reserves
 
     def _run(self, model, cache, input_ids, position_ids, block_mask, last_only, hidden=False):
         """One forward of the wrapped backend, through the compiled model when compiling."""

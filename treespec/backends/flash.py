@@ -308,6 +308,10 @@ class FlashBackend:
                     "load it with dtype=torch.bfloat16 or use attention='sdpa'"
                 )
 
+    def run_captured(self, cache: TreeCache, key: object, fn) -> None:
+        """See `Backend.run_captured`: nothing to capture here."""
+        fn()
+
     def forward(
         self,
         model: PreTrainedModel,

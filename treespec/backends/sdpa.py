@@ -58,6 +58,10 @@ class SdpaBackend:
             )
         check_layer_types(model)
 
+    def run_captured(self, cache: TreeCache, key: object, fn) -> None:
+        """See `Backend.run_captured`: nothing to capture here."""
+        fn()
+
     def forward(
         self,
         model: PreTrainedModel,

@@ -100,6 +100,15 @@ class AdaptiveDrafter:
                emitted: torch.Tensor) -> torch.Tensor:  # fmt: skip
         return self.drafters[self.depth].commit(tree, path, num_accepted, kept, emitted)
 
+    def restart(self, proposer: ChildProposer, stats: GenerationStats) -> bool:
+        """See `Drafter.restart`: each depth's drafter starts again; the window starts empty."""
+        for drafter in self.drafters.values():
+            drafter.restart(proposer, stats)
+        self.stats = stats
+        self.depth = self.config.min_depth + (self.config.max_depth - self.config.min_depth) // 2
+        self.window.clear()
+        return True
+
     def observe(self, num_accepted: int) -> None:
         self.window.append((self.depth, num_accepted))
         self.depth = choose_depth(self.window, self.config)

@@ -25,11 +25,14 @@ from treespec.acceptance.rejection import sample_children
 from treespec.acceptance.sampling import SamplingConfig, logits_to_probs
 from treespec.backends.base import Backend, TreeCache
 from treespec.errors import TreeConfigError  # noqa: F401  (re-exported)
+from treespec.stats import GenerationStats
 from treespec.tree.draft import DraftTree
 
 
 class GreedyProposer:
     """Temperature 0: the top-k tokens of q are a node's children, best first."""
+
+    replayable = True  # a function of q alone: a captured graph of it stays right on every replay
 
     def propose(self, q_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """q_logits: (F, V) -> (tokens LongTensor (F, k), valid BoolTensor (F, k))."""
@@ -45,6 +48,7 @@ class SampledProposer:
 
     config: SamplingConfig
     generator: torch.Generator
+    replayable = False  # a captured graph would replay one draw of the generator's state
 
     def propose(self, q_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """q_logits: (F, V) -> (tokens LongTensor (F, k), valid BoolTensor (F, k))."""
@@ -89,6 +93,12 @@ class Drafter(Protocol):
 
     def describe(self) -> str:
         """The tree, in words, for GenerationStats.tree."""
+
+    def restart(self, proposer: ChildProposer, stats: GenerationStats) -> bool:
+        """Ready this drafter for another generation on the same cache, proposing with
+        `proposer` and recording into `stats`; False when it cannot start again (the caller
+        makes a new one). A kept Speculator reuses its drafter, so that the buffers a captured
+        draft graph reads and writes stay the same (drafting/static.py)."""
 
 
 def commit_accepted(cache: TreeCache, tree: DraftTree, path: torch.Tensor, num_accepted: int, kept: int,

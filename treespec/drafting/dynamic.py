@@ -153,6 +153,11 @@ class DynamicDrafter:
         kept = "all proposals" if self.sampled else f"best {c.budget}"
         return f"dynamic: width {c.width}, {c.children} children, depth {c.depth}, verify {kept} ({self.nodes} nodes)"
 
+    def restart(self, proposer: ChildProposer, stats: GenerationStats) -> bool:
+        """See `Drafter.restart`: a dynamic tree is made per generation (its shapes change per
+        step, so nothing of it is captured as one graph)."""
+        return False
+
     def observe(self, num_accepted: int) -> None:
         pass
 

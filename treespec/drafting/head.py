@@ -105,6 +105,9 @@ class HeadBackend:
             self.scratch[s - n : s] = out.hidden
         return out if hidden else out.logits
 
+    def run_captured(self, cache: TreeCache, key: object, fn: Callable[[], None]) -> None:
+        self.inner.run_captured(cache, key, fn)
+
     def _parent_features(self, block_mask: torch.Tensor) -> torch.Tensor:
         """(n, Hm): each new token's parent's predicted feature. Its parent is the last earlier
         scratch entry it sees (its deepest ancestor), or the root when it sees none."""
@@ -142,6 +145,12 @@ class HeadDrafter:
 
     def observe(self, num_accepted: int) -> None:
         self.inner.observe(num_accepted)
+
+    def restart(self, proposer: ChildProposer, stats: GenerationStats) -> bool:
+        """See `Drafter.restart`: the policy's drafter's; the feature buffers stay (every
+        generation's prefill writes them before a step reads them)."""
+        self.feed.pending_count = 0
+        return self.inner.restart(proposer, stats)
 
     def draft(self, pending: torch.Tensor, root_pos: int) -> DraftTree:
         self.feed.pending_count = pending.shape[1]

@@ -37,8 +37,9 @@ import torch
 from transformers import PreTrainedModel
 
 from treespec.backends.kv_cache import TreeKVCache
-from treespec.drafting.base import Drafter
+from treespec.drafting.base import ChildProposer, Drafter
 from treespec.errors import TreeConfigError
+from treespec.stats import GenerationStats
 from treespec.tree.draft import DraftTree
 from treespec.tree.topology import TreeTensors
 
@@ -224,6 +225,11 @@ class LookupDrafter:
 
     def observe(self, num_accepted: int) -> None:
         self.inner.observe(num_accepted)
+
+    def restart(self, proposer: ChildProposer, stats: GenerationStats) -> bool:
+        """See `Drafter.restart`: the inner drafter's; the token buffer is attached again."""
+        self.context = None
+        return self.inner.restart(proposer, stats)
 
     def describe(self) -> str:
         c = self.config

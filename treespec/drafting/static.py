@@ -4,7 +4,13 @@ method='linear', an optimized preset, or the root alone for method='autoregressi
 `TreeDrafter` expands it with one batched draft forward per level: the nodes of each level
 1..D-1 together, each seeing the committed prefix plus its own ancestors. Leaves at depth D are
 never run through the draft: their children are not needed this step. Its buffers (tokens,
-valid flags, draft logits) are allocated at the first step and reused by every later one.
+valid flags, draft logits, the root's position) are allocated at the first step and reused by
+every later one, and by later generations of a kept Speculator (`restart`).
+
+Below the root everything has the tree's fixed shapes and reads only those buffers, so with
+greedy proposals the whole expansion (proposals and level forwards) goes to the backend as one
+`run_captured` function: on a GPU, one CUDA graph replay per step instead of a launch per level
+and the host work between levels.
 
 Dimension letters: docs/dimensions.md (N nodes incl. the root, D depth, F_d nodes of level d).
 """
@@ -68,12 +74,13 @@ class TreeDrafter:
         # block mask of level d: its nodes see their ancestors among nodes 1..end of level d
         anc = topo.ancestors.to(device)
         self._level_masks = [
-            anc[topo.level(d), 1 : topo.level_starts[d + 1]] for d in range(1, topo.max_depth)
+            anc[topo.level(d), 1 : topo.level_starts[d + 1]].contiguous() for d in range(1, topo.max_depth)
         ]  # each (F_d, end_d - 1)
         self.structure = topo.tensors(device)
         self.max_nodes, self.max_depth = topo.num_nodes, topo.max_depth
         n = topo.num_nodes
         self._tokens = torch.zeros(n, dtype=torch.long, device=device)  # (N,) every entry rewritten each step
+        self._root_pos = torch.zeros(1, dtype=torch.long, device=device)  # (1,) the root's position, on the device
         self._valid = torch.ones(n, dtype=torch.bool, device=device)  # (N,) the root's stays True
         self._q_logits: torch.Tensor | None = None  # (N, V) made at the first step (V, dtype from the logits); leaf rows stay 0
         self.plan: AheadPlan | None = None
@@ -107,10 +114,23 @@ class TreeDrafter:
                 self._q_logits = logits.new_zeros(topo.num_nodes, logits.shape[-1])
             self._q_logits[0] = logits[0]
             known = 0
-        q_logits = self._q_logits
-        # levels 1..known have their tokens, levels 0..known-1 their q (and draft KV entries)
+        self._root_pos.fill_(root_pos)
+        if known == 0 and self.proposer.replayable:  # fixed shapes, buffers only: one captured run
+            self.backend.run_captured(self.cache, ("tree levels", id(self)), self._expand_from_root)
+        else:
+            self._expand(known)
+        return DraftTree(structure=self.structure, tokens=tokens, valid=valid, q_logits=self._q_logits)
+
+    def _expand_from_root(self) -> None:
+        self._expand(0)
+
+    def _expand(self, known: int) -> None:
+        """Propose and run levels known+1..D below the root, in the buffers: tokens and valid
+        flags of every level, q logits of levels 0..D-1 (levels 1..known have their tokens and
+        levels 0..known-1 their q and draft KV entries already)."""
+        topo, tokens, valid, q_logits = self.topo, self._tokens, self._valid, self._q_logits
         if 0 < known < topo.max_depth:
-            q_logits[topo.level(known)] = self._run_level(known, root_pos)
+            q_logits[topo.level(known)] = self._run_level(known)
         for d in range(known, topo.max_depth):
             level, kids = topo.level(d), topo.level(d + 1)
             par, rank = self._children[d]  # (F_{d+1},) each
@@ -119,14 +139,20 @@ class TreeDrafter:
             valid[kids] = child_valid[par, rank] & valid[level][par]
             if d + 1 == topo.max_depth:
                 break
-            q_logits[kids] = self._run_level(d + 1, root_pos)
-        return DraftTree(structure=self.structure, tokens=tokens, valid=valid, q_logits=q_logits)
+            q_logits[kids] = self._run_level(d + 1)
 
-    def _run_level(self, d: int, root_pos: int) -> torch.Tensor:
+    def _run_level(self, d: int) -> torch.Tensor:
         """The draft forward of level d (>= 1): FloatTensor (F_d, V) q logits at its nodes."""
         ids = self._tokens[self.topo.level(d)][None]  # (1, F_d)
-        pos = (root_pos + d) + torch.zeros_like(ids)  # (1, F_d)
+        pos = (self._root_pos + d) + torch.zeros_like(ids)  # (1, F_d): from the device, as a replay reads it
         return self.backend.forward(self.model, self.cache, ids, pos, self._level_masks[d - 1])
+
+    def restart(self, proposer: ChildProposer, stats: GenerationStats) -> bool:
+        """See `Drafter.restart`: the buffers stay; what the last generation left is dropped."""
+        self.proposer = proposer
+        self._resume = None
+        self._ahead_tokens, self._ahead_valid, self._ahead_q = [], [], []
+        return True
 
     # ------------------------------------------------------------------ drafting ahead
     def draft_ahead(self, root_pos: int) -> AheadWork:

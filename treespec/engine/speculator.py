@@ -40,7 +40,7 @@ from treespec.backends.factory import make_backend
 from treespec.backends.fusable import can_fuse
 from treespec.backends.fused import fuse
 from treespec.drafting.ahead import AheadPlan, OverlapConfig
-from treespec.drafting.base import GreedyProposer, SampledProposer
+from treespec.drafting.base import Drafter, GreedyProposer, SampledProposer
 from treespec.drafting.head import check_head_use, is_head, make_head_drafter
 from treespec.drafting.lookup import LookupConfig, LookupDrafter
 from treespec.drafting.policy import TreePolicy, resolve_policy
@@ -212,6 +212,7 @@ class Speculator:
         self.plan: Plan | None = resolve_plan(target, draft, self.options)
         self.warm = False  # every forward shape compiled and captured (`warm_up`)
         self.warmup_seconds = 0.0
+        self._drafter: Drafter | None = None  # kept across calls while it can restart on the same cache
 
     # ---------------------------------------------------------------- lifetime
     def close(self) -> None:
@@ -225,6 +226,7 @@ class Speculator:
             if self.options.attention is not backend:  # a caller's backend object keeps its compiled forwards
                 backend.reset()
         self.plan = None
+        self._drafter = None
 
     def __enter__(self) -> "Speculator":
         return self
@@ -293,15 +295,8 @@ class Speculator:
         capacity, draft_capacity = plan.capacities(prompt_len + max_new_tokens)
         drafter = None
         if plan.spec.has_drafts:
-            cache = plan.backend.make_cache(plan.draft, draft_capacity, "draft")
-            if is_head(plan.draft):  # the policy's drafter over the head, with its feature bookkeeping
-                drafter = make_head_drafter(plan.spec, plan.draft, plan.backend, cache, proposer, stats)
-            else:
-                drafter = plan.spec.make_drafter(plan.draft, plan.backend, cache, proposer, stats)
-            if plan.ahead is not None:
-                drafter.enable_ahead(plan.ahead)
-            if plan.lookup is not None:
-                drafter = LookupDrafter(drafter, plan.lookup)
+            drafter = self._drafter_for(plan, plan.backend.make_cache(plan.draft, draft_capacity, "draft"), proposer,
+                                        stats)
         stats.tree = drafter.describe() if drafter is not None else "root only"
         engine = SpeculativeEngine(
             plan.target, plan.backend.make_cache(plan.target, capacity, "target"), drafter, plan.backend,
@@ -311,6 +306,24 @@ class Speculator:
         if isinstance(drafter, LookupDrafter):
             drafter.attach(engine.out)  # the n-gram match reads the engine's token buffer
         return engine
+
+    def _drafter_for(self, plan: Plan, cache, proposer, stats: GenerationStats) -> Drafter:
+        """The last call's drafter when it can restart on this cache (a graphed backend hands
+        out the same cache every call: the drafter's buffers, which a captured draft graph
+        reads and writes, stay too), else a new one."""
+        kept = self._drafter
+        if kept is not None and kept.cache is cache and kept.restart(proposer, stats):
+            return kept
+        if is_head(plan.draft):  # the policy's drafter over the head, with its feature bookkeeping
+            drafter = make_head_drafter(plan.spec, plan.draft, plan.backend, cache, proposer, stats)
+        else:
+            drafter = plan.spec.make_drafter(plan.draft, plan.backend, cache, proposer, stats)
+        if plan.ahead is not None:
+            drafter.enable_ahead(plan.ahead)
+        if plan.lookup is not None:
+            drafter = LookupDrafter(drafter, plan.lookup)
+        self._drafter = drafter
+        return drafter
 
     # ---------------------------------------------------------------- warm-up
     def warm_up(self, progress=STDERR) -> float:

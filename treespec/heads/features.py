@@ -11,9 +11,11 @@ Sources (all offline; `DataConfig` picks them):
 - `text_dir`: every .txt/.md/.py file under a directory;
 - `self_samples`: sequences sampled from the target itself at temperature 1 (the only source for
   a target without a tokenizer, such as the tiny test models);
-- `answers`: the target's own greedy answers, in its chat template, to requests written from the
-  standard library (`stdlib_requests`: "write a function that <docstring>" and "explain this
-  code"), the closest offline stand-in for the chat prompts it is benchmarked on.
+- `answers`: the target's own greedy answers, in its chat template, to requests written offline
+  (heads/requests.py: half from the standard library's functions, "write a function that
+  <docstring>" and "explain this code"; half general chat: writing, role play, concepts, word
+  problems), the closest offline stand-in for the chat prompts a chat model serves. They are few
+  next to the files, so each of their blocks counts `answer_repeat` times in training.
 
 Texts are tokenized, joined with the end-of-text token, and cut into blocks of `seq_len` tokens
 (B_s blocks); `target_features` runs the target over them once and keeps its features f (the
@@ -25,7 +27,6 @@ Dimension letters: docs/dimensions.md (Lb block length, Hm hidden size, V vocabu
 
 from __future__ import annotations
 
-import ast
 import os
 import random
 import sysconfig
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from treespec.backends.compat import cache_kwargs
+from treespec.heads.requests import chat_requests
 
 # the prompt sets the goals are measured on, and the sets made from them: never training data
 MEASURED_SETS = ("humaneval", "humaneval_edit", "mtbench", "mtbench_rewrite")
@@ -52,9 +54,10 @@ class DataConfig:
     exclude: list[str] = field(default_factory=lambda: list(MEASURED_SETS))
     text_dir: str | None = None
     self_samples: int = 0  # blocks sampled from the target itself
-    answers: int = 0  # stdlib requests the target answers (chat template, greedy)
+    answers: int = 0  # requests the target answers (heads/requests.py; chat template, greedy)
     answer_tokens: int = 256  # most new tokens per answer
     answer_batch: int = 64  # requests per generate call
+    answer_repeat: int = 1  # times each answer block appears among the training blocks
     max_tokens: int = 4_000_000  # tokens kept in all (train + held out)
     seq_len: int = 512  # Lb
     eval_blocks: int = 32  # held-out blocks for the final check
@@ -65,6 +68,8 @@ class DataConfig:
         if missing:
             raise ValueError(f"data.exclude must keep {missing}: the goals are measured on those prompts, which must "
                              "never be training data")
+        if self.answer_repeat < 1:
+            raise ValueError(f"data.answer_repeat must be >= 1, got {self.answer_repeat}")
         if self.seq_len < 2 or self.max_tokens < self.seq_len:
             raise ValueError(f"need data.seq_len >= 2 and data.max_tokens >= seq_len, got {self.seq_len}, {self.max_tokens}")
 
@@ -207,39 +212,6 @@ def sample_from_target(target: PreTrainedModel, blocks: int, length: int, genera
     return ids.cpu()
 
 
-def stdlib_requests(count: int, seed: int) -> list[str]:
-    """`count` user requests written from the standard library's documented functions: every
-    other one asks for a function from its signature and docstring, the rest to explain a
-    function's code in prose."""
-    rng = random.Random(seed)
-    files = python_files(Path(sysconfig.get_paths()["stdlib"]))
-    rng.shuffle(files)
-    out: list[str] = []
-    for path in files:
-        try:
-            source = path.read_text(encoding="utf-8", errors="ignore")
-            tree = ast.parse(source)
-        except (SyntaxError, ValueError, OSError):
-            continue
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
-                continue
-            doc = ast.get_docstring(node) or ""
-            if len(doc) < 40:
-                continue
-            if len(out) % 2 == 0:
-                args = ", ".join(a.arg for a in node.args.args)
-                out.append(f"Write a Python function `{node.name}({args})`: {doc.split(chr(10) * 2)[0]}")
-            else:
-                code = ast.get_source_segment(source, node) or ""
-                if not 80 < len(code) < 3000:
-                    continue
-                out.append(f"Explain what this Python function does, step by step:\n\n```python\n{code}\n```")
-            if len(out) >= count:
-                return out
-    return out
-
-
 @torch.no_grad()
 def target_answers(target: PreTrainedModel, tokenizer, requests: list[str], max_new_tokens: int, batch: int,
                    progress: bool = True) -> list[torch.Tensor]:
@@ -276,7 +248,7 @@ def make_blocks(config: DataConfig, tokenizer, target: PreTrainedModel, progress
             n = stream.numel() // config.seq_len
             chunks["files"] = stream[: n * config.seq_len].view(n, config.seq_len)
         if config.answers:
-            answered = target_answers(target, tokenizer, stdlib_requests(config.answers, config.seed),
+            answered = target_answers(target, tokenizer, chat_requests(config.answers, config.seed, python_files(Path(sysconfig.get_paths()["stdlib"]))),
                                       config.answer_tokens, config.answer_batch, progress)
             stream = torch.cat(answered) if answered else torch.zeros(0, dtype=torch.long)
             n = stream.numel() // config.seq_len
@@ -298,7 +270,7 @@ def make_blocks(config: DataConfig, tokenizer, target: PreTrainedModel, progress
         c = c[torch.randperm(c.shape[0], generator=gen)]
         held_out.append(c[: held[kind]])
         kinds += [kind] * held[kind]
-        train.append(c[held[kind] :])
+        train.append(c[held[kind] :].repeat(config.answer_repeat if kind == "answers" else 1, 1))
     train = torch.cat(train)
     train = train[torch.randperm(train.shape[0], generator=gen)]
     return TokenBlocks(train=train, held_out=torch.cat(held_out), sources=counts, held_out_kinds=kinds)
