@@ -295,8 +295,17 @@ class GraphedBackend:
 
     def _capture_run(self, cache: StaticTreeKVCache, fn: Callable[[], None]
                      ) -> tuple[torch.cuda.CUDAGraph, list[tuple[StaticTreeKVCache, int]]]:
-        """Capture fn as one graph on `cache`'s capture stream (see `_capture`); returns the
-        graph and the (cache, n) of its forwards."""
+        """Capture fn as one graph (see `_captured`); returns the graph and the (cache, n) of its forwards."""
+        graph, reserves = self._captured(cache, lambda: self._record(fn))
+        if any(c is not cache for c, _ in reserves):
+            raise RuntimeError("a run_captured function may only run forwards against the cache it names")
+        return graph, reserves
+
+    def _captured(self, cache: StaticTreeKVCache, body: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
+        """Capture body() as a graph on `cache`'s capture stream; returns the graph and body's result.
+        One capture stream per cache (per model and role): cuBLAS keeps a workspace per stream, and
+        graphs captured on one stream share it, so a draft graph replayed beside the target's
+        (drafting ahead, engine/streams.py) must not share the target's."""
         t0 = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         host = cache.host_state()
@@ -305,14 +314,14 @@ class GraphedBackend:
         if stream is None:
             stream = self._capture_streams[id(cache)] = torch.cuda.Stream(cache.kv.device)
         with torch.cuda.graph(graph, stream=stream):
-            reserves = self._record(fn)
-        if any(c is not cache for c, _ in reserves):
-            raise RuntimeError("a run_captured function may only run forwards against the cache it names")
-        cache.set_host_state(host)  # the capture ran fn's Python, no kernel: the replay does the work
+            out = body()
+        # capturing ran the Python once (host counters moved) but no kernel: undo the host side;
+        # the caller replays the graph for real next
+        cache.set_host_state(host)
         torch.cuda.synchronize()
         self.stats.captures += 1
         self.stats.capture_seconds += time.perf_counter() - t0
-        return graph, reserves
+        return graph, out
 
     def _run(self, model, cache, input_ids, position_ids, block_mask, last_only, hidden=False):
         """One forward of the wrapped backend, through the compiled model when compiling."""
@@ -324,24 +333,8 @@ class GraphedBackend:
     def _capture(self, model, cache: StaticTreeKVCache, static_ids, static_pos, static_mask, last_only,
                  hidden: bool = False) -> CapturedForward:
         """Capture the forward on the static input buffers the warm-up call ran on."""
-        t0 = time.perf_counter()
-        graph = torch.cuda.CUDAGraph()
-        host = cache.host_state()
-        torch.cuda.synchronize()
-        # one capture stream per cache (per model and role): cuBLAS keeps a workspace per
-        # stream, and graphs captured on one stream share it, so a draft graph replayed beside
-        # the target's (drafting ahead, engine/streams.py) must not share the target's
-        stream = self._capture_streams.get(id(cache))
-        if stream is None:
-            stream = self._capture_streams[id(cache)] = torch.cuda.Stream(static_ids.device)
-        with torch.cuda.graph(graph, stream=stream):
-            out = self._run(model, cache, static_ids, static_pos, static_mask, last_only, hidden)
-        # capturing ran the forward's Python once (host counters moved) but no kernel: undo
-        # the host side; the caller replays the graph for real next
-        cache.set_host_state(host)
-        torch.cuda.synchronize()
-        self.stats.captures += 1
-        self.stats.capture_seconds += time.perf_counter() - t0
+        graph, out = self._captured(cache, lambda: self._run(model, cache, static_ids, static_pos, static_mask,
+                                                             last_only, hidden))
         if hidden:  # both outputs are the graph's buffers, rewritten by every replay
             return CapturedForward(graph, static_ids, static_pos, static_mask, out.logits, out.hidden)
         return CapturedForward(graph, static_ids, static_pos, static_mask, out)
