@@ -69,7 +69,11 @@ def load_pair(args) -> tuple:
     def one(name: str):  # a converted checkpoint folder <name>/ when there is one, else <name>.gguf
         return load_model(str(g / name if (g / name / "config.json").is_file() else g / f"{name}.gguf"), **kw).eval()
 
-    return one("qwen2.5-coder-1.5b-instruct"), one("qwen2.5-coder-0.5b-instruct")
+    draft = "qwen2.5-coder-0.5b-instruct"
+    if not (g / draft / "config.json").is_file() and not (g / f"{draft}.gguf").is_file():
+        print(f"no {draft} under {g}: the rows that use the 0.5B draft fail, the others run", flush=True)
+        return one("qwen2.5-coder-1.5b-instruct"), None
+    return one("qwen2.5-coder-1.5b-instruct"), one(draft)
 
 
 def synthetic_prompts(n: int, length: int, seed: int, vocab: int = 20000) -> list[dict]:
