@@ -154,7 +154,7 @@ def forward_costs(target, draft, head=None) -> dict:
     (and the head) over 1 and 16 (a head level reads whatever features its buffer holds: the
     cost is the same)."""
     out = {}
-    models = [("target", target, (1,)), ("draft", draft, (1, 16))]  # each size is one more compile
+    models = [("target", target, (1,))] + ([("draft", draft, (1, 16))] if draft is not None else [])  # each size compiles
     if head is not None:
         models.append(("head", head, (1, 16)))
     for name, model, sizes in models:
