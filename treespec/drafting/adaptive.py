@@ -82,8 +82,13 @@ class AdaptiveDrafter:
         }
         self.max_nodes = max(t.max_nodes for t in self.drafters.values())
         self.max_depth = config.max_depth
-        self.depth = config.min_depth + (config.max_depth - config.min_depth) // 2
+        self.depth = self.first_depth
         self.window: deque[tuple[int, int]] = deque(maxlen=config.window)  # (tree depth, accepted)
+
+    @property
+    def first_depth(self) -> int:
+        """The depth a generation starts from: halfway between the bounds."""
+        return self.config.min_depth + (self.config.max_depth - self.config.min_depth) // 2
 
     @property
     def forwards_per_step(self) -> int:
@@ -105,7 +110,7 @@ class AdaptiveDrafter:
         for drafter in self.drafters.values():
             drafter.restart(proposer, stats)
         self.stats = stats
-        self.depth = self.config.min_depth + (self.config.max_depth - self.config.min_depth) // 2
+        self.depth = self.first_depth
         self.window.clear()
         return True
 
