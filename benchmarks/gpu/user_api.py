@@ -51,6 +51,11 @@ ROWS = {  # label: (kind, options)
     # capturing a step's draft levels as one graph saves
     "head tree [4,2,2,1,1] per level": ("head", dict(method="tree", tree=[4, 2, 2, 1, 1], per_level=True)),
     "tree [4,2,2,1] per level": ("kept", dict(method="tree", tree=[4, 2, 2, 1], per_level=True)),
+    # fused forwards (fuse=True: one q/k/v and one gate/up matmul per layer, backends/fused.py)
+    "AR fused": ("kept", dict(method="autoregressive", fuse=True)),
+    "tree [4,2,2,1] fused": ("kept", dict(method="tree", tree=[4, 2, 2, 1], fuse=True)),
+    "chain-4 fused": ("kept", dict(method="linear", tree="chain-4", fuse=True)),
+    "head tree [4,2,2,1,1] fused": ("head", dict(method="tree", tree=[4, 2, 2, 1, 1], fuse=True)),
     "HF static": ("hf", dict(cache_implementation="static")),
     "HF assisted": ("hf", dict(assistant=True)),
 }
@@ -152,13 +157,18 @@ def forward_costs(target, draft, head=None) -> dict:
     """Milliseconds (CUDA events, graph replays) of one forward at 512 cached tokens through a
     kept Speculator's backend (max_context 2048, as the rows): the target over 1 token, the draft
     (and the head) over 1 and 16 (a head level reads whatever features its buffer holds: the
-    cost is the same)."""
+    cost is the same); the target and draft also fused (fuse=True's forwards)."""
+    from treespec.backends.fused import fuse
+
     out = {}
-    models = [("target", target, (1,))] + ([("draft", draft, (1, 16))] if draft is not None else [])  # each size compiles
+    models = [("target", target, (1,)), ("target fused", fuse(target), (1,))]  # each size compiles
+    if draft is not None:
+        models += [("draft", draft, (1, 16)), ("draft fused", fuse(draft), (1, 16))]
     if head is not None:
         models.append(("head", head, (1, 16)))
     for name, model, sizes in models:
-        spec = treespec.Speculator(target if name == "head" else model, None, method="autoregressive", max_context=2048)
+        owner = {"head": target, "target fused": target, "draft fused": draft}.get(name, model)
+        spec = treespec.Speculator(owner, None, method="autoregressive", max_context=2048)
         backend = spec.backend
         cache = backend.make_cache(model, spec.plan.capacities(2048)[0], "target")
         for start in (0, 256):  # 512 committed tokens, in two fixed-size prefill chunks
@@ -189,11 +199,14 @@ def median(xs):
 
 
 def summarize(rows: dict, base: str) -> dict:
+    """Per set and row: tokens/s over the prompts the row ran (the transformers rows run fewer),
+    median time to first token, tau; against `base` on the same prompts: the speed ratio and
+    how many outputs equal base's."""
     out = {}
     for dname, by in rows.items():
-        n = min(len(v) for v in by.values())
         ref = by.get(base)
         for label, recs in by.items():
+            n = len(recs) if ref is None else min(len(recs), len(ref))
             recs = recs[:n]
             new, sec = sum(r["new"] for r in recs), sum(r["seconds"] for r in recs)
             fw = [r["forwards"] for r in recs if r["forwards"] is not None]
@@ -206,6 +219,12 @@ def summarize(rows: dict, base: str) -> dict:
                 d[f"same_as_{base}"] = f"{sum(a['tokens'] == b['tokens'] for a, b in zip(recs, ref))}/{n}"
             out[f"{dname} | {label}"] = d
     return out
+
+
+def per_prompt(rows: dict) -> dict:
+    """The rows' records without their tokens: what the summary is computed from."""
+    return {dname: {label: [{k: v for k, v in r.items() if k != "tokens"} for r in recs] for label, recs in by.items()}
+            for dname, by in rows.items()}  # fmt: skip
 
 
 def warmup_in_new_process(args) -> list[float]:
@@ -271,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     def save():
         slim = {k: v for k, v in res.items() if k != "rows"}
         slim["summary"] = summarize(res["rows"], "AR")
+        slim["per_prompt"] = per_prompt(res["rows"])
         (out_dir / "user_api.json").write_text(json.dumps(slim, indent=1))
 
     head = None
@@ -328,11 +348,13 @@ def run_extras(extras, res, save, runners, target, draft, head, eos, args) -> No
         res["extras"]["forward_ms_at_512"] = forward_costs(target, draft, head)
         save()
     if "ttft" in extras:  # a 500-token prompt, target and draft prefilled, first token out
-        spec = runners.get("tree [4,2,2,1]") or Runner("t", "kept", ROWS["tree [4,2,2,1]"][1], target, draft,
-                                                       args.max_context, eos)  # fmt: skip
         ids = synthetic_prompts(1, 500, 1, target.config.vocab_size)[0]["ids"]
-        ttfts = [spec(ids, 1)["ttft"] for _ in range(6)][1:]
-        res["extras"]["ttft_500_ms"] = dict(median=round(1000 * statistics.median(ttfts), 2), all=[round(1000 * t, 2) for t in ttfts])
+        labels = [k for k in ("tree [4,2,2,1]", "tree [4,2,2,1] fused", "AR", "AR fused") if k in runners]
+        for label in labels or ["tree [4,2,2,1]"]:
+            spec = runners.get(label) or Runner("t", "kept", ROWS[label][1], target, draft, args.max_context, eos)
+            ttfts = [spec(ids, 1)["ttft"] for _ in range(6)][1:]
+            res["extras"].setdefault("ttft_500_ms", {})[label] = dict(
+                median=round(1000 * statistics.median(ttfts), 2), all=[round(1000 * t, 2) for t in ttfts])
         save()
     if "context" in extras:  # a 100-token prompt with a small and a large max_context, interleaved
         ids = synthetic_prompts(1, 100, 2, target.config.vocab_size)[0]["ids"]

@@ -167,15 +167,20 @@ def test_user_api_runs_on_the_cpu_with_tiny_models(monkeypatch, tmp_path):
     user_api = load_script(REPO / "benchmarks" / "gpu" / "user_api.py", monkeypatch)
     for module in (user_api, sys.modules["gpu_common"]):
         monkeypatch.setattr(module, "DEVICE", "cpu")
-    rows = "AR;tree [4,2,2,1];chain-4;generate() tree [4,2,2,1];head tree [4,2,2,1,1];head chain-5;HF static;HF assisted"
-    user_api.main(["--random", "--per-set", "2", "--new-tokens", "6", "--hf-per-set", "2", "--out", str(tmp_path),
+    rows = ("AR;tree [4,2,2,1];chain-4;generate() tree [4,2,2,1];head tree [4,2,2,1,1];head chain-5;AR fused;"
+            "tree [4,2,2,1] fused;HF static;HF assisted")
+    user_api.main(["--random", "--per-set", "2", "--new-tokens", "6", "--hf-per-set", "1", "--out", str(tmp_path),
                    "--head", "random", "--rows", rows, "--extras", "costs,ttft,context"])  # fmt: skip
     res = json.loads((tmp_path / "user_api.json").read_text())
     assert all(isinstance(v, float) for v in res["first_call_s"].values()), res["first_call_s"]
     assert len(res["first_call_s"]) == len(rows.split(";"))
     assert "failed" not in res["extras"], res["extras"]
-    assert set(res["extras"]["forward_ms_at_512"]) == {"target n=1", "draft n=1", "draft n=16", "head n=1", "head n=16"}
+    forwards = {f"{m} n={n}" for m in ("draft", "draft fused", "head") for n in (1, 16)} | {"target n=1", "target fused n=1"}
+    assert set(res["extras"]["forward_ms_at_512"]) == forwards
     assert set(res["extras"]) >= {"ttft_500_ms", "max_context_tok_s"}
     summary = res["summary"]
     for label in rows.split(";"):
-        assert summary[f"synthetic | {label}"]["same_as_AR"] == "2/2", (label, summary)
+        prompts = 1 if label.startswith("HF") else 2  # the transformers rows run fewer prompts, the others all
+        assert summary[f"synthetic | {label}"]["prompts"] == prompts, (label, summary)
+        assert summary[f"synthetic | {label}"]["same_as_AR"] == f"{prompts}/{prompts}", (label, summary)
+        assert len(res["per_prompt"]["synthetic"][label]) == prompts
