@@ -161,13 +161,13 @@ def forward_costs(target, draft, head=None) -> dict:
     from treespec.backends.fused import fuse
 
     out = {}
-    models = [("target", target, (1,)), ("target fused", fuse(target), (1,))]  # each size compiles
+    # (name, the model whose Speculator makes the backend, the forward measured, sizes): each size compiles
+    models = [("target", target, target, (1,)), ("target fused", target, fuse(target), (1,))]
     if draft is not None:
-        models += [("draft", draft, (1, 16)), ("draft fused", fuse(draft), (1, 16))]
+        models += [("draft", draft, draft, (1, 16)), ("draft fused", draft, fuse(draft), (1, 16))]
     if head is not None:
-        models.append(("head", head, (1, 16)))
-    for name, model, sizes in models:
-        owner = {"head": target, "target fused": target, "draft fused": draft}.get(name, model)
+        models.append(("head", target, head, (1, 16)))
+    for name, owner, model, sizes in models:
         spec = treespec.Speculator(owner, None, method="autoregressive", max_context=2048)
         backend = spec.backend
         cache = backend.make_cache(model, spec.plan.capacities(2048)[0], "target")
