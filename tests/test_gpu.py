@@ -129,8 +129,10 @@ def test_graph_replay_equals_eager(backend_name, dtype, method, tree):
     assert isinstance(graphed, GraphedBackend)
     # eager on the same static caches, so that both runs have identical shapes (TreeKVCache's
     # shorter key length may round differently): max_graph_tokens=0 captures no forward and
-    # capture_runs=False no step's draft levels (run_captured), so nothing is captured at all
-    eager_backend = GraphedBackend(graphed.inner, max_graph_tokens=0, capture_runs=False)
+    # capture_runs=False no step's draft levels (run_captured), so nothing is captured at all;
+    # compile=False: the forwards run_captured records would otherwise run the compiled model,
+    # whose kernels round otherwise in bf16
+    eager_backend = GraphedBackend(graphed.inner, max_graph_tokens=0, capture_runs=False, compile=False)
     for i in range(3):  # later generations replay graphs captured by earlier ones
         prompt = torch.randint(2, VOCAB, (1, 40 + 17 * i), device="cuda", generator=gen)
         kwargs = dict(max_new_tokens=48, method=method, tree=tree, eos_token_id=[])

@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"first call {label:28s} {res['first_call_s'][label]}", flush=True)
         save()
     t_timed = time.perf_counter()  # the deadline counts from here: first calls (warm-ups) can take minutes
-    for i in range(args.per_set):
+    for i in range(args.per_set if runners else 0):  # --rows '' runs the extras alone
         for dname, plist in prompts.items():
             if i >= len(plist) or time.perf_counter() - t_timed > args.deadline:
                 continue
@@ -358,15 +358,18 @@ def run_extras(extras, res, save, runners, target, draft, head, eos, args) -> No
         save()
     if "context" in extras:  # a 100-token prompt with a small and a large max_context, interleaved
         ids = synthetic_prompts(1, 100, 2, target.config.vocab_size)[0]["ids"]
-        small = Runner("s", "kept", ROWS["AR"][1], target, None, 1024, [])
-        large = Runner("l", "kept", ROWS["AR"][1], target, None, 8192, [])
-        rates = {"1024": [], "8192": []}
+        ar = ROWS["AR"][1]
+        runs = {"1024": Runner("s", "kept", ar, target, None, 1024, []),  # 'auto': sdpa below FLASH_MIN_CONTEXT
+                "8192": Runner("l", "kept", ar, target, None, 8192, []),  # 'auto': flash when it imports
+                "8192 sdpa": Runner("l", "kept", dict(ar, attention="sdpa"), target, None, 8192, [])}
+        rates = {k: [] for k in runs}
         for r in range(4):
-            for key, run in (("1024", small), ("8192", large)):
+            for key, run in runs.items():
                 rec = run(ids, args.new_tokens)
                 if r:
                     rates[key].append(rec["new"] / rec["seconds"])
-        res["extras"]["max_context_tok_s"] = {k: round(statistics.median(v), 1) for k, v in rates.items()}
+        res["extras"]["max_context_tok_s"] = {f"{k} ({run.speculator.backend.name})": round(statistics.median(rates[k]), 1)
+                                              for k, run in runs.items()}  # fmt: skip
         save()
     if "newprocess" in extras:
         res["extras"]["warmup_s_two_fresh_processes"] = warmup_in_new_process(args)

@@ -178,6 +178,7 @@ def test_user_api_runs_on_the_cpu_with_tiny_models(monkeypatch, tmp_path):
     forwards = {f"{m} n={n}" for m in ("draft", "draft fused", "head") for n in (1, 16)} | {"target n=1", "target fused n=1"}
     assert set(res["extras"]["forward_ms_at_512"]) == forwards
     assert set(res["extras"]) >= {"ttft_500_ms", "max_context_tok_s"}
+    assert set(res["extras"]["max_context_tok_s"]) == {"1024 (sdpa)", "8192 (sdpa)", "8192 sdpa (sdpa)"}  # no flash on the CPU
     summary = res["summary"]
     for label in rows.split(";"):
         prompts = 1 if label.startswith("HF") else 2  # the transformers rows run fewer prompts, the others all
