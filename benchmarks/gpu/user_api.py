@@ -8,11 +8,13 @@ Every row runs through the API as README shows it:
               transformers compiles), or with `assistant_model=draft` (its speculative decoding)
 Each row reports its first call (warm-up included), time to first token and steady tokens/s over
 the prompts, and whether its tokens equal the autoregressive row's. Besides the rows: per-forward
-costs (1 target token, draft levels) at 512 cached tokens, the time to first token of a 500-token
-prompt, and the cost of a large max_context for a short prompt.
+costs (1 target token, draft levels) at 512 cached tokens, the fused forwards' two ways of
+attention, the time to first token of a 500-token prompt, and the cost of a large max_context for
+a short prompt.
 
     python benchmarks/gpu/user_api.py --prompts prompts.json --model ~/.cache/treespec/gguf --out outputs/user_api [--per-set 20]
     python benchmarks/gpu/user_api.py --random --out outputs/user_api     # random weights of the same shapes
+    python benchmarks/gpu/user_api.py --random --rows "" --extras attention --out outputs/user_api  # an extra alone
     ... --head qwen2.5-coder-1.5b-instruct                        # adds the draft-head rows
     GPU_BENCH_DEVICE=cpu python benchmarks/gpu/user_api.py --random --head random --per-set 2 --new-tokens 6
                                 # the script's logic on the CPU: tiny random models, an untrained head
@@ -153,44 +155,71 @@ class Runner:
 
 
 @torch.no_grad()  # backend forwards write the caches in place: never on tensors autograd tracks
+def forward_ms(owner, model, sizes) -> dict:
+    """{n: ms and kernels} of `model`'s forward over n new tokens at 512 cached tokens, through the
+    backend of a kept Speculator of `owner` (max_context 2048, as the rows): CUDA events over graph
+    replays. Each size compiles."""
+    spec = treespec.Speculator(owner, None, method="autoregressive", max_context=2048)
+    backend = spec.backend
+    cache = backend.make_cache(model, spec.plan.capacities(2048)[0], "target")
+    for start in (0, 256):  # 512 committed tokens, in two fixed-size prefill chunks
+        ids = torch.randint(1, 500, (1, 256), device=DEVICE)
+        pos = torch.arange(start, start + 256, device=DEVICE)[None]
+        backend.forward(model, cache, ids, pos, torch.ones(256, 256, dtype=torch.bool, device=DEVICE).tril(),
+                        last_only=True)  # fmt: skip
+        cache.commit_all()
+    drop = torch.zeros(max(sizes), dtype=torch.long, device=DEVICE)
+    out = {}
+    for n in sizes:
+        ids = torch.randint(1, 500, (1, n), device=DEVICE)
+        pos = torch.arange(512, 512 + n, device=DEVICE)[None]
+        mask = torch.ones(n, n, dtype=torch.bool, device=DEVICE).tril()
+
+        def once():
+            backend.forward(model, cache, ids, pos, mask)
+            cache.commit(drop[:n], 0)
+
+        for _ in range(3):  # compile, capture, replay
+            once()
+        out[n] = dict(ms=round(device_ms(once, 50), 3), kernels=kernel_count(once))
+    spec.close()
+    return out
+
+
 def forward_costs(target, draft, head=None) -> dict:
-    """Milliseconds (CUDA events, graph replays) of one forward at 512 cached tokens through a
-    kept Speculator's backend (max_context 2048, as the rows): the target over 1 token, the draft
-    (and the head) over 1 and 16 (a head level reads whatever features its buffer holds: the
-    cost is the same); the target and draft also fused (fuse=True's forwards)."""
+    """The target over 1 token, the draft (and the head) over 1 and 16 (a head level reads
+    whatever features its buffer holds: the cost is the same); the target and draft also fused
+    (fuse=True's forwards)."""
     from treespec.backends.fused import fuse
 
-    out = {}
-    # (name, the model whose Speculator makes the backend, the forward measured, sizes): each size compiles
+    # (name, the model whose Speculator makes the backend, the forward measured, sizes)
     models = [("target", target, target, (1,)), ("target fused", target, fuse(target), (1,))]
     if draft is not None:
         models += [("draft", draft, draft, (1, 16)), ("draft fused", draft, fuse(draft), (1, 16))]
     if head is not None:
         models.append(("head", target, head, (1, 16)))
-    for name, owner, model, sizes in models:
-        spec = treespec.Speculator(owner, None, method="autoregressive", max_context=2048)
-        backend = spec.backend
-        cache = backend.make_cache(model, spec.plan.capacities(2048)[0], "target")
-        for start in (0, 256):  # 512 committed tokens, in two fixed-size prefill chunks
-            ids = torch.randint(1, 500, (1, 256), device=DEVICE)
-            pos = torch.arange(start, start + 256, device=DEVICE)[None]
-            backend.forward(model, cache, ids, pos, torch.ones(256, 256, dtype=torch.bool, device=DEVICE).tril(),
-                            last_only=True)  # fmt: skip
-            cache.commit_all()
-        drop = torch.zeros(64, dtype=torch.long, device=DEVICE)
-        for n in sizes:
-            ids = torch.randint(1, 500, (1, n), device=DEVICE)
-            pos = torch.arange(512, 512 + n, device=DEVICE)[None]
-            mask = torch.ones(n, n, dtype=torch.bool, device=DEVICE).tril()
+    return {f"{name} n={n}": cost for name, owner, model, sizes in models
+            for n, cost in forward_ms(owner, model, sizes).items()}  # fmt: skip
 
-            def once():
-                backend.forward(model, cache, ids, pos, mask)
-                cache.commit(drop[:n], 0)
 
-            for _ in range(3):  # compile, capture, replay
-                once()
-            out[f"{name} n={n}"] = dict(ms=round(device_ms(once, 50), 3), kernels=kernel_count(once))
-        spec.close()
+def attention_costs(target, draft) -> dict:
+    """The fused forwards with their attention both ways (MATMUL_ATTENTION_ROWS in
+    treespec/backends/fused.py): sdpa, and matmul-softmax-matmul; the target over 1-256 tokens,
+    the draft over 1 and 8."""
+    from treespec.backends import fused
+
+    chosen, out = fused.MATMUL_ATTENTION_ROWS, {}
+    try:
+        for way, rows in (("sdpa", 0), ("matmul", 1 << 30)):
+            fused.MATMUL_ATTENTION_ROWS = rows
+            torch._dynamo.reset()  # the threshold is read when the forward is traced
+            for name, model, sizes in (("target", target, (1, 16, 64, 256)), ("draft", draft, (1, 8))):
+                if model is not None:
+                    for n, cost in forward_ms(model, fused.fuse(model), sizes).items():
+                        out[f"{name} fused, {way} n={n}"] = cost
+    finally:
+        fused.MATMUL_ATTENTION_ROWS = chosen
+        torch._dynamo.reset()
     return out
 
 
@@ -257,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="a draft head (name or file, treespec-train-head) for the 'head ...' rows; 'random': untrained")
     ap.add_argument("--deadline", type=float, default=300.0,
                     help="seconds of timed prompts after the rows' first calls; the run stops between prompts")
-    ap.add_argument("--extras", default="costs,ttft,context", help="costs, ttft, context, newprocess")
+    ap.add_argument("--extras", default="costs,ttft,context", help="costs, attention, ttft, context, newprocess")
     ap.add_argument("--warmup-only", action="store_true")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
@@ -373,6 +402,9 @@ def run_extras(extras, res, save, runners, target, draft, head, eos, args) -> No
         save()
     if "newprocess" in extras:
         res["extras"]["warmup_s_two_fresh_processes"] = warmup_in_new_process(args)
+        save()
+    if "attention" in extras:  # last: it resets dynamo, so the rows' runners would compile again
+        res["extras"]["attention_ms_at_512"] = attention_costs(target, draft)
         save()
 
 

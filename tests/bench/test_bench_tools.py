@@ -170,13 +170,15 @@ def test_user_api_runs_on_the_cpu_with_tiny_models(monkeypatch, tmp_path):
     rows = ("AR;tree [4,2,2,1];chain-4;generate() tree [4,2,2,1];head tree [4,2,2,1,1];head chain-5;AR fused;"
             "tree [4,2,2,1] fused;HF static;HF assisted")
     user_api.main(["--random", "--per-set", "2", "--new-tokens", "6", "--hf-per-set", "1", "--out", str(tmp_path),
-                   "--head", "random", "--rows", rows, "--extras", "costs,ttft,context"])  # fmt: skip
+                   "--head", "random", "--rows", rows, "--extras", "costs,attention,ttft,context"])  # fmt: skip
     res = json.loads((tmp_path / "user_api.json").read_text())
     assert all(isinstance(v, float) for v in res["first_call_s"].values()), res["first_call_s"]
     assert len(res["first_call_s"]) == len(rows.split(";"))
     assert "failed" not in res["extras"], res["extras"]
     forwards = {f"{m} n={n}" for m in ("draft", "draft fused", "head") for n in (1, 16)} | {"target n=1", "target fused n=1"}
     assert set(res["extras"]["forward_ms_at_512"]) == forwards
+    attention = {f"{m} fused, {way} n={n}" for way in ("sdpa", "matmul") for m, sizes in (("target", (1, 16, 64, 256)), ("draft", (1, 8))) for n in sizes}
+    assert set(res["extras"]["attention_ms_at_512"]) == attention
     assert set(res["extras"]) >= {"ttft_500_ms", "max_context_tok_s"}
     assert set(res["extras"]["max_context_tok_s"]) == {"1024 (sdpa)", "8192 (sdpa)", "8192 sdpa (sdpa)"}  # no flash on the CPU
     summary = res["summary"]

@@ -7,7 +7,7 @@ gate/up, written as a plain chain of tensor ops that inductor (torch.compile, fu
 shapes) fuses into a few kernels per layer, in the style of gpt-fast's model.py:
 
     RMSNorm -> [q|k|v] = x W_qkv (+ b) -> q/k RMSNorm (Qwen3, Gemma 3) -> RoPE -> cache.update
-    -> sdpa(q, keys, values, tree mask) -> o_proj (-> RMSNorm, Gemma 2/3) -> + residual
+    -> attention(q, keys, values, tree mask) -> o_proj (-> RMSNorm, Gemma 2/3) -> + residual
     -> RMSNorm -> [gate|up] = x W_gu -> act(gate) * up -> down (-> RMSNorm) -> + residual
 
 The user's model is not changed: W_qkv, W_gu (and their biases) are new tensors, every other
@@ -17,7 +17,8 @@ shared by reference. The concatenations cost as much memory as the q, k, v, gate
 Grouped-query attention without repeating the cache: the g = H / H_kv query heads that share a
 key/value head are laid along the query axis, so attention runs over H_kv heads with g n queries
 each and the mask is repeated g times along its rows once per forward, not the keys once per
-layer.
+layer. Attention itself is transformers' eager arithmetic (bf16 scores, fp32 softmax) for up to
+MATMUL_ATTENTION_ROWS query rows and sdpa beyond.
 
 `FusedModel` takes the call the backends make (`SdpaBackend.forward`): input_ids and
 position_ids (1, n), the additive mask (1, 1, n, S) or {layer type: mask}, the cache under
@@ -42,6 +43,11 @@ from transformers import PreTrainedModel
 from treespec.backends.base import UnsupportedModelError
 from treespec.backends.compat import layer_types
 from treespec.backends.fusable import GEMMA_NORM, FamilySpec, can_fuse, family_of, layer_norm_names, norm_eps
+
+# Up to this many query rows (g n), attention runs as two matmuls around a softmax that inductor
+# fuses, the rest through sdpa. For one token and small trees that is the faster kernel choice on
+# the H200 (docs/gpu.md, "Fused forwards"); sdpa keeps the long prefill chunks.
+MATMUL_ATTENTION_ROWS = 2048
 
 
 @dataclass
@@ -134,12 +140,14 @@ class FusedLayer(nn.Module):
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """q (1, H_kv, g n, Dh) over keys, values (1, H_kv, S, Dh) with the additive mask."""
-        if self.softcap is None:
+        if self.softcap is None and q.shape[2] > MATMUL_ATTENTION_ROWS:
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
-        # Gemma 2's soft-capped logits (its eager attention; sdpa cannot cap)
+        # transformers' eager attention: bf16 scores, fp32 softmax; Gemma 2 caps the logits here
         scores = torch.matmul(q, keys.transpose(2, 3)) * self.scaling  # (1, H_kv, g n, S)
-        scores = torch.tanh(scores / self.softcap) * self.softcap + mask
-        return torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), values)
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        probs = F.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q.dtype)  # (1, H_kv, g n, S)
+        return torch.matmul(probs, values)
 
 
 class FusedModel(nn.Module):
