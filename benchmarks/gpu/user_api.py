@@ -203,23 +203,16 @@ def forward_costs(target, draft, head=None) -> dict:
 
 
 def attention_costs(target, draft) -> dict:
-    """The fused forwards with their attention both ways (MATMUL_ATTENTION_ROWS in
-    treespec/backends/fused.py): sdpa, and matmul-softmax-matmul; the target over 1-256 tokens,
-    the draft over 1 and 8."""
-    from treespec.backends import fused
+    """The fused forwards with their attention both ways (`fuse`'s matmul_attention_rows): sdpa,
+    and matmul-softmax-matmul; the target over 1-256 tokens, the draft over 1 and 8."""
+    from treespec.backends.fused import fuse
 
-    chosen, out = fused.MATMUL_ATTENTION_ROWS, {}
-    try:
-        for way, rows in (("sdpa", 0), ("matmul", 1 << 30)):
-            fused.MATMUL_ATTENTION_ROWS = rows
-            torch._dynamo.reset()  # the threshold is read when the forward is traced
-            for name, model, sizes in (("target", target, (1, 16, 64, 256)), ("draft", draft, (1, 8))):
-                if model is not None:
-                    for n, cost in forward_ms(model, fused.fuse(model), sizes).items():
-                        out[f"{name} fused, {way} n={n}"] = cost
-    finally:
-        fused.MATMUL_ATTENTION_ROWS = chosen
-        torch._dynamo.reset()
+    out = {}
+    for way, rows in (("sdpa", 0), ("matmul", 1 << 30)):
+        for name, model, sizes in (("target", target, (1, 16, 64, 256)), ("draft", draft, (1, 8))):
+            if model is not None:
+                for n, cost in forward_ms(model, fuse(model, rows), sizes).items():
+                    out[f"{name} fused, {way} n={n}"] = cost
     return out
 
 
@@ -376,6 +369,9 @@ def run_extras(extras, res, save, runners, target, draft, head, eos, args) -> No
     if "costs" in extras:
         res["extras"]["forward_ms_at_512"] = forward_costs(target, draft, head)
         save()
+    if "attention" in extras:
+        res["extras"]["attention_ms_at_512"] = attention_costs(target, draft)
+        save()
     if "ttft" in extras:  # a 500-token prompt, target and draft prefilled, first token out
         ids = synthetic_prompts(1, 500, 1, target.config.vocab_size)[0]["ids"]
         labels = [k for k in ("tree [4,2,2,1]", "tree [4,2,2,1] fused", "AR", "AR fused") if k in runners]
@@ -402,9 +398,6 @@ def run_extras(extras, res, save, runners, target, draft, head, eos, args) -> No
         save()
     if "newprocess" in extras:
         res["extras"]["warmup_s_two_fresh_processes"] = warmup_in_new_process(args)
-        save()
-    if "attention" in extras:  # last: it resets dynamo, so the rows' runners would compile again
-        res["extras"]["attention_ms_at_512"] = attention_costs(target, draft)
         save()
 
 

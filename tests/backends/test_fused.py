@@ -18,7 +18,7 @@ from torch._functorch.aot_autograd import aot_module_simplified
 import treespec
 from treespec.backends.base import UnsupportedModelError
 from treespec.backends.cuda_graphs import GraphedBackend
-from treespec.backends.fused import FusedModel, can_fuse, fuse
+from treespec.backends.fused import MATMUL_ATTENTION_ROWS, FusedModel, can_fuse, fuse
 from treespec.backends.sdpa import SdpaBackend
 from treespec.backends.static_cache import StaticSdpaBackend, StaticTreeKVCache
 from treespec.testing import sabotaged
@@ -78,10 +78,11 @@ def run_prompt_and_tree(backend, model, last_only: bool = False, **kwargs):
     return prompt, tree
 
 
+@pytest.mark.parametrize("rows", [MATMUL_ATTENTION_ROWS, 0], ids=["matmul-attention", "sdpa-attention"])
 @pytest.mark.parametrize("backend", [SdpaBackend(), StaticSdpaBackend()], ids=["TreeKVCache", "StaticTreeKVCache"])
-def test_logits_equal_the_models_own(family, backend):
+def test_logits_equal_the_models_own(family, backend, rows):
     _, model = family
-    fused = fuse(model)
+    fused = fuse(model, rows)
     for ours, theirs in zip(run_prompt_and_tree(backend, fused), run_prompt_and_tree(backend, model)):
         assert ours.shape == theirs.shape
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)

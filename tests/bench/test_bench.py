@@ -69,6 +69,12 @@ def test_domain_picks_dataset_and_override_wins(domain, dataset):
     assert to_bench_config(_compose([f"domain={domain}", "dataset=gsm8k"])).dataset.name == "gsm8k"
 
 
+@pytest.mark.parametrize("policy", ["preset", "dynamic", "adaptive", "optimized", "auto"])
+def test_each_tree_policy_composes_with_its_own_keys(policy):
+    """The check that refuses keys a policy does not read passes every shipped tree config."""
+    assert to_bench_config(_compose([f"tree={policy}"])).tree.name == policy
+
+
 def test_domain_tree_shape():
     d = to_bench_config(_compose(["domain.width=3", "domain.depth=4", "domain.branch=1", "domain.widths=null"])).domain
     assert d.tree_widths == [3, 1, 1, 1]
@@ -112,6 +118,8 @@ def test_unknown_keys_and_wrong_types_fail_at_compose(override, names):
         (["tree=adaptive", "tree.widths=[2,0]"], "tree.widths[1]"),
         (["tree=adaptive", "tree.draft_cost=-1"], "tree.draft_cost"),
         (["tree=optimized", "tree.preset_file=/nonexistent.yaml"], "tree.preset_file"),
+        ("tree.widths=[8]", "tree.widths"),  # a key that tree=auto does not read
+        (["tree=optimized", "tree.budget=8"], "tree.budget"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

@@ -17,8 +17,8 @@ shared by reference. The concatenations cost as much memory as the q, k, v, gate
 Grouped-query attention without repeating the cache: the g = H / H_kv query heads that share a
 key/value head are laid along the query axis, so attention runs over H_kv heads with g n queries
 each and the mask is repeated g times along its rows once per forward, not the keys once per
-layer. Attention itself is transformers' eager arithmetic (bf16 scores, fp32 softmax) for up to
-MATMUL_ATTENTION_ROWS query rows and sdpa beyond.
+layer. Attention itself is transformers' eager arithmetic (scores in the model's dtype, fp32
+softmax) for up to MATMUL_ATTENTION_ROWS query rows (a `fuse` argument) and sdpa beyond.
 
 `FusedModel` takes the call the backends make (`SdpaBackend.forward`): input_ids and
 position_ids (1, n), the additive mask (1, 1, n, S) or {layer type: mask}, the cache under
@@ -88,13 +88,14 @@ class FusedLayer(nn.Module):
     """One decoder layer over concatenated projections; reads the model's other weights."""
 
     def __init__(self, layer: nn.Module, index: int, spec: FamilySpec, layer_type: str, heads: int, kv_heads: int,
-                 head_dim: int):  # fmt: skip
+                 head_dim: int, matmul_attention_rows: int):  # fmt: skip
         super().__init__()
         attn, mlp = layer.self_attn, layer.mlp
         self.index, self.layer_type, self.kind, self.spec = index, layer_type, spec.norm, spec
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.scaling = attn.scaling
         self.softcap = getattr(attn, "attn_logit_softcapping", None)
+        self.matmul_attention_rows = matmul_attention_rows
         qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
         self.register_buffer("w_qkv", _cat([lin.weight for lin in qkv]), persistent=False)
         self.register_buffer("b_qkv", _cat_bias(qkv), persistent=False)
@@ -140,7 +141,7 @@ class FusedLayer(nn.Module):
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """q (1, H_kv, g n, Dh) over keys, values (1, H_kv, S, Dh) with the additive mask."""
-        if self.softcap is None and q.shape[2] > MATMUL_ATTENTION_ROWS:
+        if self.softcap is None and q.shape[2] > self.matmul_attention_rows:
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
         # transformers' eager attention: bf16 scores, fp32 softmax; Gemma 2 caps the logits here
         scores = torch.matmul(q, keys.transpose(2, 3)) * self.scaling  # (1, H_kv, g n, S)
@@ -154,7 +155,7 @@ class FusedModel(nn.Module):
     """The lean forward of one transformers causal LM (module docstring). Build it with `fuse`.
     `wrapped` is the user's model; attributes this object lacks are read from it."""
 
-    def __init__(self, model: PreTrainedModel, spec: FamilySpec):
+    def __init__(self, model: PreTrainedModel, spec: FamilySpec, matmul_attention_rows: int):
         super().__init__()
         self.__dict__["wrapped"] = model  # not a submodule: the user's model stays theirs alone
         config, base = model.config.get_text_config(), model.base_model
@@ -166,7 +167,7 @@ class FusedModel(nn.Module):
         self.groups, self.kind, self.spec = heads // kv_heads, spec.norm, spec
         self.embed, self.rotary = base.embed_tokens, base.rotary_emb
         self.layers = nn.ModuleList(
-            FusedLayer(layer, i, spec, self.types[i], heads, kv_heads, head_dim)
+            FusedLayer(layer, i, spec, self.types[i], heads, kv_heads, head_dim, matmul_attention_rows)
             for i, layer in enumerate(base.layers[: config.num_hidden_layers])
         )
         self.norm_weight, self.norm_eps = base.norm.weight, norm_eps(base.norm)
@@ -225,15 +226,16 @@ class FusedModel(nn.Module):
         return FusedOutput(logits=logits, hidden_states=(x,) if output_hidden_states else None)
 
 
-def fuse(model: PreTrainedModel) -> FusedModel:
+def fuse(model: PreTrainedModel, matmul_attention_rows: int = MATMUL_ATTENTION_ROWS) -> FusedModel:
     """The fused forward of `model` (module docstring); UnsupportedModelError, with the reason,
     for a model `can_fuse` refuses. Build it once per model and keep it: it owns the
-    concatenated projection weights."""
+    concatenated projection weights. Attention runs as two matmuls for up to
+    `matmul_attention_rows` packed query rows, through sdpa beyond (0: always sdpa)."""
     reason = can_fuse(model)
     if reason is not None:
         raise UnsupportedModelError(f"cannot fuse: {reason}. Run the model itself (unfused) instead")
     with torch.no_grad():
-        return FusedModel(model, family_of(model)).eval()
+        return FusedModel(model, family_of(model), matmul_attention_rows).eval()
 
 
 def _cat(weights: list[torch.Tensor]) -> torch.Tensor:

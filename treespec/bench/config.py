@@ -19,6 +19,7 @@ import functools
 import json
 import os
 import typing
+from dataclasses import MISSING as MISSING_FIELD
 from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -270,6 +271,13 @@ def policy_configs() -> dict[str, type]:
 POLICY_NAMES = ("dynamic", "adaptive")  # policy_configs()'s keys, known without importing torch
 
 
+def policy_keys(name: str) -> list[str]:
+    """The keys of `tree` that tree=<name> reads, besides `name`."""
+    if name in POLICY_NAMES:
+        return [f.name for f in fields(policy_configs()[name])]
+    return {"preset": [], "optimized": ["preset_file"], "auto": ["budget", "max_depth", "profile_file"]}[name]
+
+
 def _library_fields(*classes) -> list[tuple]:
     """(name, type, field) of every field of the library's config classes, with the library's
     defaults, for make_dataclass. Tuples become lists: OmegaConf has no tuple type."""
@@ -301,6 +309,20 @@ class _TreePolicyKeys:
             raise ConfigError(f"tree.profile_file: {self.profile_file} does not exist (a preset or profile file with a 'profile' entry)")
         if self.name in POLICY_NAMES or self.name == "auto":
             self.spec()  # the library config checks its own fields
+        self._no_unread_keys()
+
+    def _no_unread_keys(self) -> None:
+        """A key set away from its default that tree=<name> does not read would change nothing:
+        refuse it (tree.widths=[8] with tree=auto, say) rather than run something else."""
+        active = self.active_keys()
+        for f in fields(self):
+            default = f.default_factory() if f.default_factory is not MISSING_FIELD else f.default
+            value = getattr(self, f.name)
+            if f.name not in active and (list(value) if isinstance(value, (list, tuple)) else value) != default:
+                readers = [n for n in TREE_POLICIES if f.name in policy_keys(n)]
+                raise ConfigError(f"tree.{f.name}={value!r} is not read by tree={self.name} (it reads "
+                                  f"{', '.join(active[1:]) or 'no other key'}); drop it, or choose "
+                                  f"{' or '.join(f'tree={n}' for n in readers)}")  # fmt: skip
 
     def profile_path(self, domain: str) -> Path | None:
         """tree=auto's acceptance profile: profile_file, else the domain's optimized preset
@@ -311,10 +333,7 @@ class _TreePolicyKeys:
 
     def active_keys(self) -> list[str]:
         """The keys the policy `name` reads (what a results record keeps)."""
-        own = {"preset": [], "optimized": ["preset_file"], "auto": ["budget", "max_depth", "profile_file"]}
-        if self.name in POLICY_NAMES:
-            return ["name"] + [f.name for f in fields(policy_configs()[self.name])]
-        return ["name"] + own[self.name]
+        return ["name"] + policy_keys(self.name)
 
     def spec(self, domain: str = "code"):
         """The `tree=` argument for treespec.generate (None: use the domain preset)."""
