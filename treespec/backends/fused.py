@@ -45,8 +45,9 @@ from treespec.backends.compat import layer_types
 from treespec.backends.fusable import GEMMA_NORM, FamilySpec, can_fuse, family_of, layer_norm_names, norm_eps
 
 # Up to this many query rows (g n), attention runs as two matmuls around a softmax that inductor
-# fuses, the rest through sdpa. For one token and small trees that is the faster kernel choice on
-# the H200 (docs/gpu.md, "Fused forwards"); sdpa keeps the long prefill chunks.
+# fuses: faster than sdpa at every size measured on the H200, 1 to 1,536 rows (docs/gpu.md, "Fused
+# forwards"). Beyond it sdpa, which never holds the fp32 scores (1, H_kv, g n, S) in memory: for
+# 2,048 rows over 32k keys and 4 kv heads they would take 1 GiB per layer.
 MATMUL_ATTENTION_ROWS = 2048
 
 
@@ -143,7 +144,7 @@ class FusedLayer(nn.Module):
         """q (1, H_kv, g n, Dh) over keys, values (1, H_kv, S, Dh) with the additive mask."""
         if self.softcap is None and q.shape[2] > self.matmul_attention_rows:
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
-        # transformers' eager attention: bf16 scores, fp32 softmax; Gemma 2 caps the logits here
+        # transformers' eager attention: scores in the model's dtype, softmax in fp32; Gemma 2 caps them
         scores = torch.matmul(q, keys.transpose(2, 3)) * self.scaling  # (1, H_kv, g n, S)
         if self.softcap is not None:
             scores = torch.tanh(scores / self.softcap) * self.softcap

@@ -318,7 +318,7 @@ class _TreePolicyKeys:
         for f in fields(self):
             default = f.default_factory() if f.default_factory is not MISSING_FIELD else f.default
             value = getattr(self, f.name)
-            if f.name not in active and (list(value) if isinstance(value, (list, tuple)) else value) != default:
+            if f.name not in active and value != default:
                 readers = [n for n in TREE_POLICIES if f.name in policy_keys(n)]
                 raise ConfigError(f"tree.{f.name}={value!r} is not read by tree={self.name} (it reads "
                                   f"{', '.join(active[1:]) or 'no other key'}); drop it, or choose "
